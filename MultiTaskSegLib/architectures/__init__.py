@@ -1,0 +1,29 @@
+"""Architecture registry: ``--arch NAME`` and model files name an architecture class here."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import InputError
+from .base import Architecture
+
+#: name -> "module:Class"; modules are imported on first use so importing the library stays cheap.
+_ARCHITECTURES = {
+    "triplanar": "MultiTaskSegLib.architectures.triplanar:TriplanarArchitecture",
+    "unet3d_factorised": "MultiTaskSegLib.architectures.unet:FactorisedUNet3DArchitecture",
+    "cmunet": "MultiTaskSegLib.architectures.unet:CMUNetArchitecture",
+    "unet2d": "MultiTaskSegLib.architectures.unet:UNet2DArchitecture",
+    "unet2d_pretrained": "MultiTaskSegLib.architectures.unet:PretrainedEncoderUNet2DArchitecture",
+}
+
+
+def architecture_names() -> tuple[str, ...]:
+    return tuple(_ARCHITECTURES)
+
+
+def architecture_class(name: str) -> type[Architecture]:
+    try:
+        module_name, class_name = _ARCHITECTURES[name].split(":")
+    except KeyError:
+        raise InputError(f"unknown architecture {name!r}; choose one of {', '.join(_ARCHITECTURES)}") from None
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,211 @@
+"""The ``multitaskseg`` command: phantoms, train, segment, evaluate, experiments, batch, models, demo.
+
+Each sub-command parses its arguments and calls one library function; heavy imports happen
+inside the command so ``multitaskseg --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import InputError
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _arguments(pairs: Sequence[str]) -> dict:
+    """``--arg layers=13 --arg channels=16`` -> {"layers": 13, "channels": 16}."""
+    result = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise InputError(f"--arg takes NAME=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        result[key.strip()] = _parse_value(value)
+    return result
+
+
+def command_tasks(args) -> int:
+    from .tasks import list_tasks
+
+    for task in list_tasks():
+        print(f"{task.name:20s} {task.modality:3s} {task.anatomy:10s} {', '.join(task.class_names)}")
+    return 0
+
+
+def command_phantoms(args) -> int:
+    from .phantoms import PHANTOM_TASKS, write_phantoms
+
+    folders = write_phantoms(Path(args.out), cases=args.cases, seed=args.seed, size=args.size,
+                             tasks=args.tasks or PHANTOM_TASKS)
+    print(f"wrote {len(folders)} phantom cases under {args.out}")
+    return 0
+
+
+def command_train(args) -> int:
+    from .datasets import parse_data_arguments
+    from .training import TrainingConfig, train
+
+    data = {task: str(folder) for task, folder in parse_data_arguments(args.data, args.tasks).items()}
+    config = TrainingConfig(
+        tasks=list(args.tasks), architecture=args.arch, arguments=_arguments(args.arg), batch_size=args.batch_size,
+        steps=args.steps, learning_rate=args.learning_rate, validate_every=args.validate_every,
+        validation_fraction=args.validation_fraction, seed=args.seed, device=args.device,
+        model_name=args.name or Path(args.out).name, data=data,
+    )
+    model = train(config, args.out)
+    print(f"model written to {Path(args.out) / 'model'} (weights SHA-256 {model.weights_sha256[:16]}…)")
+    return 0
+
+
+def _print_progress(fraction: float, stage: str) -> None:
+    print(f"\r{100 * fraction:5.1f}% {stage:40s}", end="", file=sys.stderr, flush=True)
+    if fraction >= 1.0:
+        print(file=sys.stderr)
+
+
+def command_segment(args) -> int:
+    from .imageio import read_image
+    from .inference import segment_image
+    from .model_files import load_model
+    from .segments import write_result
+
+    model = load_model(args.model)
+    image = read_image(args.input, channel=args.channel)
+    result = segment_image(model, image, tasks=args.tasks, device=args.device,
+                           with_probabilities=args.probabilities is not None, progress=_print_progress)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    write_result(result, args.output, args.probabilities)
+    print(f"wrote {args.output} ({', '.join(result.tasks)} on {result.device})")
+    return 0
+
+
+def command_models(args) -> int:
+    from .model_files import bundled_models, read_model_card
+
+    models = bundled_models()
+    if not models:
+        print("no bundled models found", file=sys.stderr)
+    for name, path in models.items():
+        card = read_model_card(path)
+        tasks = ",".join(task["name"] for task in card["tasks"])
+        print(f"{name}\tarchitecture={card['architecture']['name']}\ttasks={tasks}\tversion={card.get('version')}\t{path}")
+    return 0
+
+
+def command_evaluate(args) -> int:
+    from .evaluate_run import evaluate_model
+
+    evaluate_model(args.model, args.data, Path(args.out), tasks=args.tasks, device=args.device)
+    return 0
+
+
+def command_experiments(args) -> int:
+    from .experiments import run_paper_experiments
+
+    run_paper_experiments(Path(args.data), Path(args.out), architecture=args.arch, arguments=_arguments(args.arg),
+                          steps=args.steps, batch_size=args.batch_size, validate_every=args.validate_every,
+                          seed=args.seed, device=args.device)
+    return 0
+
+
+def command_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multitaskseg", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sub = commands.add_parser("tasks", help="list the registered tasks")
+    sub.set_defaults(run=command_tasks)
+
+    sub = commands.add_parser("phantoms", help="write phantom cases (image + label) for the paper's tasks")
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--cases", type=int, default=3)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--size", choices=("small", "full"), default="small")
+    sub.add_argument("--tasks", nargs="+")
+    sub.set_defaults(run=command_phantoms)
+
+    sub = commands.add_parser("train", help="train one model on one or more tasks (resumes an interrupted run)")
+    sub.add_argument("--tasks", nargs="+", required=True)
+    sub.add_argument("--data", nargs="+", required=True, help="ROOT holding ROOT/TASK/CASE/..., or TASK=FOLDER pairs")
+    sub.add_argument("--out", required=True, help="run folder: checkpoint, learning curve, final model")
+    sub.add_argument("--arch", default="triplanar")
+    sub.add_argument("--arg", action="append", default=[], help="architecture argument NAME=VALUE (repeatable)")
+    sub.add_argument("--steps", type=int, default=25000)
+    sub.add_argument("--batch-size", type=int, default=210)
+    sub.add_argument("--learning-rate", type=float)
+    sub.add_argument("--validate-every", type=int, default=1000)
+    sub.add_argument("--validation-fraction", type=float, default=0.2)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--device", default="auto")
+    sub.add_argument("--name", help="model name (default: the run folder's name)")
+    sub.set_defaults(run=command_train)
+
+    sub = commands.add_parser("segment", help="segment one volume; the labels come back on its exact grid")
+    sub.add_argument("--model", required=True, help="model folder/.zip or a bundled model's name")
+    sub.add_argument("--input", required=True, help="NIfTI, NRRD, MHA file or DICOM series folder")
+    sub.add_argument("--output", required=True, help=".seg.nrrd (names, colours) or .nii.gz label map")
+    sub.add_argument("--tasks", nargs="+")
+    sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sub.add_argument("--probabilities", help="also write per-class probabilities (vector image) here")
+    sub.add_argument("--channel", type=int, help="the channel to use from a 4-D or multi-component input")
+    sub.set_defaults(run=command_segment)
+
+    sub = commands.add_parser("models", help="list the bundled models")
+    sub.set_defaults(run=command_models)
+
+    sub = commands.add_parser("evaluate", help="Dice, HD95, precision-recall and task confusion on labelled cases")
+    sub.add_argument("--model", required=True)
+    sub.add_argument("--data", nargs="+", required=True)
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--tasks", nargs="+")
+    sub.add_argument("--device", default="auto")
+    sub.set_defaults(run=command_evaluate)
+
+    sub = commands.add_parser("experiments", help="the paper's seven training experiments, figure and table")
+    sub.add_argument("--data", required=True, help="root with one folder per paper task (see `phantoms`)")
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--arch", default="triplanar")
+    sub.add_argument("--arg", action="append", default=[])
+    sub.add_argument("--steps", type=int, default=2000)
+    sub.add_argument("--batch-size", type=int, default=210)
+    sub.add_argument("--validate-every", type=int, default=250)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--device", default="auto")
+    sub.set_defaults(run=command_experiments)
+
+    sub = commands.add_parser("demo", help="segment held-out phantoms with the bundled models")
+    sub.add_argument("--out", default="demo_output")
+    sub.add_argument("--device", default="auto")
+    sub.set_defaults(run=command_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as error:
+        print(f"multitaskseg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nmultitaskseg {args.command}: interrupted; finished files are kept, nothing half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Finding cases on disk and preparing them on a model's working grid.
+
+A data folder for one task holds one sub-folder per case with an image and a label file, named as
+the task declares (``image.nii.gz`` + ``label.nii.gz`` for phantoms, the source's own names for real
+data). A data root holds one such folder per task: ``ROOT/TASK/CASE/...``, which is what
+``multitaskseg phantoms`` writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .architectures.base import PreparedCase
+from .errors import InputError
+from .geometry import resample_onto, same_geometry, working_grid
+from .imageio import read_image
+from .normalization import normalize
+from .tasks import LabelSpace, Task, get_task
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case: image, and label/mask when known."""
+
+    task: str
+    name: str
+    image: Path
+    label: Path | None = None
+    mask: Path | None = None
+
+
+def _first_match(folder: Path, names: Sequence[str]) -> Path | None:
+    for name in names:
+        matches = sorted(folder.glob(name))
+        if matches:
+            return matches[0]
+    return None
+
+
+def find_cases(task: Task, folder: str | Path, require_labels: bool = True) -> list[CaseFiles]:
+    """Cases of ``task`` under ``folder`` (a folder of case folders, or one case folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"data folder {folder} for task {task.name} does not exist")
+    candidates = [folder] if _first_match(folder, task.image_files) else sorted(p for p in folder.iterdir() if p.is_dir())
+    cases = []
+    for case_folder in candidates:
+        image = _first_match(case_folder, task.image_files)
+        if image is None:
+            continue
+        label = _first_match(case_folder, task.label_files)
+        if label is None and require_labels:
+            raise InputError(
+                f"case {case_folder} has an image but no label file (looked for {', '.join(task.label_files)})"
+            )
+        cases.append(CaseFiles(task.name, case_folder.name, image, label, _first_match(case_folder, task.mask_files)))
+    if not cases:
+        raise InputError(
+            f"no cases of task {task.name} in {folder}: expected case folders holding one of "
+            f"{', '.join(task.image_files)}"
+        )
+    return cases
+
+
+def parse_data_arguments(arguments: Iterable[str], task_names: Sequence[str]) -> dict[str, Path]:
+    """``TASK=FOLDER`` pairs, or one ROOT holding a folder per task (``ROOT/TASK``)."""
+    folders: dict[str, Path] = {}
+    for argument in arguments:
+        if "=" in argument:
+            name, folder = argument.split("=", 1)
+            get_task(name)
+            folders[name] = Path(folder)
+        else:
+            root = Path(argument)
+            for name in task_names:
+                if (root / name).is_dir():
+                    folders.setdefault(name, root / name)
+    missing = [name for name in task_names if name not in folders]
+    if missing:
+        raise InputError(
+            f"no data for task(s) {', '.join(missing)}: give TASK=FOLDER or a root folder holding a folder per task"
+        )
+    return {name: folders[name] for name in task_names}
+
+
+def split_cases(cases: Sequence[CaseFiles], validation_fraction: float, seed: int) -> tuple[list, list]:
+    """A deterministic train/validation split per task; at least one training case per task."""
+    train, validation = [], []
+    for task in sorted({case.task for case in cases}):
+        of_task = sorted((c for c in cases if c.task == task), key=lambda c: c.name)
+        order = np.random.default_rng([seed, len(of_task)]).permutation(len(of_task))
+        count = int(round(len(of_task) * validation_fraction))
+        count = min(max(count, 1 if validation_fraction > 0 and len(of_task) > 1 else 0), len(of_task) - 1)
+        validation += [of_task[i] for i in order[:count]]
+        train += [of_task[i] for i in order[count:]]
+    return train, validation
+
+
+def prepare_image(image: sitk.Image, task: Task, spacing_mm: float, mask: sitk.Image | None = None):
+    """Normalise for the task and resample to the working spacing.
+
+    Returns (normalised float32 array (z, y, x), foreground bool array, working-grid image).
+    """
+    mask_array = sitk.GetArrayViewFromImage(mask) if mask is not None else None
+    normalised = sitk.GetImageFromArray(normalize(sitk.GetArrayViewFromImage(image), task, mask_array))
+    normalised.CopyInformation(image)
+    grid = working_grid(image, spacing_mm)
+    working = sitk.GetArrayFromImage(resample_onto(normalised, grid, is_label=False))
+    if mask is not None:
+        foreground = sitk.GetArrayFromImage(resample_onto(mask, grid, is_label=True)) > 0
+    else:
+        foreground = working > 0
+    return working.astype(np.float32), foreground, grid
+
+
+def prepare_case(files: CaseFiles, label_space: LabelSpace, spacing_mm: float | None = None) -> PreparedCase:
+    """Read, check, normalise and resample one labelled case into the model's label space."""
+    task = label_space.task(files.task)
+    spacing = spacing_mm or task.working_spacing_mm
+    image = read_image(files.image)
+    mask = read_image(files.mask, check_values=False) if files.mask else None
+    if mask is not None:
+        mask = sitk.Cast(mask, sitk.sitkUInt8)
+    working, foreground, grid = prepare_image(image, task, spacing, mask)
+    labels = np.zeros(working.shape, dtype=np.int16)
+    if files.label is not None:
+        source_labels = read_image(files.label, check_values=False)
+        if not same_geometry(source_labels, image, tolerance=1e-3):
+            raise InputError(
+                f"label {files.label} (size {source_labels.GetSize()}, spacing {source_labels.GetSpacing()}) is not "
+                f"on the grid of image {files.image} (size {image.GetSize()}, spacing {image.GetSpacing()}); "
+                "resample the label onto the image first"
+            )
+        source_labels.CopyInformation(image)  # drop header rounding below the tolerance
+        task_labels = sitk.GetImageFromArray(task.map_labels(sitk.GetArrayViewFromImage(source_labels)))
+        task_labels.CopyInformation(image)
+        resampled = sitk.GetArrayFromImage(resample_onto(task_labels, grid, is_label=True))
+        labels = label_space.to_model_labels(task.name, resampled)
+    return PreparedCase(task=task.name, name=files.name, image=working, labels=labels, foreground=foreground,
+                        extra={"grid": grid, "files": files})
+

@@ -1,0 +1,114 @@
+"""The seven training experiments of Moeskops et al.: each task alone, each pair, all three.
+
+Every experiment trains the same architecture for the same number of mini-batches *per task*
+(the paper's budget: a network with three tasks gets three times the mini-batches, each balanced
+over its tasks), then the runner draws one figure like the paper's Figure 2 (a panel per class,
+a line per experiment) and writes a results table with the final Dice per class and the task
+confusion of every multi-task network.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import find_cases, prepare_case, split_cases
+from .learning_curve import LearningCurve, plot_curves
+from .tasks import PAPER_TASKS, get_task
+from .training import TrainingConfig, train
+from .inference import choose_device
+from .evaluation import task_confusion
+
+EXPERIMENTS = {
+    "1": ("brain_t1_mri",),
+    "2": ("breast_mri",),
+    "3": ("cardiac_cta",),
+    "4": ("brain_t1_mri", "breast_mri"),
+    "5": ("brain_t1_mri", "cardiac_cta"),
+    "6": ("breast_mri", "cardiac_cta"),
+    "7": PAPER_TASKS,
+}
+
+
+def experiment_label(number: str) -> str:
+    short = {"brain_t1_mri": "brain", "breast_mri": "breast", "cardiac_cta": "cardiac"}
+    return f"{number}: " + "+".join(short[t] for t in EXPERIMENTS[number])
+
+
+def confusion_on_validation(model, config: TrainingConfig, device) -> dict[str, float]:
+    """Median share (%) of voxels per validation scan given a class of another task."""
+    space = model.label_space
+    cases = []
+    for task in config.tasks:
+        cases += find_cases(get_task(task), config.data[task])
+    _, validation = split_cases(cases, config.validation_fraction, config.seed)
+    model.architecture.network.eval()
+    shares: dict[str, list[float]] = {task: [] for task in config.tasks}
+    for files in validation:
+        case = prepare_case(files, space)
+        predicted = np.argmax(model.architecture.predict_probabilities(case.image, device), axis=0)
+        alien = [i for i in range(1, len(space)) if i not in space.indices_for_task(case.task)]
+        shares[case.task].append(task_confusion(predicted, alien))
+    return {task: float(np.median(values)) for task, values in shares.items() if values}
+
+
+def run_paper_experiments(data: Path, out: Path, architecture: str = "triplanar", arguments: dict[str, Any] | None = None,
+                          steps: int = 2000, batch_size: int = 210, validate_every: int = 250, seed: int = 0,
+                          device: str = "auto", experiments: tuple[str, ...] = tuple(EXPERIMENTS)) -> list[dict]:
+    """Train the experiments (resuming finished or interrupted ones), then draw and tabulate them.
+
+    ``steps`` and ``validate_every`` count mini-batches per task.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    curves, rows = {}, []
+    for number in experiments:
+        tasks = EXPERIMENTS[number]
+        config = TrainingConfig(
+            tasks=list(tasks), architecture=architecture, arguments=dict(arguments or {}), batch_size=batch_size,
+            steps=steps * len(tasks), validate_every=validate_every * len(tasks), seed=seed, device=device,
+            model_name=f"experiment{number}", data={task: str(data / task) for task in tasks},
+        )
+        run = out / f"experiment{number}"
+        print(f"experiment {experiment_label(number)}: {config.steps} mini-batches of {batch_size}")
+        model = train(config, run)
+        curve = LearningCurve(run)
+        # Plot against mini-batches per task so experiments share one axis, as in the paper.
+        curves[experiment_label(number)] = {step // len(tasks): values for step, values in curve.mean_dice().items()}
+        confusion = confusion_on_validation(model, config, choose_device(device)) if len(tasks) > 1 else {}
+        for task, by_class in curve.final_dice().items():
+            for cls, value in by_class.items():
+                rows.append({"experiment": experiment_label(number), "task": task, "class": cls, "dice": value,
+                             "task_confusion_percent": round(confusion.get(task, 0.0), 6) if len(tasks) > 1 else ""})
+    plot_curves(curves, out / "learning_curves.png")
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(results_markdown(rows), encoding="utf-8")
+    print(results_markdown(rows))
+    return rows
+
+
+def results_markdown(rows: list[dict]) -> str:
+    """Final validation Dice per class (rows) and experiment (columns), plus multi-task minus single-task."""
+    experiments = list(dict.fromkeys(row["experiment"] for row in rows))
+    classes = list(dict.fromkeys((row["task"], row["class"]) for row in rows))
+    value = {(row["experiment"], row["task"], row["class"]): row["dice"] for row in rows}
+    single = {task: experiment_label(n) for n, tasks in EXPERIMENTS.items() if len(tasks) == 1 for task in tasks}
+    lines = ["| task | class | " + " | ".join(experiments) + " | all three − single |",
+             "|---" * (len(experiments) + 3) + "|"]
+    for task, cls in classes:
+        cells = [f"{value[(e, task, cls)]:.3f}" if (e, task, cls) in value else "" for e in experiments]
+        all_three = value.get((experiment_label("7"), task, cls))
+        alone = value.get((single.get(task, ""), task, cls))
+        difference = f"{all_three - alone:+.3f}" if all_three is not None and alone is not None else ""
+        lines.append(f"| {task} | {cls} | " + " | ".join(cells) + f" | {difference} |")
+    confusion = {(row["experiment"], row["task"]): row["task_confusion_percent"] for row in rows
+                 if row["task_confusion_percent"] != ""}
+    if confusion:
+        lines += ["", "| experiment | task | median task confusion (% voxels) |", "|---|---|---|"]
+        lines += [f"| {e} | {t} | {v:.5f} |" for (e, t), v in confusion.items()]
+    return "\n".join(lines) + "\n"

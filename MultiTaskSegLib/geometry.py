@@ -1,0 +1,67 @@
+"""Resampling between a scan's own grid and a model's working grid, with SimpleITK.
+
+Going to the working grid keeps origin and direction and changes spacing (the paper resamples
+to isotropic voxels); coming back uses the source image itself as the reference, so the result
+has the source's size, spacing, origin and direction exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def working_grid(image: sitk.Image, spacing_mm: float | Sequence[float]) -> sitk.Image:
+    """An empty image covering the same physical extent as ``image`` at ``spacing_mm``."""
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+    source_spacing = np.asarray(image.GetSpacing(), dtype=float)
+    extent = source_spacing * np.asarray(image.GetSize(), dtype=float)
+    size = np.maximum(1, np.round(extent / spacing)).astype(int)
+    # Centre the new grid on the old one: voxel centres sit half a voxel inside the extent.
+    shift_index = (extent - size * spacing) / 2.0 + (spacing - source_spacing) / 2.0
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    origin = np.asarray(image.GetOrigin(), dtype=float) + direction @ shift_index
+    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    grid.SetSpacing([float(s) for s in spacing])
+    grid.SetOrigin([float(o) for o in origin])
+    grid.SetDirection(image.GetDirection())
+    return grid
+
+
+def resample_onto(image: sitk.Image, reference: sitk.Image, is_label: bool, default_value: float = 0.0) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid: labels by nearest neighbour, images linearly."""
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    output_type = image.GetPixelID() if is_label else sitk.sitkFloat32
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, default_value, output_type)
+
+
+def resample_to_spacing(image: sitk.Image, spacing_mm: float | Sequence[float], is_label: bool) -> sitk.Image:
+    """Resample to the working spacing (isotropic when one number is given)."""
+    if np.allclose(image.GetSpacing(), np.broadcast_to(spacing_mm, (3,))):
+        return image if is_label else sitk.Cast(image, sitk.sitkFloat32)
+    return resample_onto(image, working_grid(image, spacing_mm), is_label)
+
+
+def resample_probabilities_onto(probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """Resample per-class probabilities (C, z, y, x) from ``grid`` onto ``reference`` linearly.
+
+    Taking the arg-max after this gives smoother boundaries than resampling the labels.
+    """
+    resampled = []
+    for channel in probabilities:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
+        image.CopyInformation(grid)
+        resampled.append(sitk.GetArrayFromImage(resample_onto(image, reference, is_label=False)))
+    return np.stack(resampled)
+
+
+def same_geometry(first: sitk.Image, second: sitk.Image, tolerance: float = 1e-6) -> bool:
+    """True when both images have the same size, spacing, origin and direction."""
+    return (
+        first.GetSize() == second.GetSize()
+        and np.allclose(first.GetSpacing(), second.GetSpacing(), atol=tolerance)
+        and np.allclose(first.GetOrigin(), second.GetOrigin(), atol=tolerance)
+        and np.allclose(first.GetDirection(), second.GetDirection(), atol=tolerance)
+    )

@@ -1,0 +1,177 @@
+"""Segment one volume with a model: preprocessing, prediction, and the way back to the source grid.
+
+The same call serves ``multitaskseg segment``, batch runs and the Slicer module: a SimpleITK image
+in, a label map on the exact input grid out, restricted to the requested tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .architectures.base import CancelCheck, ProgressCallback
+from .datasets import prepare_image
+from .errors import InputError
+from .geometry import resample_probabilities_onto
+from .imageio import check_image
+from .model_files import SegmentationModel
+from .tasks import Task
+
+#: Working spacing further than this factor from the input's spacing triggers a warning.
+SPACING_WARNING_FACTOR = 3.0
+
+
+@dataclass
+class SegmentationResult:
+    """Labels (label-space indices) on the source grid, and what produced them."""
+
+    labels: sitk.Image
+    model: SegmentationModel
+    tasks: tuple[str, ...]
+    device: str
+    probabilities: sitk.Image | None = None  # vector image: one component per label of ``label_indices``
+    warnings: list[str] = field(default_factory=list)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ"))
+
+    @property
+    def label_indices(self) -> tuple[int, ...]:
+        """Background plus the label-space indices of the requested tasks' classes."""
+        return (0,) + tuple(i for task in self.tasks for i in self.model.label_space.indices_for_task(task))
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """``auto`` takes the GPU when there is one; ``cuda`` without a GPU is an error that says so."""
+    requested = requested.lower()
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if requested not in ("cpu",) and not requested.startswith("cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, got {requested!r}")
+    return torch.device(requested)
+
+
+def looks_like_ct(image: sitk.Image) -> bool:
+    """CT stores Hounsfield units, so air sits near -1000; MR intensities are not negative like that."""
+    values = sitk.GetArrayViewFromImage(image)
+    sample = values.ravel()[:: max(1, values.size // 200_000)]
+    return float(np.percentile(sample, 1)) < -500.0
+
+
+def resolve_tasks(model: SegmentationModel, tasks: Sequence[str] | None) -> tuple[str, ...]:
+    if not tasks:
+        return model.label_space.task_names
+    unknown = [t for t in tasks if t not in model.label_space.task_names]
+    if unknown:
+        raise InputError(
+            f"model {model.name} does not segment task(s) {', '.join(unknown)}; "
+            f"it covers {', '.join(model.label_space.task_names)}"
+        )
+    return tuple(dict.fromkeys(tasks))
+
+
+def preprocessing_task(model: SegmentationModel, image: sitk.Image, tasks: Sequence[str], warnings: list[str]) -> Task:
+    """The task whose normalisation and spacing the image gets: one modality per scan."""
+    requested = [model.label_space.task(name) for name in tasks]
+    is_ct = looks_like_ct(image)
+    matching = [task for task in requested if (task.modality == "CT") == is_ct]
+    if not matching:
+        modality = "CT (Hounsfield units)" if is_ct else "MR-like (no air at -1000 HU)"
+        warnings.append(
+            f"the image looks {modality} but the requested task(s) {', '.join(tasks)} expect "
+            f"{'/'.join(sorted({t.modality for t in requested}))}; results may be meaningless"
+        )
+        return requested[0]
+    return matching[0]
+
+
+def check_input_against_model(model: SegmentationModel, image: sitk.Image, tasks: Sequence[str]) -> list[str]:
+    """Warnings for an input that does not fit the model card (modality, spacing)."""
+    warnings: list[str] = []
+    task = preprocessing_task(model, image, tasks, warnings)
+    spacing = np.asarray(image.GetSpacing())
+    working = task.working_spacing_mm
+    if spacing.max() > working * SPACING_WARNING_FACTOR or spacing.min() < working / SPACING_WARNING_FACTOR:
+        warnings.append(
+            f"the image spacing {tuple(round(float(s), 2) for s in spacing)} mm is far from the model's working "
+            f"spacing of {working} mm for {task.name}; it will be resampled, but fine structures may be lost"
+        )
+    return warnings
+
+
+def segment_image(
+    model: SegmentationModel,
+    image: sitk.Image,
+    tasks: Sequence[str] | None = None,
+    device: str = "auto",
+    with_probabilities: bool = False,
+    progress: ProgressCallback | None = None,
+    cancelled: CancelCheck | None = None,
+    max_block_voxels: int | None = None,
+) -> SegmentationResult:
+    """Segment ``image`` with ``model``; labels come back on the input's exact grid."""
+    report = progress or (lambda fraction, stage: None)
+    check_image(image, "the input volume")
+    tasks = resolve_tasks(model, tasks)
+    warnings = check_input_against_model(model, image, tasks)
+    task = preprocessing_task(model, image, tasks, [])
+    report(0.0, "preprocessing")
+    working, _, grid = prepare_image(image, task, task.working_spacing_mm)
+
+    def predict_part(fraction: float, stage: str) -> None:
+        report(0.05 + 0.85 * fraction, stage)
+
+    probabilities, used_device = predict_with_fallback(
+        model, working, choose_device(device), predict_part, cancelled, max_block_voxels, warnings
+    )
+    report(0.9, "resampling to the input grid")
+    result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
+    kept = np.asarray(result.label_indices)
+    source_probabilities = resample_probabilities_onto(probabilities[kept], grid, image)
+    labels = sitk.GetImageFromArray(kept[np.argmax(source_probabilities, axis=0)].astype(np.uint8))
+    labels.CopyInformation(image)
+    result.labels = labels
+    if with_probabilities:
+        total = np.clip(source_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
+        vector = sitk.GetImageFromArray(np.moveaxis(source_probabilities / total, 0, -1).astype(np.float32), isVector=True)
+        vector.CopyInformation(image)
+        result.probabilities = vector
+    report(1.0, "done")
+    return result
+
+
+def predict_with_fallback(
+    model: SegmentationModel,
+    working: np.ndarray,
+    device: torch.device,
+    progress: ProgressCallback,
+    cancelled: CancelCheck | None,
+    max_block_voxels: int | None,
+    warnings: list[str],
+) -> tuple[np.ndarray, torch.device]:
+    """Predict on ``device``; when the GPU runs out of memory, retry with smaller tiles, then on the CPU."""
+    network = model.architecture.network
+    attempts = [(device, max_block_voxels)]
+    if device.type == "cuda":
+        attempts += [(device, (max_block_voxels or 64**3) // 8), (torch.device("cpu"), max_block_voxels)]
+    for number, (attempt_device, block_voxels) in enumerate(attempts):
+        try:
+            network.to(attempt_device)
+            return model.architecture.predict_probabilities(
+                working, attempt_device, progress, cancelled, block_voxels
+            ), attempt_device
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if number + 1 == len(attempts):
+                raise
+            following = attempts[number + 1]
+            warnings.append(
+                f"GPU out of memory on {attempt_device}; retrying "
+                + ("with smaller tiles" if following[0].type == "cuda" else "on the CPU (slower)")
+            )
+    raise AssertionError("unreachable")

@@ -1,0 +1,219 @@
+"""Model files: one folder (or .zip of it) with the weights and everything needed to use them.
+
+``model.json`` holds the architecture and its arguments, the label space with its tasks (names,
+colours, terminology, preprocessing), the model card, the training provenance, a format version
+and the SHA-256 of the weights; ``weights.safetensors`` holds the tensors. Loading never executes
+code from the file (safetensors, not pickle) and refuses weights whose checksum does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .architectures import architecture_class
+from .architectures.base import Architecture
+from .errors import InputError, ModelFileError
+from .tasks import LabelSpace
+
+FORMAT_VERSION = 1
+METADATA_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+MODEL_PATH_VARIABLE = "MULTITASKSEG_MODEL_PATH"
+
+
+@dataclass
+class SegmentationModel:
+    """A network with its label space, preprocessing and card; what ``segment`` and Slicer use."""
+
+    name: str
+    architecture: Architecture
+    label_space: LabelSpace
+    version: str = "0.1.0"
+    card: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+    path: Path | None = None
+
+    @classmethod
+    def create(cls, name: str, architecture_name: str, label_space: LabelSpace, **arguments: Any) -> "SegmentationModel":
+        architecture = architecture_class(architecture_name)(len(label_space), label_space.task_names, **arguments)
+        return cls(name=name, architecture=architecture, label_space=label_space)
+
+    def spacing_mm(self, task_name: str) -> float:
+        """The working spacing for a task (stored with the task in the label space)."""
+        return self.label_space.task(task_name).working_spacing_mm
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "architecture": {"name": self.architecture.name, "arguments": self.architecture.arguments},
+            "tasks": self.label_space.to_json(),
+            "card": self.card,
+            "provenance": self.provenance,
+            "weights_sha256": self.weights_sha256,
+            "library_version": __version__,
+        }
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model(model: SegmentationModel, destination: str | os.PathLike) -> Path:
+    """Write the model folder (or ``.zip``) atomically; returns its path."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        state = {key: value.detach().cpu().contiguous().clone() for key, value in model.architecture.network.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_FILE))
+        model.weights_sha256 = sha256_of(staging / WEIGHTS_FILE)
+        (staging / METADATA_FILE).write_text(json.dumps(model.metadata(), indent=2), encoding="utf-8")
+        if destination.suffix == ".zip":
+            archive = staging.with_suffix(".zip")
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+                for name in (METADATA_FILE, WEIGHTS_FILE):
+                    zipped.write(staging / name, name)
+            os.replace(archive, destination)
+            shutil.rmtree(staging)
+        else:
+            if destination.exists():
+                old = destination.with_name(f".{destination.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(destination, old)
+                os.replace(staging, destination)
+                shutil.rmtree(old)
+            else:
+                os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    model.path = destination
+    return destination
+
+
+def _read_metadata(folder: Path, where: str) -> dict[str, Any]:
+    try:
+        metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFileError(f"{where} is not a model: it has no {METADATA_FILE}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{where}: {METADATA_FILE} is not valid JSON ({error})") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{where} has model format {metadata.get('format_version')!r}; this MultiTaskSeg reads format "
+            f"{FORMAT_VERSION}: update MultiTaskSeg or re-export the model"
+        )
+    return metadata
+
+
+def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
+    """Load a model folder, ``.zip`` archive, or the name of a bundled model."""
+    path = resolve_model_path(source)
+    where = f"model {path}"
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise ModelFileError(f"{where} is neither a model folder nor a .zip model archive")
+        with tempfile.TemporaryDirectory() as unpacked, zipfile.ZipFile(path) as zipped:
+            for name in (METADATA_FILE, WEIGHTS_FILE):
+                if name not in zipped.namelist():
+                    raise ModelFileError(f"{where} is not a model archive: it has no {name}")
+                zipped.extract(name, unpacked)
+            return _load_folder(Path(unpacked), where, path, device)
+    return _load_folder(path, where, path, device)
+
+
+def _load_folder(folder: Path, where: str, origin: Path, device: str | torch.device) -> SegmentationModel:
+    metadata = _read_metadata(folder, where)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelFileError(f"{where} has no {WEIGHTS_FILE}")
+    expected = metadata.get("weights_sha256", "")
+    actual = sha256_of(weights)
+    if actual != expected:
+        raise ModelFileError(
+            f"{where}: the weights' SHA-256 is {actual[:16]}… but the model card says {str(expected)[:16]}…; "
+            "the file is corrupt or was modified — download or copy the model again"
+        )
+    try:
+        label_space = LabelSpace.from_json(metadata["tasks"])
+        arch = metadata["architecture"]
+        architecture = architecture_class(arch["name"])(len(label_space), label_space.task_names, **arch["arguments"])
+    except (KeyError, TypeError) as error:
+        raise ModelFileError(f"{where}: {METADATA_FILE} is incomplete or inconsistent ({error})") from None
+    try:
+        state = load_file(str(weights), device="cpu")
+        architecture.network.load_state_dict(state)
+    except Exception as error:  # safetensors and torch raise several types for a bad tensor file
+        raise ModelFileError(f"{where}: the weights do not fit the architecture ({error})") from None
+    architecture.network.to(device)
+    return SegmentationModel(
+        name=metadata["name"],
+        architecture=architecture,
+        label_space=label_space,
+        version=metadata.get("version", "0"),
+        card=metadata.get("card", {}),
+        provenance=metadata.get("provenance", {}),
+        weights_sha256=actual,
+        path=origin,
+    )
+
+
+def model_folders() -> list[Path]:
+    """Where named models are looked up: the bundled folder, then ``$MULTITASKSEG_MODEL_PATH``."""
+    folders = [BUNDLED_MODEL_DIR]
+    folders += [Path(p) for p in os.environ.get(MODEL_PATH_VARIABLE, "").split(os.pathsep) if p]
+    return folders
+
+
+def bundled_models() -> dict[str, Path]:
+    """Named models: every model folder or archive in :func:`model_folders`."""
+    found: dict[str, Path] = {}
+    for folder in model_folders():
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if (entry / METADATA_FILE).is_file() or entry.suffix == ".zip":
+                found.setdefault(entry.name.removesuffix(".zip"), entry)
+    return found
+
+
+def resolve_model_path(source: str | os.PathLike) -> Path:
+    path = Path(source)
+    if path.exists():
+        return path
+    named = bundled_models()
+    if str(source) in named:
+        return named[str(source)]
+    raise InputError(
+        f"no model at {source!r}: give a model folder or .zip, or one of the bundled models "
+        f"({', '.join(named) or 'none installed'}); `multitaskseg models` lists them"
+    )
+
+
+def read_model_card(source: str | os.PathLike) -> dict[str, Any]:
+    """The metadata without loading weights (for listings and the Slicer model card)."""
+    path = resolve_model_path(source)
+    if path.is_file():
+        with zipfile.ZipFile(path) as zipped:
+            return json.loads(zipped.read(METADATA_FILE))
+    return _read_metadata(path, f"model {path}")

@@ -1,0 +1,53 @@
+"""Intensity normalisation chosen by the task's modality, never by the user.
+
+CT keeps its physical meaning (Hounsfield units), so a fixed window is mapped to 0..1. MR
+intensities are arbitrary, so they are z-scored robustly inside the foreground. In both cases the
+background of the normalised image is 0 so that "intensity above zero" marks the voxels to sample,
+as in Moeskops et al.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .tasks import Task
+
+
+def foreground_mask(image: np.ndarray, task: Task, mask: np.ndarray | None = None) -> np.ndarray:
+    """Voxels that belong to the body/organ: the given mask, else intensity above background."""
+    if mask is not None:
+        return mask > 0
+    if task.normalization == "ct_window":
+        return image > float(task.normalization_parameters.get("low", -300.0))
+    return image > 0
+
+
+def normalize(image: np.ndarray, task: Task, mask: np.ndarray | None = None) -> np.ndarray:
+    """Return a float32 copy normalised for ``task`` with background at exactly 0."""
+    image = image.astype(np.float32, copy=False)
+    foreground = foreground_mask(image, task, mask)
+    if task.normalization == "none":
+        return np.where(foreground, image, 0.0).astype(np.float32)
+    if task.normalization == "ct_window":
+        low = float(task.normalization_parameters.get("low", -300.0))
+        high = float(task.normalization_parameters.get("high", 900.0))
+        scaled = (np.clip(image, low, high) - low) / (high - low)
+        return scaled.astype(np.float32)
+    if not foreground.any():
+        raise InputError(
+            f"the image has no voxel above zero, so it has no foreground for {task.modality} normalisation; "
+            "give a skull-stripped/bias-corrected MR image with background 0, or a foreground mask"
+        )
+    values = image[foreground]
+    low, high = np.percentile(values, [float(task.normalization_parameters.get("lower_percentile", 0.5)),
+                                       float(task.normalization_parameters.get("upper_percentile", 99.5))])
+    clipped = np.clip(values, low, high)
+    spread = clipped.std()
+    if spread == 0:
+        raise InputError("the image foreground is constant; there is nothing to segment")
+    # Shift so the darkest foreground voxel stays positive: 0 remains reserved for background.
+    standardized = (clipped - clipped.mean()) / spread
+    result = np.zeros(image.shape, dtype=np.float32)
+    result[foreground] = standardized - standardized.min() + 1e-3
+    return result

@@ -1,0 +1,224 @@
+"""Training one model on one or more tasks, with checkpoints that survive an interruption.
+
+The loop is visible in :func:`train`; the parts (cases, balanced sampler, architecture with its
+loss and optimiser, checkpoint, learning curve) are plain objects. The run folder holds:
+
+- ``config.json``: what was asked for (a resumed run must ask for the same);
+- ``checkpoint/``: the latest model file plus ``training_state.pt``/``.json`` (optimiser, step, RNGs);
+- ``learning_curve.csv``/``.png``: per task, per class Dice on validation cases every K mini-batches;
+- ``model/``: the final model file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .architectures.base import PreparedCase
+from .datasets import CaseFiles, find_cases, prepare_case, split_cases
+from .errors import InputError
+from .evaluation import dice_per_class
+from .inference import choose_device
+from .learning_curve import LearningCurve
+from .model_files import SegmentationModel, load_model, save_model
+from .sampling import BalancedVoxelSampler
+from .tasks import LabelSpace, get_task
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_TENSORS = "training_state.pt"
+STATE_JSON = "training_state.json"
+
+
+@dataclass
+class TrainingConfig:
+    """Everything that defines a training run; stored in the run folder and in the model's provenance."""
+
+    tasks: list[str]
+    architecture: str = "triplanar"
+    arguments: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 210
+    steps: int = 25000
+    learning_rate: float | None = None
+    validate_every: int = 1000
+    validation_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    model_name: str = "multitaskseg-model"
+    data: dict[str, str] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the interrupted one."""
+        keys = ("tasks", "architecture", "arguments", "batch_size", "learning_rate", "validation_fraction", "seed", "data")
+        return {key: getattr(self, key) for key in keys}
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def collect_cases(config: TrainingConfig) -> tuple[list[CaseFiles], list[CaseFiles]]:
+    cases: list[CaseFiles] = []
+    for task_name in config.tasks:
+        if task_name not in config.data:
+            raise InputError(f"no data folder given for task {task_name}")
+        cases += find_cases(get_task(task_name), config.data[task_name])
+    return split_cases(cases, config.validation_fraction, config.seed)
+
+
+def validation_dice(model: SegmentationModel, cases: Sequence[PreparedCase], device: torch.device) -> list[dict]:
+    """Per task, per class Dice of each validation case, on the working grid, restricted to its task."""
+    rows = []
+    architecture = model.architecture
+    architecture.network.eval()
+    for case in cases:
+        probabilities = architecture.predict_probabilities(case.image, device)
+        indices = np.asarray((0,) + model.label_space.indices_for_task(case.task))
+        predicted = indices[np.argmax(probabilities[indices], axis=0)]
+        for index, dice in dice_per_class(predicted, case.labels, indices[1:]).items():
+            name = model.label_space.entries[index].class_spec.name
+            rows.append({"task": case.task, "class": name, "case": case.name, "dice": dice})
+    architecture.network.train()
+    return rows
+
+
+def _save_checkpoint(run: Path, model: SegmentationModel, optimizer: torch.optim.Optimizer, step: int,
+                     rng: np.random.Generator, config: TrainingConfig) -> None:
+    """Write the checkpoint to a fresh folder, then swap it in: never a half-written checkpoint."""
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
+    try:
+        save_model(model, staging / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, staging / STATE_TENSORS)
+        state = {"step": step, "numpy_rng": rng.bit_generator.state, "config": config.identity()}
+        (staging / STATE_JSON).write_text(json.dumps(state), encoding="utf-8")
+        target = run / CHECKPOINT_DIR
+        old = run / ".checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _load_checkpoint(run: Path, config: TrainingConfig, device: torch.device):
+    folder = run / CHECKPOINT_DIR
+    state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+    stored = json.loads(json.dumps(config.identity()))
+    if state["config"] != stored:
+        changed = [key for key in stored if state["config"].get(key) != stored[key]]
+        raise InputError(
+            f"{run} holds a run with different settings ({', '.join(changed)}); "
+            "use another --out folder, or the same settings to resume"
+        )
+    model = load_model(folder / "model", device=device)
+    tensors = torch.load(folder / STATE_TENSORS, map_location="cpu", weights_only=True)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["numpy_rng"]
+    return model, tensors, rng, int(state["step"])
+
+
+def train(
+    config: TrainingConfig,
+    run: str | os.PathLike,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> SegmentationModel:
+    """Train (or resume) the run in folder ``run``; returns the final model.
+
+    ``stop_after`` ends the process after that many steps of this call without finishing the run
+    (used to test resumption; a killed process behaves the same).
+    """
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    device = choose_device(config.device)
+    set_seed(config.seed)
+    label_space = LabelSpace.from_names(config.tasks)
+    train_files, validation_files = collect_cases(config)
+    log(f"{len(train_files)} training and {len(validation_files)} validation cases for {', '.join(config.tasks)}")
+    train_cases = [prepare_case(files, label_space) for files in train_files]
+    validation_cases = [prepare_case(files, label_space) for files in validation_files]
+
+    curve = LearningCurve(run)
+    if (run / CHECKPOINT_DIR).exists():
+        model, tensors, rng, step = _load_checkpoint(run, config, device)
+        optimizer = model.architecture.make_optimizer(config.learning_rate)
+        optimizer.load_state_dict(tensors["optimizer"])
+        torch.set_rng_state(tensors["torch_rng"])
+        curve.drop_after(step)
+        log(f"resuming {run} at step {step}")
+    else:
+        (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
+        model = SegmentationModel.create(config.model_name, config.architecture, label_space, **config.arguments)
+        model.architecture.network.to(device)
+        optimizer = model.architecture.make_optimizer(config.learning_rate)
+        rng = np.random.default_rng(config.seed)
+        step = 0
+    architecture = model.architecture
+    scheduler = architecture.make_scheduler(optimizer) if hasattr(architecture, "make_scheduler") else None
+    if scheduler is not None:
+        for _ in range(step):
+            scheduler.step()
+    sampler = BalancedVoxelSampler(train_cases, {t: label_space.indices_for_task(t) for t in config.tasks})
+    architecture.network.train()
+
+    started, steps_this_call = time.perf_counter(), 0
+    while step < config.steps:
+        batch = architecture.sample_batch(sampler, config.batch_size, rng)
+        result = architecture.training_step(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        architecture.clip_gradients()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        step += 1
+        steps_this_call += 1
+        curve.add_loss(step, float(result.loss.detach()), result.parts)
+        if step % config.validate_every == 0 or step == config.steps:
+            rows = validation_dice(model, validation_cases, device) if validation_cases else []
+            curve.add_validation(step, rows)
+            model.provenance = provenance(config, step, train_files, validation_files, started)
+            _save_checkpoint(run, model, optimizer, step, rng, config)
+            log(f"step {step}/{config.steps} loss {float(result.loss.detach()):.4f} " + curve.summary(step))
+        if stop_after is not None and steps_this_call >= stop_after:
+            return model
+    model.provenance = provenance(config, step, train_files, validation_files, started)
+    model.card = model_card(model, curve)
+    save_model(model, run / "model")
+    curve.plot()
+    return model
+
+
+def provenance(config: TrainingConfig, step: int, train_files, validation_files, started: float) -> dict[str, Any]:
+    return {
+        "config": asdict(config),
+        "steps_done": step,
+        "training_cases": [f"{c.task}/{c.name}" for c in train_files],
+        "validation_cases": [f"{c.task}/{c.name}" for c in validation_files],
+        "seconds_this_session": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+    }
+
+
+def model_card(model: SegmentationModel, curve: LearningCurve) -> dict[str, Any]:
+    """What a user needs to judge the model: tasks, intended input and validation Dice."""
+    return {
+        "description": f"{model.architecture.summary} trained on {', '.join(model.label_space.task_names)}",
+        "intended_input": {
+            task.name: f"{task.modality}, {task.anatomy}; resampled to {task.working_spacing_mm} mm"
+            for task in model.label_space.tasks
+        },
+        "validation_dice": curve.final_dice(),
+    }

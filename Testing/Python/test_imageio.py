@@ -1,0 +1,131 @@
+"""Reading and writing keep geometry; bad input is refused with a message that says what to do."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MultiTaskSegLib import imageio
+from MultiTaskSegLib.errors import InputError
+from MultiTaskSegLib.geometry import same_geometry
+from MultiTaskSegLib.imageio import read_image, write_image
+
+
+def volume(shape=(12, 14, 16), dtype=np.float32) -> sitk.Image:
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.normal(100, 20, shape).astype(dtype))
+    image.SetSpacing((0.7, 0.8, 2.0))
+    image.SetOrigin((-3.0, 4.0, 5.5))
+    image.SetDirection(sitk.VersorTransform((1, 1, 0), 0.4).GetMatrix())
+    return image
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_round_trip_keeps_values_and_geometry(tmp_path, suffix):
+    image = volume()
+    path = write_image(image, tmp_path / f"scan{suffix}")
+    loaded = read_image(path)
+    assert same_geometry(loaded, image, tolerance=1e-5)
+    assert np.array_equal(sitk.GetArrayViewFromImage(loaded), sitk.GetArrayViewFromImage(image))
+
+
+def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
+    image = sitk.Cast(volume(), sitk.sitkInt16)
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_k = image[:, :, k]
+        slice_k.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        slice_k.SetMetaData("0020|0013", str(k))
+        slice_k.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
+        slice_k.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        slice_k.SetMetaData("0008|0060", "CT")
+        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_k)
+    loaded = read_image(tmp_path)
+    assert loaded.GetSize() == image.GetSize()
+    assert np.allclose(loaded.GetSpacing(), image.GetSpacing(), atol=1e-3)
+    assert np.array_equal(sitk.GetArrayViewFromImage(loaded), sitk.GetArrayViewFromImage(image))
+
+
+def test_two_dimensional_image_is_refused(tmp_path):
+    path = write_image(sitk.GetImageFromArray(np.arange(64, dtype=np.float32).reshape(8, 8)), tmp_path / "slice.nrrd")
+    with pytest.raises(InputError, match="2-D image"):
+        read_image(path)
+
+
+def test_single_slice_volume_is_refused_as_two_dimensional(tmp_path):
+    path = write_image(sitk.GetImageFromArray(np.arange(64, dtype=np.float32).reshape(1, 8, 8)), tmp_path / "one.nrrd")
+    with pytest.raises(InputError, match="2-D image"):
+        read_image(path)
+
+
+def test_four_dimensional_image_asks_for_a_channel_and_the_channel_can_be_picked(tmp_path):
+    data = np.stack([np.full((4, 5, 6), value, np.float32) + np.arange(6) for value in (1, 2, 3)])
+    path = write_image(sitk.JoinSeries([sitk.GetImageFromArray(d) for d in data]), tmp_path / "series.nii.gz")
+    with pytest.raises(InputError, match="choose one channel"):
+        read_image(path)
+    picked = read_image(path, channel=2)
+    assert picked.GetDimension() == 3
+    assert np.array_equal(sitk.GetArrayViewFromImage(picked), data[2])
+    with pytest.raises(InputError, match="channel must be 0..2"):
+        read_image(path, channel=5)
+
+
+def test_multi_component_image_asks_for_a_channel(tmp_path):
+    rgb = sitk.GetImageFromArray(np.random.default_rng(1).random((4, 5, 6, 3)).astype(np.float32), isVector=True)
+    path = write_image(rgb, tmp_path / "rgb.nrrd")
+    with pytest.raises(InputError, match="3 components per voxel; choose one channel"):
+        read_image(path)
+    assert read_image(path, channel=1).GetNumberOfComponentsPerPixel() == 1
+
+
+def test_constant_image_is_refused(tmp_path):
+    path = write_image(sitk.GetImageFromArray(np.zeros((6, 6, 6), np.float32)), tmp_path / "empty.nii.gz")
+    with pytest.raises(InputError, match="constant"):
+        read_image(path)
+
+
+def test_nan_and_inf_are_refused(tmp_path):
+    data = np.random.default_rng(2).random((6, 6, 6)).astype(np.float32)
+    data[1, 2, 3] = np.nan
+    data[2, 2, 2] = np.inf
+    path = write_image(sitk.GetImageFromArray(data), tmp_path / "nan.mha")
+    with pytest.raises(InputError, match="2 NaN or infinite voxels"):
+        read_image(path)
+
+
+def test_file_that_is_not_an_image_is_refused(tmp_path):
+    path = tmp_path / "notes.nii.gz"
+    path.write_text("not an image")
+    with pytest.raises(InputError, match="not an image SimpleITK can read"):
+        read_image(path)
+    with pytest.raises(InputError, match="does not exist"):
+        read_image(tmp_path / "missing.nii.gz")
+
+
+def test_folder_without_dicom_is_refused(tmp_path):
+    with pytest.raises(InputError, match="no DICOM series"):
+        read_image(tmp_path)
+
+
+def test_volume_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    path = write_image(volume(), tmp_path / "scan.nrrd")
+    monkeypatch.setattr(imageio, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(InputError, match="more than this machine can process"):
+        read_image(path)
+
+
+def test_write_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "out.nii.gz"
+    write_image(volume(), target)
+    before = target.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", crash)
+    with pytest.raises(RuntimeError):
+        write_image(volume((3, 3, 3)), target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
