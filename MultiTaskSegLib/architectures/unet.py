@@ -1,0 +1,803 @@
+"""The U-Net family: Avetisian's factorised volumetric U-Net and the CMU-Net paper's three 2-D U-Nets.
+
+===================== ================================================================
+``unet3d_factorised`` 3-D blocks around balanced positions, soft IoU loss (Avetisian)
+``cmunet``            2-D slices, 0.5 Dice + 0.5 focal loss on a per-class presence head
+``unet2d``            the same 2-D U-Net without the head, Dice loss only (baseline)
+``unet2d_pretrained`` encoder + head first trained on presence, then the U-Net on Dice
+===================== ================================================================
+
+Training samples are centred on positions from ``sampler.sample`` so every batch is balanced over
+the model's tasks and their classes. A 3-D block or 2-D slice crop that reaches past the image is
+padded with zeros (the normalised "nothing" value) and the padding is left out of the losses.
+
+Prediction accepts any volume size: the volume is zero-padded up to a multiple of the network's
+pooling factor (the paper's ``2^3 n`` limit) and the probabilities are cropped back. Volumes larger
+than ``max_block_voxels`` are cut into overlapping windows on a grid aligned with the poolings; a
+window's outermost ``inference_margin`` voxels towards a neighbour only give context, and where the
+inner parts of two windows overlap their probabilities are blended with linear weights. With a
+margin at least the network's receptive radius this equals one pass over the whole volume. 2-D
+networks run slice by slice, each slice padded to at least the training ``patch_size`` and cut into
+windows of that size (as in training, where instance norm saw crops of that size), several windows
+per batch; ``max_block_voxels`` caps the voxels of one batch. On CUDA inference runs under float16
+autocast; on the CPU it runs in float32 without autocast. ``progress(fraction, stage)`` is called
+after every batch; ``cancelled()`` is checked before every batch and raises
+:class:`~MultiTaskSegLib.errors.CancelledError`.
+
+CMU-Net uses its presence head at inference: a slice (or, for slices larger than ``patch_size``,
+a window of it) where no requested class reaches ``presence_threshold`` is not decoded and is
+background; ``predict_probabilities(..., requested_labels=[...])`` names the label-space indices the
+user asked for (default: all). The head is trained on what the crop shows (see
+:func:`presence_targets`), so the decision is made per window, which is the slice whenever the slice
+fits in one patch.
+
+Optional hooks for the trainer and the application (not part of :class:`Architecture`):
+
+* ``make_scheduler(optimizer, steps_per_epoch=None)`` on the 2-D architectures: cosine annealing
+  with warm restarts every ``restart_epochs`` epochs, as the CMU-Net paper; an epoch is
+  ``steps_per_epoch`` training steps (default: the architecture's ``steps_per_epoch`` argument, the
+  paper's 1,664 training slices over its batch size). Call ``scheduler.step()`` once after every
+  optimiser step.
+* ``presence_by_class(image, device)`` on ``cmunet``: per label, the highest presence probability
+  over all slices (background: 1), so the application can say which requested structures seem
+  absent from the scan (e.g. below ``presence_threshold``).
+* ``unet2d_pretrained`` counts its own ``training_step`` calls (the network buffer
+  ``training_steps_done``, saved with the weights): the first ``pretrain_steps`` train the encoder
+  and head on presence only, the rest the U-Net on Dice only. The trainer needs to do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CancelledError, InputError
+from ..losses import presence_focal_loss, soft_dice_loss, soft_iou_loss
+from ..networks.blocks import AVETISIAN_PLANE_KERNELS
+from ..networks.cmunet import CMUNet
+from ..networks.unet_factorised import FactorisedUNet3d
+from .base import Architecture, CancelCheck, ProgressCallback, TrainingStep
+
+if TYPE_CHECKING:
+    from ..sampling import BalancedVoxelSampler
+
+#: Weight of a window's context margin in the blend: tiny, so a voxel never has zero total weight.
+_CONTEXT_WEIGHT = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops, windows and blending
+
+
+def crop_centred(array: np.ndarray, centre: Sequence[int], size: Sequence[int], fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ``size`` box of ``array`` starting ``size // 2`` before ``centre``, and a mask of the part
+    inside ``array``; the part outside is ``fill``."""
+    crop = np.full(tuple(size), fill, dtype=array.dtype)
+    inside = np.zeros(tuple(size), dtype=bool)
+    source, target = [], []
+    for middle, side, length in zip(centre, size, array.shape):
+        start = int(middle) - side // 2
+        low, high = max(start, 0), min(start + side, length)
+        source.append(slice(low, max(low, high)))
+        target.append(slice(low - start, max(low, high) - start))
+    crop[tuple(target)] = array[tuple(source)]
+    inside[tuple(target)] = True
+    return crop, inside
+
+
+def presence_targets(labels: np.ndarray, inside: np.ndarray, num_labels: int, min_voxels: int = 1) -> np.ndarray:
+    """``(num_labels - 1,)`` float32: 1 for each label-space class 1.. with at least ``min_voxels``
+    voxels in the part of the crop that lies inside the image, else 0.
+
+    "Present" means *visible to the network*: a class elsewhere in the slice but outside the crop is
+    absent, because the head only sees the crop. Classes of the model's other tasks are absent too,
+    as the shared background makes them in the segmentation target.
+    """
+    counts = np.bincount(labels[inside].ravel().astype(np.int64), minlength=num_labels)[1:num_labels]
+    return (counts >= min_voxels).astype(np.float32)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class AxisWindows:
+    """Overlapping windows along one (padded) axis and each window's blending weights."""
+
+    starts: tuple[int, ...]
+    size: int
+    weights: tuple[np.ndarray, ...]
+
+
+def plan_axis_windows(length: int, size: int, margin: int, multiple: int) -> AxisWindows:
+    """Windows of ``size`` over ``length`` (both multiples of ``multiple``), starting on multiples
+    of ``multiple`` so the poolings of every window line up with those of a whole-volume pass.
+
+    The outer ``margin`` voxels of a window towards a neighbour are context only (weight ~0); the
+    inner parts of neighbouring windows meet or overlap, and cross-fade linearly where they overlap.
+    Weights are relative: the caller divides by their sum at every voxel.
+    """
+    if size >= length:
+        return AxisWindows((0,), length, (np.ones(length, np.float32),))
+    margin = max(0, min(margin, (size - multiple) // 2))
+    step = max(multiple, (size - 2 * margin) // multiple * multiple)
+    starts = (*range(0, length - size, step), length - size)
+    overlap = size - 2 * margin - step
+    positions = np.arange(size, dtype=np.float64)
+    weights = []
+    for start in starts:
+        distance = np.full(size, np.inf)
+        if start > 0:
+            distance = np.minimum(distance, positions)
+        if start + size < length:
+            distance = np.minimum(distance, size - 1 - positions)
+        weights.append(np.clip((distance - margin + 1) / (overlap + 1), _CONTEXT_WEIGHT, 1.0).astype(np.float32))
+    return AxisWindows(starts, size, tuple(weights))
+
+
+def fit_window(shape: Sequence[int], max_voxels: int, multiple: int, smallest: int | None = None) -> tuple[int, ...]:
+    """``shape`` with its largest sides shrunk by ``multiple`` until it holds at most ``max_voxels``,
+    never below ``smallest`` (default ``multiple``) per side, nor below a side already smaller."""
+    smallest = multiple if smallest is None else smallest
+    window = list(shape)
+    while math.prod(window) > max_voxels:
+        shrinkable = [axis for axis, side in enumerate(window) if side - multiple >= smallest]
+        if not shrinkable:
+            break
+        largest = max(shrinkable, key=lambda axis: window[axis])
+        window[largest] -= multiple
+    return tuple(window)
+
+
+def _window_weight(plans: Sequence[AxisWindows], index: Sequence[int]) -> np.ndarray:
+    weight = np.ones((), np.float32)
+    for plan, number in zip(plans, index):
+        weight = np.multiply.outer(weight, plan.weights[number])
+    return weight
+
+
+def _window_region(plans: Sequence[AxisWindows], index: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(plan.starts[number], plan.starts[number] + plan.size) for plan, number in zip(plans, index))
+
+
+def _check_volume(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise InputError(f"expected one single-channel (z, y, x) volume, got an array of shape {image.shape}; choose one channel")
+    if min(image.shape) < 1:
+        raise InputError(f"the volume is empty (shape {image.shape})")
+    return image.astype(np.float32, copy=False)
+
+
+def _raise_if_cancelled(cancelled: CancelCheck | None) -> None:
+    if cancelled is not None and cancelled():
+        raise CancelledError("prediction cancelled by the user; nothing was written")
+
+
+def _report(progress: ProgressCallback | None, fraction: float, stage: str) -> None:
+    if progress is not None:
+        progress(min(1.0, max(0.0, fraction)), stage)
+
+
+@contextlib.contextmanager
+def _inference(network: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode (restored afterwards), no autograd, float16 autocast on CUDA, float32 elsewhere."""
+    device = torch.device(device)
+    was_training = network.training
+    network.to(device).eval()
+    precision = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), precision:
+            yield
+    finally:
+        network.train(was_training)
+
+
+def _as_ints(values: Sequence[Any], count: int, what: str) -> list[int]:
+    values = [int(value) for value in values]
+    if len(values) != count or min(values) < 1:
+        raise InputError(f"{what} needs {count} positive sides, got {values}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Avetisian: volumetric U-Net with planar-factorised convolutions
+
+
+class FactorisedUNet3DArchitecture(Architecture):
+    """Avetisian's volumetric U-Net trained on 3-D blocks with the soft IoU loss.
+
+    Args (network, see :class:`~MultiTaskSegLib.networks.unet_factorised.FactorisedUNet3d`):
+        first_channels, depth, plane_kernels, block_dropout, output_dropout, up_kernel_size.
+    Args (training):
+        block_shape: (z, y, x) sides of a training block, multiples of ``2 ** depth``; each block is
+            centred on one balanced position.
+        learning_rate: Adam's learning rate (paper: 7.6e-5; ``make_optimizer`` may override it).
+        l2_weight: weight of ``sum(w^2) / 2`` over all convolution weights (not biases), added to
+            the loss (paper: 3e-4, TensorFlow's ``l2_loss`` convention).
+        gradient_clip: the global gradient norm is clipped to this (paper: 1.0).
+    Args (inference):
+        inference_margin: context voxels a window gets beyond the part it contributes.
+        inference_block_voxels: largest window when ``predict_probabilities`` gets no
+            ``max_block_voxels``; smaller volumes run in one pass.
+    """
+
+    name: ClassVar[str] = "unet3d_factorised"
+    summary: ClassVar[str] = (
+        "Avetisian volumetric U-Net: four planar 3x3 convolutions per block, soft IoU loss, 3-D blocks"
+    )
+
+    def __init__(
+        self,
+        num_labels: int,
+        task_names: Sequence[str],
+        *,
+        first_channels: int = 30,
+        depth: int = 3,
+        plane_kernels: Sequence[Sequence[int]] = AVETISIAN_PLANE_KERNELS,
+        block_dropout: float = 0.15,
+        output_dropout: float = 0.15,
+        up_kernel_size: int = 2,
+        block_shape: Sequence[int] = (32, 32, 32),
+        learning_rate: float = 7.6e-5,
+        l2_weight: float = 3e-4,
+        gradient_clip: float = 1.0,
+        inference_margin: int = 16,
+        inference_block_voxels: int = 128**3,
+    ) -> None:
+        block_shape = _as_ints(block_shape, 3, "block_shape")
+        if any(side % 2**depth for side in block_shape):
+            raise InputError(f"block_shape {block_shape} must have sides that are multiples of 2^depth = {2**depth}")
+        super().__init__(
+            num_labels,
+            task_names,
+            first_channels=int(first_channels),
+            depth=int(depth),
+            plane_kernels=[[int(side) for side in kernel] for kernel in plane_kernels],
+            block_dropout=float(block_dropout),
+            output_dropout=float(output_dropout),
+            up_kernel_size=int(up_kernel_size),
+            block_shape=block_shape,
+            learning_rate=float(learning_rate),
+            l2_weight=float(l2_weight),
+            gradient_clip=float(gradient_clip),
+            inference_margin=int(inference_margin),
+            inference_block_voxels=int(inference_block_voxels),
+        )
+        self.block_shape = tuple(block_shape)
+        self.learning_rate = float(learning_rate)
+        self.l2_weight = float(l2_weight)
+        self.gradient_clip = float(gradient_clip)
+        self.inference_margin = int(inference_margin)
+        self.inference_block_voxels = int(inference_block_voxels)
+
+    def build_network(self, num_labels: int, **arguments: Any) -> FactorisedUNet3d:
+        return FactorisedUNet3d(
+            num_labels,
+            first_channels=arguments["first_channels"],
+            depth=arguments["depth"],
+            plane_kernels=arguments["plane_kernels"],
+            block_dropout=arguments["block_dropout"],
+            output_dropout=arguments["output_dropout"],
+            up_kernel_size=arguments["up_kernel_size"],
+        )
+
+    def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        numbers, positions = sampler.sample(batch_size, rng)
+        images, labels, inside = [], [], []
+        for number, position in zip(numbers, positions):
+            case = sampler.cases[number]
+            image, valid = crop_centred(case.image.astype(np.float32, copy=False), position, self.block_shape)
+            images.append(image)
+            labels.append(crop_centred(case.labels, position, self.block_shape)[0].astype(np.int64))
+            inside.append(valid)
+        return {
+            "image": torch.from_numpy(np.stack(images)[:, None]),
+            "labels": torch.from_numpy(np.stack(labels)),
+            "valid": torch.from_numpy(np.stack(inside)),
+        }
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
+        image, labels, valid = (batch[key].to(device, non_blocking=True) for key in ("image", "labels", "valid"))
+        probabilities = torch.softmax(self.network(image), dim=1)
+        iou = soft_iou_loss(probabilities, labels, valid)
+        l2 = self.l2_weight * sum(
+            (module.weight**2).sum() / 2 for module in self.network.modules() if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d))
+        )
+        return TrainingStep(iou + l2, {"iou_loss": float(iou.detach()), "l2": float(l2.detach())})
+
+    def make_optimizer(self, learning_rate: float | None = None) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.network.parameters(), lr=learning_rate or self.learning_rate, betas=(0.9, 0.999))
+
+    def clip_gradients(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.gradient_clip)
+
+    def predict_probabilities(
+        self,
+        image: np.ndarray,
+        device: torch.device,
+        progress: ProgressCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        max_block_voxels: int | None = None,
+    ) -> np.ndarray:
+        image = _check_volume(image)
+        multiple = self.network.size_multiple
+        padded_shape = tuple(_round_up(side, multiple) for side in image.shape)
+        padded = np.zeros(padded_shape, np.float32)
+        padded[tuple(slice(0, side) for side in image.shape)] = image
+        window = fit_window(padded_shape, max_block_voxels or self.inference_block_voxels, multiple)
+        plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_shape, window)]
+        blocks = list(itertools.product(*(range(len(plan.starts)) for plan in plans)))
+        summed = np.zeros((self.num_labels, *padded_shape), np.float32)
+        total_weight = np.zeros(padded_shape, np.float32)
+        stage = "Segmenting the volume" if len(blocks) == 1 else f"Segmenting {len(blocks)} blocks"
+        _report(progress, 0.0, stage)
+        with _inference(self.network, device):
+            for done, index in enumerate(blocks, start=1):
+                _raise_if_cancelled(cancelled)
+                region = _window_region(plans, index)
+                weight = _window_weight(plans, index)
+                block = torch.from_numpy(np.ascontiguousarray(padded[region]))[None, None].to(device)
+                probabilities = torch.softmax(self.network(block).float(), dim=1)[0].cpu().numpy()
+                summed[(slice(None), *region)] += probabilities * weight
+                total_weight[region] += weight
+                _report(progress, done / len(blocks), stage)
+        summed /= total_weight
+        return np.ascontiguousarray(summed[(slice(None), *(slice(0, side) for side in image.shape))])
+
+
+# ---------------------------------------------------------------------------------------------
+# CMU-Net paper: 2-D U-Nets on slices
+
+CMUNET_CHANNELS = (16, 32, 64, 128, 256)
+
+
+class _SliceUNetArchitecture(Architecture):
+    """What the three 2-D U-Nets share: slice sampling, scheduler, slice-wise prediction.
+
+    A training sample is the ``patch_size`` crop, perpendicular to ``slice_axis`` (0 = axial in
+    (z, y, x) volumes), of the slice through a balanced position, centred on it. The batch also holds
+    the crop's presence targets (see :func:`presence_targets`).
+    """
+
+    #: Whether the network has the presence head.
+    presence_head: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_labels: int,
+        task_names: Sequence[str],
+        *,
+        channels: Sequence[int],
+        negative_slope: float,
+        patch_size: Sequence[int],
+        slice_axis: int,
+        learning_rate: float,
+        restart_epochs: int,
+        steps_per_epoch: int,
+        inference_margin: int,
+        inference_block_voxels: int,
+        **method_arguments: Any,
+    ) -> None:
+        channels = [int(count) for count in channels]
+        patch_size = _as_ints(patch_size, 2, "patch_size")
+        multiple = 2 ** (len(channels) - 1)
+        if any(side % multiple or side < 2 * multiple for side in patch_size):
+            raise InputError(
+                f"patch_size {patch_size} must have sides that are multiples of {multiple} "
+                f"(2^{len(channels) - 1} for {len(channels)} encoder blocks) and at least {2 * multiple}, "
+                "so instance norm at the bottleneck sees more than one voxel"
+            )
+        if slice_axis not in (0, 1, 2):
+            raise InputError(f"slice_axis must be 0 (axial), 1 (coronal) or 2 (sagittal), got {slice_axis}")
+        super().__init__(
+            num_labels,
+            task_names,
+            channels=channels,
+            negative_slope=float(negative_slope),
+            patch_size=patch_size,
+            slice_axis=int(slice_axis),
+            learning_rate=float(learning_rate),
+            restart_epochs=int(restart_epochs),
+            steps_per_epoch=int(steps_per_epoch),
+            inference_margin=int(inference_margin),
+            inference_block_voxels=int(inference_block_voxels),
+            **method_arguments,
+        )
+        self.patch_size = tuple(patch_size)
+        self.slice_axis = int(slice_axis)
+        self.learning_rate = float(learning_rate)
+        self.restart_epochs = int(restart_epochs)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.presence_min_voxels = int(self.arguments.get("presence_min_voxels", 1))
+        self.inference_margin = int(inference_margin)
+        self.inference_block_voxels = int(inference_block_voxels)
+
+    def build_network(self, num_labels: int, **arguments: Any) -> CMUNet:
+        return CMUNet(
+            num_labels,
+            channels=arguments["channels"],
+            negative_slope=arguments["negative_slope"],
+            presence_head=self.presence_head,
+        )
+
+    def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        numbers, positions = sampler.sample(batch_size, rng)
+        images, labels, inside, present = [], [], [], []
+        for number, position in zip(numbers, positions):
+            case = sampler.cases[number]
+            centre = np.delete(position, self.slice_axis)
+            image_slice = np.take(case.image, position[self.slice_axis], axis=self.slice_axis)
+            label_slice = np.take(case.labels, position[self.slice_axis], axis=self.slice_axis)
+            image, valid = crop_centred(image_slice.astype(np.float32, copy=False), centre, self.patch_size)
+            label = crop_centred(label_slice, centre, self.patch_size)[0].astype(np.int64)
+            images.append(image)
+            labels.append(label)
+            inside.append(valid)
+            present.append(presence_targets(label, valid, self.num_labels, self.presence_min_voxels))
+        return {
+            "image": torch.from_numpy(np.stack(images)[:, None]),
+            "labels": torch.from_numpy(np.stack(labels)),
+            "valid": torch.from_numpy(np.stack(inside)),
+            "present": torch.from_numpy(np.stack(present)),
+        }
+
+    def make_optimizer(self, learning_rate: float | None = None) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.network.parameters(), lr=learning_rate or self.learning_rate)
+
+    def make_scheduler(
+        self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """Cosine annealing with warm restarts every ``restart_epochs`` epochs of ``steps_per_epoch``
+        steps (default: the architecture's ``steps_per_epoch``); step it once per optimiser step."""
+        epoch = self.steps_per_epoch if steps_per_epoch is None else int(steps_per_epoch)
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=max(1, self.restart_epochs * epoch))
+
+    def _segmentation_loss(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Dice loss of the batch, and the encoder features it came from."""
+        image, labels, valid = (batch[key].to(device, non_blocking=True) for key in ("image", "labels", "valid"))
+        features = self.network.encode(image)
+        probabilities = torch.softmax(self.network.decode(features), dim=1)
+        return soft_dice_loss(probabilities, labels, valid), features
+
+    # -- slice-wise prediction ----------------------------------------------------------------
+
+    def _slice_windows(self, image: np.ndarray, max_block_voxels: int | None):
+        """The volume with slices first and padded planes, the in-plane window plans, and how many
+        windows go in one batch."""
+        volume = np.moveaxis(_check_volume(image), self.slice_axis, 0)
+        multiple = self.network.size_multiple
+        plane = volume.shape[1:]
+        padded_plane = tuple(_round_up(max(side, patch), multiple) for side, patch in zip(plane, self.patch_size))
+        limit = max_block_voxels or self.inference_block_voxels
+        # Windows keep at least 2x2 bottleneck voxels: instance norm needs more than one.
+        window = fit_window(self.patch_size, limit, multiple, smallest=2 * multiple)
+        plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_plane, window)]
+        padded = np.zeros((volume.shape[0], *padded_plane), np.float32)
+        padded[:, : plane[0], : plane[1]] = volume
+        return padded, plans, max(1, limit // math.prod(window))
+
+    @staticmethod
+    def _window_batches(padded: np.ndarray, plans: Sequence[AxisWindows], batch_windows: int):
+        """Batches of ``(slice, in-plane window index)`` pairs over all slices."""
+        windows = list(itertools.product(range(padded.shape[0]), *(range(len(plan.starts)) for plan in plans)))
+        for first in range(0, len(windows), batch_windows):
+            yield windows[first : first + batch_windows], len(windows)
+
+    @staticmethod
+    def _batch_tensor(padded: np.ndarray, plans: Sequence[AxisWindows], items, device: torch.device) -> torch.Tensor:
+        crops = [padded[(number, *_window_region(plans, index))] for number, *index in items]
+        return torch.from_numpy(np.stack(crops)[:, None]).to(device)
+
+    def _skip_mask(self, features: list[torch.Tensor], requested_labels: Sequence[int] | None) -> torch.Tensor | None:
+        """Windows whose segmentation is skipped (background); ``None`` when nothing is skipped."""
+        return None
+
+    def predict_probabilities(
+        self,
+        image: np.ndarray,
+        device: torch.device,
+        progress: ProgressCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        max_block_voxels: int | None = None,
+        requested_labels: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """See the module docstring; ``requested_labels`` (label-space indices, default all) only
+        matters to ``cmunet``, which skips windows where none of them is predicted present."""
+        original_shape = np.shape(image)
+        padded, plans, batch_windows = self._slice_windows(image, max_block_voxels)
+        summed = np.zeros((self.num_labels, *padded.shape), np.float32)
+        total_weight = np.zeros(padded.shape[1:], np.float32)
+        for index in itertools.product(*(range(len(plan.starts)) for plan in plans)):
+            total_weight[_window_region(plans, index)] += _window_weight(plans, index)
+        stage = "Segmenting slices"
+        _report(progress, 0.0, stage)
+        with _inference(self.network, device):
+            done = 0
+            for items, total in self._window_batches(padded, plans, batch_windows):
+                _raise_if_cancelled(cancelled)
+                features = self.network.encode(self._batch_tensor(padded, plans, items, device))
+                skipped = self._skip_mask(features, requested_labels)
+                kept = torch.ones(len(items), dtype=torch.bool, device=device) if skipped is None else ~skipped
+                probabilities = torch.zeros((len(items), self.num_labels, *features[0].shape[2:]), device=device)
+                probabilities[:, 0] = 1
+                if bool(kept.any()):
+                    logits = self.network.decode([feature[kept] for feature in features])
+                    probabilities[kept] = torch.softmax(logits.float(), dim=1)
+                probabilities = probabilities.cpu().numpy()
+                for (number, *index), window_probabilities in zip(items, probabilities):
+                    region = _window_region(plans, index)
+                    summed[(slice(None), number, *region)] += window_probabilities * _window_weight(plans, index)
+                done += len(items)
+                _report(progress, done / total, stage)
+        summed /= total_weight
+        plane = [side for axis, side in enumerate(original_shape) if axis != self.slice_axis]
+        result = summed[:, :, : plane[0], : plane[1]]
+        return np.ascontiguousarray(np.moveaxis(result, 1, 1 + self.slice_axis))
+
+
+def _check_focal_weights(weights: Sequence[float]) -> list[float]:
+    weights = [float(weight) for weight in weights]
+    if len(weights) != 2 or min(weights) < 0:
+        raise InputError(f"focal weights are (positive, negative), two non-negative numbers; got {weights}")
+    return weights
+
+
+class CMUNetArchitecture(_SliceUNetArchitecture):
+    """CMU-Net: 2-D U-Net plus a per-class presence head, trained jointly on
+    ``segmentation_weight * Dice + classification_weight * focal``.
+
+    Args (network, see :class:`~MultiTaskSegLib.networks.cmunet.CMUNet`): channels, negative_slope.
+    Args (training):
+        patch_size: (rows, columns) of a slice crop, multiples of ``2 ** (len(channels) - 1)``.
+        slice_axis: axis of the (z, y, x) volume the slices are perpendicular to (0 = axial).
+        learning_rate: Adam's learning rate (paper: 1e-3 for CMU-Net, batch size 6).
+        segmentation_weight, classification_weight: loss weights (paper: 0.5 and 0.5).
+        focal_weights: (positive, negative) focal loss weights (paper: 0.8, 0.2).
+        focal_gamma: focal loss exponent (Lin et al.: 2).
+        presence_min_voxels: voxels of a class the crop must hold for it to count as present.
+        restart_epochs: epochs between warm restarts of the cosine schedule (paper: 10).
+        steps_per_epoch: training steps that make one epoch for the schedule (paper: 1,664 slices
+            per epoch; 277 steps at CMU-Net's batch size 6, 166 at the baselines' 10).
+    Args (inference):
+        presence_threshold: windows where every requested class has presence probability below
+            this are not decoded and get background; ``None`` decodes everything.
+        inference_margin, inference_block_voxels: as for the 3-D U-Net, within the slice plane;
+            windows are ``patch_size`` unless that exceeds the voxel limit.
+    """
+
+    name: ClassVar[str] = "cmunet"
+    summary: ClassVar[str] = "CMU-Net: 2-D U-Net with a per-class presence head, Dice + focal loss, skips absent slices"
+    presence_head: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_labels: int,
+        task_names: Sequence[str],
+        *,
+        channels: Sequence[int] = CMUNET_CHANNELS,
+        negative_slope: float = 0.2,
+        patch_size: Sequence[int] = (128, 128),
+        slice_axis: int = 0,
+        learning_rate: float = 1e-3,
+        segmentation_weight: float = 0.5,
+        classification_weight: float = 0.5,
+        focal_weights: Sequence[float] = (0.8, 0.2),
+        focal_gamma: float = 2.0,
+        presence_min_voxels: int = 1,
+        restart_epochs: int = 10,
+        steps_per_epoch: int = 277,
+        presence_threshold: float | None = 0.5,
+        inference_margin: int = 16,
+        inference_block_voxels: int = 2**20,
+    ) -> None:
+        super().__init__(
+            num_labels,
+            task_names,
+            channels=channels,
+            negative_slope=negative_slope,
+            patch_size=patch_size,
+            slice_axis=slice_axis,
+            learning_rate=learning_rate,
+            restart_epochs=restart_epochs,
+            steps_per_epoch=steps_per_epoch,
+            inference_margin=inference_margin,
+            inference_block_voxels=inference_block_voxels,
+            presence_min_voxels=int(presence_min_voxels),
+            segmentation_weight=float(segmentation_weight),
+            classification_weight=float(classification_weight),
+            focal_weights=_check_focal_weights(focal_weights),
+            focal_gamma=float(focal_gamma),
+            presence_threshold=None if presence_threshold is None else float(presence_threshold),
+        )
+        self.segmentation_weight = float(segmentation_weight)
+        self.classification_weight = float(classification_weight)
+        self.focal_weights = tuple(self.arguments["focal_weights"])
+        self.focal_gamma = float(focal_gamma)
+        self.presence_threshold = self.arguments["presence_threshold"]
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
+        dice, features = self._segmentation_loss(batch, device)
+        present = batch["present"].to(device, non_blocking=True)
+        focal = presence_focal_loss(self.network.classify(features[-1]), present, *self.focal_weights, self.focal_gamma)
+        loss = self.segmentation_weight * dice + self.classification_weight * focal
+        return TrainingStep(loss, {"dice_loss": float(dice.detach()), "focal_loss": float(focal.detach())})
+
+    def _skip_mask(self, features: list[torch.Tensor], requested_labels: Sequence[int] | None) -> torch.Tensor | None:
+        if self.presence_threshold is None:
+            return None
+        columns = self._presence_columns(requested_labels)
+        presence = torch.sigmoid(self.network.classify(features[-1]).float())[:, columns]
+        return presence.max(dim=1).values < self.presence_threshold
+
+    def _presence_columns(self, requested_labels: Sequence[int] | None) -> list[int]:
+        labels = range(1, self.num_labels) if requested_labels is None else requested_labels
+        columns = sorted({int(label) - 1 for label in labels if int(label) != 0})
+        if not columns or columns[-1] >= self.num_labels - 1 or columns[0] < 0:
+            raise InputError(
+                f"requested labels {list(labels)} must be label-space indices between 1 and {self.num_labels - 1}"
+            )
+        return columns
+
+    def presence_by_class(
+        self,
+        image: np.ndarray,
+        device: torch.device,
+        progress: ProgressCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        max_block_voxels: int | None = None,
+    ) -> np.ndarray:
+        """``(num_labels,)`` float32: per label the highest presence probability of any slice window
+        (index 0, the background, is always 1). Runs only the encoder and the head."""
+        padded, plans, batch_windows = self._slice_windows(image, max_block_voxels)
+        highest = np.zeros(self.num_labels, np.float32)
+        highest[0] = 1
+        stage = "Checking which structures are present"
+        _report(progress, 0.0, stage)
+        with _inference(self.network, device):
+            done = 0
+            for items, total in self._window_batches(padded, plans, batch_windows):
+                _raise_if_cancelled(cancelled)
+                features = self.network.encode(self._batch_tensor(padded, plans, items, device))
+                presence = torch.sigmoid(self.network.classify(features[-1]).float()).amax(dim=0).cpu().numpy()
+                highest[1:] = np.maximum(highest[1:], presence)
+                done += len(items)
+                _report(progress, done / total, stage)
+        return highest
+
+
+class UNet2DArchitecture(_SliceUNetArchitecture):
+    """The CMU-Net paper's baseline: the same 2-D U-Net without the head, Dice loss only.
+
+    Arguments as :class:`CMUNetArchitecture` where they apply (paper: learning rate 1e-2, batch 10).
+    """
+
+    name: ClassVar[str] = "unet2d"
+    summary: ClassVar[str] = "2-D U-Net on slices with Dice loss (the CMU-Net paper's baseline)"
+    presence_head: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        num_labels: int,
+        task_names: Sequence[str],
+        *,
+        channels: Sequence[int] = CMUNET_CHANNELS,
+        negative_slope: float = 0.2,
+        patch_size: Sequence[int] = (128, 128),
+        slice_axis: int = 0,
+        learning_rate: float = 1e-2,
+        restart_epochs: int = 10,
+        steps_per_epoch: int = 166,
+        inference_margin: int = 16,
+        inference_block_voxels: int = 2**20,
+    ) -> None:
+        super().__init__(
+            num_labels,
+            task_names,
+            channels=channels,
+            negative_slope=negative_slope,
+            patch_size=patch_size,
+            slice_axis=slice_axis,
+            learning_rate=learning_rate,
+            restart_epochs=restart_epochs,
+            steps_per_epoch=steps_per_epoch,
+            inference_margin=inference_margin,
+            inference_block_voxels=inference_block_voxels,
+        )
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
+        dice, _ = self._segmentation_loss(batch, device)
+        return TrainingStep(dice, {"dice_loss": float(dice.detach())})
+
+
+class PretrainedEncoderUNet2DArchitecture(_SliceUNetArchitecture):
+    """The CMU-Net paper's two-phase baseline: the encoder and presence head are trained on the
+    focal loss for ``pretrain_steps`` training steps, then the whole U-Net on the Dice loss.
+
+    The architecture counts its own ``training_step`` calls in the network buffer
+    ``training_steps_done``, so the count is saved with the weights and a resumed run continues in
+    the right phase. In the first phase the decoder gets no gradient (Adam leaves it alone); in the
+    second the head gets none. The head is not used at inference.
+
+    Args: as :class:`CMUNetArchitecture` where they apply, and
+        pretrain_steps: training steps of the first phase (default: the paper's 100 epochs, of
+            ``steps_per_epoch`` = 166 steps (1,664 slices at batch size 10); a multiple of the
+            restart period, so segmentation starts with a warm restart of the learning rate).
+        focal_weights: (positive, negative) focal weights of the first phase (paper: 0.5, 0.5).
+    """
+
+    name: ClassVar[str] = "unet2d_pretrained"
+    summary: ClassVar[str] = "2-D U-Net whose encoder is first pre-trained on slice presence classification, then segmentation"
+    presence_head: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_labels: int,
+        task_names: Sequence[str],
+        *,
+        channels: Sequence[int] = CMUNET_CHANNELS,
+        negative_slope: float = 0.2,
+        patch_size: Sequence[int] = (128, 128),
+        slice_axis: int = 0,
+        learning_rate: float = 1e-2,
+        pretrain_steps: int = 16_600,
+        focal_weights: Sequence[float] = (0.5, 0.5),
+        focal_gamma: float = 2.0,
+        presence_min_voxels: int = 1,
+        restart_epochs: int = 10,
+        steps_per_epoch: int = 166,
+        inference_margin: int = 16,
+        inference_block_voxels: int = 2**20,
+    ) -> None:
+        if int(pretrain_steps) < 0:
+            raise InputError(f"pretrain_steps must be zero or more, got {pretrain_steps}")
+        super().__init__(
+            num_labels,
+            task_names,
+            channels=channels,
+            negative_slope=negative_slope,
+            patch_size=patch_size,
+            slice_axis=slice_axis,
+            learning_rate=learning_rate,
+            restart_epochs=restart_epochs,
+            steps_per_epoch=steps_per_epoch,
+            inference_margin=inference_margin,
+            inference_block_voxels=inference_block_voxels,
+            presence_min_voxels=int(presence_min_voxels),
+            pretrain_steps=int(pretrain_steps),
+            focal_weights=_check_focal_weights(focal_weights),
+            focal_gamma=float(focal_gamma),
+        )
+        self.pretrain_steps = int(pretrain_steps)
+        self.focal_weights = tuple(self.arguments["focal_weights"])
+        self.focal_gamma = float(focal_gamma)
+
+    def build_network(self, num_labels: int, **arguments: Any) -> CMUNet:
+        network = super().build_network(num_labels, **arguments)
+        network.register_buffer("training_steps_done", torch.zeros((), dtype=torch.int64))
+        return network
+
+    @property
+    def pretraining(self) -> bool:
+        """True while the next ``training_step`` trains the encoder on presence classification."""
+        return int(self.network.training_steps_done) < self.pretrain_steps
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
+        pretraining = self.pretraining
+        self.network.training_steps_done += 1
+        if pretraining:
+            image, present = (batch[key].to(device, non_blocking=True) for key in ("image", "present"))
+            logits = self.network.classify(self.network.encode(image)[-1])
+            focal = presence_focal_loss(logits, present, *self.focal_weights, self.focal_gamma)
+            return TrainingStep(focal, {"focal_loss": float(focal.detach()), "phase": 1.0})
+        dice, _ = self._segmentation_loss(batch, device)
+        return TrainingStep(dice, {"dice_loss": float(dice.detach()), "phase": 2.0})
