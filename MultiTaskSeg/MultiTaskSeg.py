@@ -1,0 +1,550 @@
+"""MultiTaskSeg: segment the loaded volume with a multi-task model, ready for hand correction.
+
+Module metadata, a widget that only wires widgets to a parameter node, a logic that delegates to
+``MultiTaskSegLib.mrml`` and ``MultiTaskSegLib.background``, and the self-test.
+"""
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = Path(__file__).resolve().parent
+if not (MODULE_DIR / "MultiTaskSegLib").is_dir() and (MODULE_DIR.parent / "MultiTaskSegLib").is_dir():
+    # Running from the source tree: the library and Resources sit beside the module folder.
+    sys.path.insert(0, str(MODULE_DIR.parent))
+
+from MultiTaskSegSlicer.dependencies import ensure_dependencies  # noqa: E402
+from MultiTaskSegSlicer.model_card import model_card_html, task_names  # noqa: E402
+
+DEVICES = ["auto", "cpu", "cuda"]
+UNCERTAINTY_KINDS = ["entropy", "max_probability"]
+
+
+def resourcePath(relativePath: str) -> str:
+    """A file of Resources/, installed beside the module or, in the source tree, one folder up."""
+    for root in (MODULE_DIR, MODULE_DIR.parent):
+        candidate = root / "Resources" / relativePath
+        if candidate.exists():
+            return str(candidate)
+    return str(MODULE_DIR / "Resources" / relativePath)
+
+
+#
+# MultiTaskSeg
+#
+
+
+class MultiTaskSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MultiTaskSeg")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MultiTaskSeg developers"]
+        self.parent.helpText = _(
+            "Segments the selected volume with one multi-task deep network and writes one segment per class "
+            "(name, colour, SNOMED CT terminology) into a segmentation, ready for correction in the Segment Editor."
+            "<p><b>What the models can do:</b> each model segments the tasks listed on its model card (for example "
+            "brain tissues in T1 MRI, the pectoral muscle in breast MRI, coronary arteries in cardiac CTA) in images "
+            "like those it was trained on. Any geometry, spacing and scalar type is accepted; the result is on the "
+            "input's own grid. Only the segments this model made before are replaced; other segments are kept.</p>"
+            "<p><b>What they cannot do:</b> they know only their tasks and modalities. Other anatomy, another "
+            "modality (an MR model on CT), very different spacing, 2-D images or multi-channel volumes give warnings "
+            "or errors, not meaningful results. The bundled models are trained on synthetic phantoms: they "
+            "demonstrate the method and are <b>not for clinical use</b>; check every result.</p>"
+            "<p>Please cite: P. Moeskops et al., <i>Deep learning for multi-task medical image segmentation in "
+            "multiple modalities</i>, MICCAI 2016; for the U-Net models also M. Avetisian, <i>Volumetric medical "
+            "image segmentation with deep convolutional neural networks</i>, and A. Moseley, A. Wang, "
+            "A. A. Z. Imran, <i>Context-aware multitasking for medical image segmentation</i>.</p>"
+            "<p>Python: <code>MultiTaskSegLib.mrml.segment_volume_node(volumeNode, model=...)</code>.</p>"
+        )
+        self.parent.acknowledgementText = _(
+            "Built on 3D Slicer, PyTorch (through the SlicerPyTorch extension) and SimpleITK. The module layout "
+            "follows Slicer's scripted-module template and SlicerNNUNet."
+        )
+
+
+#
+# MultiTaskSegParameterNode
+#
+
+
+@parameterNodeWrapper
+class MultiTaskSegParameterNode:
+    """The GUI state, saved with the scene.
+
+    model: a bundled model's folder/.zip path or name, or a user's model folder. tasks: the checked
+    tasks, comma-separated.
+    """
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    model: str = ""
+    tasks: str = ""
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    outputSegmentation: slicer.vtkMRMLSegmentationNode
+    createUncertaintyVolume: bool = False
+    uncertaintyKind: Annotated[str, Choice(UNCERTAINTY_KINDS)] = "entropy"
+
+
+#
+# MultiTaskSegWidget
+#
+
+
+class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(resourcePath("UI/MultiTaskSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MultiTaskSegLogic()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(200)
+        self._pollTimer.connect("timeout()", self.onPoll)
+        self.ui.progressBar.setVisible(False)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.addModelButton.connect("clicked(bool)", self.onAddModelFolder)
+        self.ui.taskListWidget.connect("itemChanged(QListWidgetItem*)", self.onTasksChanged)
+        self.ui.segmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.logic.cancel()
+        self._pollTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        if not self.logic.dependenciesChecked:
+            with slicer.util.tryWithErrorDisplay(_("MultiTaskSeg's Python packages are not installed.")):
+                self.logic.installDependencies()
+            self._fillModels()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self._fillModels()
+
+    def setParameterNode(self, inputParameterNode: Optional[MultiTaskSegParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+            self._updateGUI()
+
+    # Wiring of the widgets that have no automatic parameter connection (model list, task list).
+
+    def _fillModels(self) -> None:
+        if not self._parameterNode:
+            return
+        models = self.logic.availableModels(self._parameterNode.model)
+        with _SignalsBlocked(self.ui.modelComboBox):
+            self.ui.modelComboBox.clear()
+            for name, source in models.items():
+                self.ui.modelComboBox.addItem(name, source)
+        if not self._parameterNode.model and models:
+            self._selectModel(next(iter(models.values())))
+        self._updateGUI()
+
+    def _selectModel(self, source: str) -> None:
+        """A newly chosen model starts with all its tasks checked."""
+        with slicer.util.NodeModify(self._parameterNode):
+            self._parameterNode.model = source
+            self._parameterNode.tasks = ",".join(task_names(self.logic.modelCard(source)))
+
+    def _updateGUI(self, caller=None, event=None) -> None:
+        parameters = self._parameterNode
+        if not parameters:
+            return
+        index = self.ui.modelComboBox.findData(parameters.model)
+        with _SignalsBlocked(self.ui.modelComboBox):
+            self.ui.modelComboBox.setCurrentIndex(index)
+        card = self.logic.modelCard(parameters.model)
+        self.ui.modelCardBrowser.setHtml(model_card_html(card, self.logic.modelPath(parameters.model)) if card else
+                                         _("No model selected: add a model folder or install the bundled models."))
+        chosen = [name for name in parameters.tasks.split(",") if name]
+        with _SignalsBlocked(self.ui.taskListWidget):
+            self.ui.taskListWidget.clear()
+            for name in task_names(card or {}):
+                item = qt.QListWidgetItem(name)
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Checked if name in chosen else qt.Qt.Unchecked)
+                self.ui.taskListWidget.addItem(item)
+        running = self.logic.running
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.enabled = running or bool(parameters.inputVolume and card and self._checkedTasks())
+        self.ui.segmentEditorButton.enabled = bool(parameters.outputSegmentation) and not running
+        self.ui.undoButton.enabled = self.logic.canUndo and not running
+
+    def _checkedTasks(self) -> list:
+        widget = self.ui.taskListWidget
+        return [widget.item(row).text() for row in range(widget.count) if widget.item(row).checkState() == qt.Qt.Checked]
+
+    def onModelSelected(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._selectModel(self.ui.modelComboBox.itemData(index))
+
+    def onAddModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a model folder"))
+        if folder and self._parameterNode:
+            self._selectModel(folder)
+            self._fillModels()
+
+    def onTasksChanged(self, item=None) -> None:
+        if self._parameterNode:
+            self._parameterNode.tasks = ",".join(self._checkedTasks())
+
+    # Running
+
+    def onApplyButton(self) -> None:
+        if self.logic.running:
+            self.logic.cancel()
+            return
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
+            self.logic.installDependencies()
+            warnings = self.logic.inputWarnings(parameters.inputVolume, parameters.model, self._checkedTasks())
+            if warnings and not slicer.util.confirmOkCancelDisplay(
+                _("The input does not match the model card:") + "\n\n- " + "\n- ".join(warnings) + "\n\n" + _("Segment anyway?"),
+                windowTitle="MultiTaskSeg",
+            ):
+                return
+            self.logic.start(parameters.inputVolume, parameters.model, self._checkedTasks(), parameters.device,
+                             parameters.createUncertaintyVolume)
+            self.ui.statusLabel.text = ""
+            self.ui.progressBar.setVisible(True)
+            self._pollTimer.start()
+        self._updateGUI()
+
+    def onPoll(self) -> None:
+        status = self.logic.poll()
+        self.ui.progressBar.value = status.percent
+        self.ui.progressBar.format = f"%p% {status.stage}"
+        if not status.finished:
+            return
+        self._pollTimer.stop()
+        self.ui.progressBar.setVisible(False)
+        if status.state == "succeeded":
+            with slicer.util.tryWithErrorDisplay(_("The result could not be written."), waitCursor=True):
+                self._writeResult()
+        elif status.state == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled; nothing was written.")
+        else:
+            slicer.util.errorDisplay(_("Segmentation failed: ") + status.error, windowTitle="MultiTaskSeg")
+        self._updateGUI()
+
+    def _writeResult(self) -> None:
+        parameters = self._parameterNode
+        existing = "replace"
+        replaced = self.logic.segmentsReplaced(parameters.outputSegmentation)
+        if replaced:
+            answer = qt.QMessageBox.question(
+                slicer.util.mainWindow(), "MultiTaskSeg",
+                _("Replace the segments this model made before ({names})? No keeps them and adds new ones.").format(
+                    names=", ".join(replaced)),
+                qt.QMessageBox.Yes | qt.QMessageBox.No | qt.QMessageBox.Cancel,
+            )
+            if answer == qt.QMessageBox.Cancel:
+                self.ui.statusLabel.text = _("Result discarded; nothing was written.")
+                return
+            existing = "replace" if answer == qt.QMessageBox.Yes else "add"
+        written, warnings = self.logic.writeResult(parameters.inputVolume, parameters.outputSegmentation, existing,
+                                                   parameters.createUncertaintyVolume, parameters.uncertaintyKind)
+        parameters.outputSegmentation = written.segmentation_node
+        self.ui.statusLabel.text = _("Wrote {count} segments.").format(count=len(written.segment_ids)) + "".join(
+            "\n" + _("Warning: ") + warning for warning in warnings)
+
+    def onUndo(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The last result cannot be undone.")):
+            self.logic.undoLastResult()
+            self.ui.statusLabel.text = _("The last result was undone.")
+        self._updateGUI()
+
+    def onEditInSegmentEditor(self) -> None:
+        segmentationNode, volumeNode = self._parameterNode.outputSegmentation, self._parameterNode.inputVolume
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentationNode)
+        setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode
+        setSource(volumeNode)
+
+
+class _SignalsBlocked:
+    """Keep a widget quiet while the GUI is updated from the parameter node."""
+
+    def __init__(self, widget) -> None:
+        self.widget = widget
+
+    def __enter__(self):
+        self.previous = self.widget.blockSignals(True)
+
+    def __exit__(self, *exception) -> None:
+        self.widget.blockSignals(self.previous)
+
+
+#
+# MultiTaskSegLogic
+#
+
+
+class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
+    """Runs segmentations for the widget and for Python scripts; the work lives in MultiTaskSegLib.
+
+    One call from the Python console: ``MultiTaskSegLogic().process(volumeNode, "model name")``.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.dependenciesChecked = False
+        self._models = {}
+        self._job = None
+        self._jobInput = None
+        self._lastWrite = None
+        self._lastUncertaintyNode = None
+
+    def getParameterNode(self):
+        return MultiTaskSegParameterNode(super().getParameterNode())
+
+    def installDependencies(self, ask: bool = True) -> None:
+        """PyTorch through the PyTorch extension, the rest with pip; asks first."""
+        self.dependenciesChecked = True
+        ensure_dependencies(ask)
+
+    def availableModels(self, extra: str = "") -> dict:
+        """Display name -> model source: the bundled models, plus ``extra`` (a user's model folder)."""
+        try:
+            from MultiTaskSegLib.model_files import bundled_models
+        except ImportError:  # PyTorch or safetensors not installed yet
+            return {Path(extra).name: extra} if extra else {}
+        models = {name: str(path) for name, path in bundled_models().items()}
+        if extra and extra not in models.values():
+            models[Path(extra).name] = extra
+        return models
+
+    def modelPath(self, source: str):
+        from MultiTaskSegLib.model_files import resolve_model_path
+
+        try:
+            return resolve_model_path(source)
+        except Exception:
+            return None
+
+    def modelCard(self, source: str) -> dict:
+        """The model's metadata (tasks, classes, card) without loading weights; {} when unreadable."""
+        if not source:
+            return {}
+        try:
+            from MultiTaskSegLib.model_files import read_model_card
+
+            return read_model_card(source)
+        except Exception as error:
+            logging.warning("MultiTaskSeg: cannot read model %s: %s", source, error)
+            return {}
+
+    def loadModel(self, source: str):
+        from MultiTaskSegLib.model_files import load_model, resolve_model_path
+
+        key = str(resolve_model_path(source))
+        if key not in self._models:
+            self._models[key] = load_model(key)
+        return self._models[key]
+
+    def inputWarnings(self, volumeNode, model: str, tasks) -> list:
+        from MultiTaskSegLib import mrml
+
+        return mrml.input_warnings(volumeNode, self.loadModel(model), tasks or None)
+
+    def start(self, volumeNode, model: str, tasks, device: str = "auto", withProbabilities: bool = False) -> None:
+        """Start segmenting off the GUI thread: in a PythonSlicer process, or a worker thread without one."""
+        from MultiTaskSegLib import background, mrml
+
+        image = mrml.image_from_volume_node(volumeNode)
+        loaded = self.loadModel(model)
+        python = shutil.which("PythonSlicer")
+        if python:
+            self._job = background.SubprocessJob(loaded, image, tasks or None, device, withProbabilities,
+                                                 python=python, environment=slicer.util.startupEnvironment())
+        else:
+            self._job = background.segment_in_thread(loaded, image, tasks or None, device, withProbabilities)
+        self._jobInput = volumeNode
+
+    @property
+    def running(self) -> bool:
+        return self._job is not None and not self._job.poll().finished
+
+    def poll(self):
+        return self._job.poll()
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+
+    def segmentsReplaced(self, segmentationNode) -> list:
+        from MultiTaskSegLib import mrml
+
+        return mrml.segments_replaced_by(self._job.result, segmentationNode)
+
+    def writeResult(self, volumeNode, segmentationNode=None, existing: str = "replace",
+                    withUncertainty: bool = False, uncertaintyKind: str = "entropy"):
+        """Write the finished job's result (GUI thread); returns the write (for undo) and the warnings."""
+        from MultiTaskSegLib import mrml
+
+        result = self._job.result
+        self._lastWrite = mrml.write_segmentation(result, volumeNode, segmentationNode, existing)
+        self._lastUncertaintyNode = None
+        if withUncertainty:
+            self._lastUncertaintyNode = mrml.add_uncertainty_volume(result, volumeNode, uncertaintyKind)
+            self._lastWrite.segmentation_node.SetNodeReferenceID(
+                mrml.UNCERTAINTY_REFERENCE_ROLE, self._lastUncertaintyNode.GetID())
+        self._job = None
+        return self._lastWrite, result.warnings
+
+    @property
+    def canUndo(self) -> bool:
+        return self._lastWrite is not None
+
+    def undoLastResult(self) -> None:
+        """Restore the segmentation as it was before the last result; refused after later edits."""
+        if self._lastWrite is not None:
+            self._lastWrite.undo()
+        if self._lastUncertaintyNode is not None and self._lastUncertaintyNode.GetScene():
+            self._lastUncertaintyNode.GetScene().RemoveNode(self._lastUncertaintyNode)
+        self._lastWrite = self._lastUncertaintyNode = None
+
+    def process(self, volumeNode, model: str, tasks=None, device: str = "auto", segmentationNode=None,
+                withProbabilities: bool = False):
+        """Segment synchronously (Python console, scripts, tests); returns the segmentation node."""
+        from MultiTaskSegLib import mrml
+
+        return mrml.segment_volume_node(volumeNode, self.loadModel(model), tasks, device, segmentationNode,
+                                        withProbabilities)
+
+
+#
+# MultiTaskSegTest
+#
+
+
+class MultiTaskSegTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer: a phantom is segmented with the bundled model, through the logic and the widget."""
+
+    MINIMUM_MEAN_DICE = 0.5
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_logic_segments_a_phantom()
+        self.setUp()
+        self.test_apply_button_segments_a_phantom()
+
+    def _phantom(self):
+        from MultiTaskSegLib import mrml
+        from MultiTaskSegLib.model_files import bundled_models, read_model_card
+
+        models = bundled_models()
+        if not models:
+            self.skipTest("no bundled model in Resources/Models")
+        name, path = next(iter(models.items()))
+        task = read_model_card(path)["tasks"][0]["name"]
+        try:
+            from MultiTaskSegLib.phantoms import generate_case
+        except ImportError:
+            self.skipTest("MultiTaskSegLib.phantoms.generate_case is not available")
+        image, label = generate_case(task, seed=2024, size="small")
+        volumeNode = mrml.volume_node_from_image(image, slicer.mrmlScene, f"{task} phantom")
+        return name, task, volumeNode, label
+
+    def _assertDice(self, segmentationNode, volumeNode, task, label):
+        import numpy as np
+        import SimpleITK as sitk
+
+        from MultiTaskSegLib import mrml
+        from MultiTaskSegLib.tasks import get_task
+
+        segmentation = segmentationNode.GetSegmentation()
+        expected = get_task(task).map_labels(sitk.GetArrayFromImage(label))
+        scores = []
+        for position, className in enumerate(get_task(task).class_names, start=1):
+            segmentId = segmentation.GetSegmentIdBySegmentName(className)
+            self.assertTrue(segmentId, f"no segment named {className}")
+            found = mrml.labels_from_segmentation(segmentationNode, volumeNode, [segmentId]) > 0
+            truth = expected == position
+            scores.append(2 * np.logical_and(found, truth).sum() / max(1, found.sum() + truth.sum()))
+        self.delayDisplay(f"Dice per class: {', '.join(f'{s:.2f}' for s in scores)}")
+        self.assertGreater(float(np.mean(scores)), self.MINIMUM_MEAN_DICE)
+
+    def test_logic_segments_a_phantom(self):
+        self.delayDisplay("Segmenting a phantom through the logic")
+        model, task, volumeNode, label = self._phantom()
+        segmentationNode = MultiTaskSegLogic().process(volumeNode, model, tasks=[task], device="cpu")
+        self._assertDice(segmentationNode, volumeNode, task, label)
+        self.delayDisplay("Test passed")
+
+    def test_apply_button_segments_a_phantom(self):
+        self.delayDisplay("Segmenting a phantom with the Apply button")
+        model, task, volumeNode, label = self._phantom()
+        widget = slicer.util.getModuleWidget("MultiTaskSeg")
+        parameters = widget.logic.getParameterNode()
+        parameters.inputVolume = volumeNode
+        parameters.model = widget.logic.availableModels()[model]
+        parameters.tasks = task
+        parameters.device = "cpu"
+        parameters.outputSegmentation = None
+        widget.ui.applyButton.click()
+        while widget.logic.running or widget._pollTimer.isActive():
+            slicer.app.processEvents()
+        segmentationNode = parameters.outputSegmentation
+        self.assertIsNotNone(segmentationNode, widget.ui.statusLabel.text)
+        self._assertDice(segmentationNode, volumeNode, task, label)
+        self.delayDisplay("Test passed")

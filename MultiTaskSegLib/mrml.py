@@ -1,0 +1,528 @@
+"""MRML-level work: a scalar volume node in, a segmentation node ready for hand correction out.
+
+This is the one place of the library that knows MRML. It needs only the MRML libraries, so it runs
+in 3D Slicer, in ``Slicer --no-main-window --python-script`` and headless on a scene from the
+``slicer-core`` wheel (CI, batch scripts). The Slicer module calls these functions; it adds no
+segmentation logic of its own.
+
+Geometry: a volume node keeps its voxels in (k, j, i) order and its geometry in the IJK-to-RAS
+matrix; SimpleITK images use LPS. :func:`image_from_volume_node` and :func:`volume_node_from_image`
+convert between the two exactly (oblique directions, anisotropic spacing, any scalar type), so the
+segmentation lands on the source volume's own grid voxel for voxel. A parent transform of the
+volume is not applied to the voxels: the segmentation is put under the same transform instead.
+
+Writing never destroys the user's work: only segments tagged with the same model, task and class
+are replaced, every other segment is left as it was, and :meth:`SegmentationWrite.undo` restores
+the segmentation as it was before the write (the scene's own undo stack is fed as well when the
+scene has undo switched on).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .architectures.base import CancelCheck, ProgressCallback
+from .errors import CancelledError, InputError
+from .imageio import check_image
+from .inference import SegmentationResult, check_input_against_model, resolve_tasks, segment_image
+from .segments import ANATOMY_CONTEXT, TAG_PREFIX, SegmentDescription, describe_segments
+
+if TYPE_CHECKING:
+    from .model_files import SegmentationModel
+
+#: Node reference from a segmentation node to the probability/uncertainty volume made with it.
+UNCERTAINTY_REFERENCE_ROLE = "MultiTaskSegUncertainty"
+#: Segment tags that identify what produced a segment; a new result replaces segments that match all three.
+IDENTITY_TAGS = (f"{TAG_PREFIX}Model", f"{TAG_PREFIX}Task", f"{TAG_PREFIX}Class")
+#: Node attribute holding the warnings of the run that last wrote into a segmentation node.
+WARNINGS_ATTRIBUTE = f"{TAG_PREFIX}Warnings"
+UNCERTAINTY_KINDS = ("entropy", "max_probability")
+
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Volume node <-> SimpleITK image
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    """The node's 4x4 IJK-to-RAS matrix as a numpy array."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+
+
+def ijk_to_ras_of_image(image: sitk.Image) -> np.ndarray:
+    """The IJK-to-RAS matrix of a SimpleITK image (ITK stores LPS)."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = _LPS_FROM_RAS @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = _LPS_FROM_RAS @ np.asarray(image.GetOrigin(), dtype=float)
+    return matrix
+
+
+def _vtk_matrix(array: np.ndarray):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, float(array[row, column]))
+    return matrix
+
+
+def _describe_node(node) -> str:
+    return f"volume '{node.GetName()}'" if node.GetName() else "the input volume"
+
+
+def image_from_volume_node(volume_node) -> sitk.Image:
+    """A copy of the node's voxels as a SimpleITK image with the node's exact geometry (LPS).
+
+    The copy is independent of MRML, so it may be handed to a worker thread or process.
+    """
+    from vtk.util import numpy_support
+
+    if volume_node is None:
+        raise InputError("no input volume: select a scalar volume to segment")
+    where = _describe_node(volume_node)
+    image_data = volume_node.GetImageData()
+    if image_data is None or image_data.GetPointData().GetScalars() is None:
+        raise InputError(f"{where} has no voxels loaded; load the image again")
+    components = image_data.GetNumberOfScalarComponents()
+    if components != 1:
+        raise InputError(
+            f"{where} has {components} components per voxel; choose one channel "
+            "(for example with the Vector to Scalar Volume module)"
+        )
+    dimensions = image_data.GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
+    array = np.array(voxels, copy=True).reshape(tuple(reversed(dimensions)))
+    matrix = ijk_to_ras(volume_node)
+    axes = _LPS_FROM_RAS @ matrix[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0):
+        raise InputError(f"{where} has a zero voxel spacing in its IJK-to-RAS matrix; fix the volume's geometry")
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in _LPS_FROM_RAS @ matrix[:3, 3]])
+    image.SetDirection([float(d) for d in (axes / spacing).ravel()])
+    return image
+
+
+def volume_node_from_image(image: sitk.Image, scene, name: str = "", node_class: str = "vtkMRMLScalarVolumeNode"):
+    """A new volume node in ``scene`` holding a copy of ``image`` with its geometry."""
+    from vtk.util import numpy_support
+    import vtk
+
+    array = sitk.GetArrayFromImage(image)
+    components = image.GetNumberOfComponentsPerPixel()
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(*image.GetSize())
+    scalars = numpy_support.numpy_to_vtk(array.reshape(-1, components), deep=True)
+    image_data.GetPointData().SetScalars(scalars)
+    node = scene.AddNewNodeByClass(node_class, name)
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras_of_image(image)))
+    node.SetAndObserveImageData(image_data)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def input_warnings(volume_node, model: "SegmentationModel", tasks: Sequence[str] | None = None) -> list[str]:
+    """What does not fit the model card (modality, spacing); raises InputError for unusable input.
+
+    Unusable input is a missing volume, several components per voxel, a 2-D image or a constant one.
+    """
+    image = image_from_volume_node(volume_node)
+    check_image(image, _describe_node(volume_node))
+    return check_input_against_model(model, image, resolve_tasks(model, tasks))
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment metadata
+
+
+def ensure_segmentation_converters() -> None:
+    """Register the labelmap/surface conversion rules that the Slicer application registers at start.
+
+    ``slicer-core`` has the rules but no application to register them; without them a segmentation
+    cannot hold binary labelmaps.
+    """
+    import slicer
+
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    registered = {rule.GetClassName() for rule in factory.GetConverterRules()}
+    for rule_class in (
+        slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+        slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+        slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
+        slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule,
+    ):
+        if rule_class.__name__ not in registered:
+            factory.RegisterConverterRule(rule_class())
+
+
+def _code(triplet: Sequence[str] | None) -> str:
+    scheme, value, meaning = triplet if triplet else ("", "", "")
+    return f"{scheme}^{value}^{meaning}"
+
+
+def terminology_entry_string(terminology: dict) -> str:
+    """Slicer's serialised terminology entry (the segment tag ``TerminologyEntry``).
+
+    ``terminology`` is the slicerio form that :func:`~MultiTaskSegLib.segments.describe_segments`
+    gives. The string is ``context~category~type~typeModifier~anatomicContext~region~regionModifier``
+    with each code written ``scheme^value^meaning``, as ``vtkSlicerTerminologiesModuleLogic`` reads it.
+    """
+    return "~".join(
+        [
+            terminology.get("contextName", ""),
+            _code(terminology.get("category")),
+            _code(terminology.get("type")),
+            _code(terminology.get("typeModifier")),
+            terminology.get("anatomicContextName", ANATOMY_CONTEXT),
+            _code(terminology.get("anatomicRegion")),
+            _code(terminology.get("anatomicRegionModifier")),
+        ]
+    )
+
+
+def _segment_ids(segmentation) -> list[str]:
+    return [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
+
+
+def _identity(segment) -> tuple[str, ...] | None:
+    values = []
+    for tag in IDENTITY_TAGS:
+        found, value = _get_tag(segment, tag)
+        if not found:
+            return None
+        values.append(value)
+    return tuple(values)
+
+
+def _get_tag(segment, tag: str) -> tuple[bool, str]:
+    import vtk
+
+    holder = vtk.reference("")
+    found = segment.GetTag(tag, holder)
+    return bool(found), str(holder)
+
+
+def _description_identity(description: SegmentDescription) -> tuple[str, ...]:
+    return tuple(description.tags[tag] for tag in IDENTITY_TAGS)
+
+
+def segments_replaced_by(result: SegmentationResult, segmentation_node) -> list[str]:
+    """Names of the segments of ``segmentation_node`` that writing ``result`` would replace."""
+    if segmentation_node is None:
+        return []
+    segmentation = segmentation_node.GetSegmentation()
+    produced = {_description_identity(d) for d in describe_segments(result)}
+    return [
+        segmentation.GetSegment(segment_id).GetName()
+        for segment_id in _segment_ids(segmentation)
+        if _identity(segmentation.GetSegment(segment_id)) in produced
+    ]
+
+
+def _apply_description(segment, description: SegmentDescription) -> None:
+    segment.SetName(description.name)
+    segment.SetColor(*description.color)
+    segment.SetNameAutoGenerated(False)
+    segment.SetColorAutoGenerated(False)
+    for tag, value in description.tags.items():
+        segment.SetTag(tag, value)
+    if description.terminology:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry_string(description.terminology))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a result into a segmentation node
+
+
+def _fingerprint(segmentation) -> tuple:
+    """Changes whenever a segment is added, removed, renamed or its voxels are edited."""
+    state = []
+    for segment_id in _segment_ids(segmentation):
+        segment = segmentation.GetSegment(segment_id)
+        source = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+        labelmap = segment.GetRepresentation(source())
+        scalars = labelmap.GetPointData().GetScalars() if labelmap is not None else None
+        state.append((segment_id, segment.GetName(), segment.GetMTime(),
+                      labelmap.GetMTime() if labelmap is not None else 0, scalars.GetMTime() if scalars else 0))
+    return tuple(state)
+
+
+@dataclass
+class SegmentationWrite:
+    """What one write changed, so it can be undone."""
+
+    segmentation_node: object
+    segment_ids: list[str]
+    replaced_names: list[str] = field(default_factory=list)
+    created_node: bool = False
+    _history: object = None
+    _after: tuple = ()
+
+    def undo(self) -> None:
+        """Restore the segmentation as it was before the write (remove the node if the write made it).
+
+        Refused once the segmentation was edited after the write, so that undoing a result never
+        throws away corrections made since.
+        """
+        if self._history is None and not self.created_node:
+            raise InputError("this result was already undone")
+        if self._after and _fingerprint(self.segmentation_node.GetSegmentation()) != self._after:
+            raise InputError(
+                f"segmentation '{self.segmentation_node.GetName()}' was edited after the result was written; "
+                "undo those edits in the Segment Editor first, or delete the unwanted segments by hand"
+            )
+        if self.created_node:
+            scene = self.segmentation_node.GetScene()
+            if scene is not None:
+                scene.RemoveNode(self.segmentation_node)
+            self.created_node = False
+        elif self._history.IsRestorePreviousStateAvailable():
+            self._history.RestorePreviousState()
+        self._history = None
+
+
+def new_segmentation_node(volume_node, name: str = ""):
+    """An empty segmentation node on ``volume_node``'s geometry, under the same parent transform."""
+    ensure_segmentation_converters()
+    scene = volume_node.GetScene()
+    if scene is None:
+        raise InputError(f"{_describe_node(volume_node)} is not in a scene; add it to the scene first")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} segmentation")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    return node
+
+
+def _labelmap_node(labels: np.ndarray, volume_node):
+    """A labelmap node outside the scene, on the volume's grid (image data at the origin, unit spacing)."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(*reversed(labels.shape))
+    image_data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(labels.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    node = slicer.vtkMRMLLabelMapVolumeNode()
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(volume_node)))
+    node.SetAndObserveImageData(image_data)
+    return node
+
+
+def _check_labels_fit_volume(result: SegmentationResult, volume_node) -> None:
+    size = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    labels_size = tuple(reversed(result.labels.GetSize()))
+    if size != labels_size:
+        raise InputError(
+            f"the result has {'x'.join(map(str, labels_size))} voxels but {_describe_node(volume_node)} has "
+            f"{'x'.join(map(str, size))}; segment this volume again"
+        )
+
+
+def write_segmentation(
+    result: SegmentationResult,
+    volume_node,
+    segmentation_node=None,
+    existing: str = "replace",
+) -> SegmentationWrite:
+    """Write ``result`` (computed from ``volume_node``) as one segment per class.
+
+    ``segmentation_node`` None makes a new node. In an existing node, segments made earlier by the
+    same model for the same task and class are replaced (``existing="replace"``) or kept next to the
+    new ones (``existing="add"``); all other segments stay untouched. Any failure restores the node.
+    """
+    import slicer
+
+    if existing not in ("replace", "add"):
+        raise InputError(f"existing must be 'replace' or 'add', got {existing!r}")
+    ensure_segmentation_converters()
+    _check_labels_fit_volume(result, volume_node)
+    descriptions = describe_segments(result)
+    created = segmentation_node is None
+    if created:
+        segmentation_node = new_segmentation_node(volume_node, f"{volume_node.GetName()} {result.model.name}")
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    history = slicer.vtkSegmentationHistory()
+    history.SetSegmentation(segmentation)
+    history.SaveState()
+    scene = segmentation_node.GetScene()
+    if scene is not None and scene.GetUndoFlag():
+        segmentation_node.SetUndoEnabled(True)
+        scene.SaveStateForUndo()
+    replaced_names = segments_replaced_by(result, segmentation_node) if existing == "replace" else []
+    try:
+        segment_ids = _replace_segments(result, volume_node, segmentation_node, descriptions, existing)
+        segmentation_node.SetAttribute(WARNINGS_ATTRIBUTE, "\n".join(result.warnings))
+    except BaseException:
+        if created:
+            segmentation_node.GetScene().RemoveNode(segmentation_node)
+        else:
+            history.RestorePreviousState()
+        raise
+    return SegmentationWrite(segmentation_node, segment_ids, replaced_names, created, None if created else history,
+                             _fingerprint(segmentation))
+
+
+def _replace_segments(result, volume_node, segmentation_node, descriptions, existing) -> list[str]:
+    import slicer
+    import vtk
+
+    segmentation = segmentation_node.GetSegmentation()
+    old_ids = {}
+    for segment_id in _segment_ids(segmentation):
+        identity = _identity(segmentation.GetSegment(segment_id))
+        if identity is not None:
+            old_ids.setdefault(identity, segment_id)
+    segment_ids, label_lookup = [], np.zeros(256, dtype=np.uint8)
+    for position, description in enumerate(descriptions, start=1):
+        old_id = old_ids.get(_description_identity(description)) if existing == "replace" else None
+        if old_id is not None:  # the new segment takes the old one's place and ID
+            current = _segment_ids(segmentation)
+            following = current[current.index(old_id) + 1:]
+            insert_before = following[0] if following else ""
+            segmentation.RemoveSegment(old_id)
+            segment_id = old_id
+        else:
+            insert_before = ""
+            segment_id = description.segment_id
+            if segmentation.GetSegment(segment_id) is not None:
+                segment_id = segmentation.GenerateUniqueSegmentID(description.segment_id)
+        segment = slicer.vtkSegment()
+        _apply_description(segment, description)
+        segmentation.AddSegment(segment, segment_id, insert_before)
+        segment_ids.append(segment_id)
+        label_lookup[description.label] = position
+    labels = label_lookup[sitk.GetArrayViewFromImage(result.labels)]
+    ids = vtk.vtkStringArray()
+    for segment_id in segment_ids:
+        ids.InsertNextValue(segment_id)
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        _labelmap_node(labels, volume_node), segmentation_node, ids
+    ):
+        raise RuntimeError(f"Slicer could not import the labels into segmentation '{segmentation_node.GetName()}'")
+    for segment_id, description in zip(segment_ids, descriptions):
+        _apply_description(segmentation.GetSegment(segment_id), description)
+    return segment_ids
+
+
+def labels_from_segmentation(segmentation_node, volume_node, segment_ids: Sequence[str], label_values: Sequence[int] | None = None) -> np.ndarray:
+    """The segments as one label array (k, j, i) on ``volume_node``'s grid.
+
+    The n-th segment gets ``label_values[n]`` (default n + 1); where segments overlap, the later one wins.
+    """
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    geometry = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume_node)
+    ids = vtk.vtkStringArray()
+    values = vtk.vtkIntArray()
+    for position, segment_id in enumerate(segment_ids):
+        ids.InsertNextValue(segment_id)
+        values.InsertNextValue(int(label_values[position]) if label_values is not None else position + 1)
+    merged = slicer.vtkOrientedImageData()
+    if not segmentation_node.GenerateMergedLabelmapForAllSegments(
+        merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, geometry, ids, values
+    ):
+        raise RuntimeError(f"could not make a label map of segmentation '{segmentation_node.GetName()}'")
+    array = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())
+    return np.array(array, copy=True).reshape(tuple(reversed(merged.GetDimensions())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Probability / uncertainty volume
+
+
+def uncertainty_array(result: SegmentationResult, kind: str = "entropy") -> np.ndarray:
+    """Per voxel: normalised entropy of the class probabilities (0 = certain, 1 = uniform), or the
+    largest foreground probability (``kind="max_probability"``)."""
+    if result.probabilities is None:
+        raise InputError("the result has no probabilities; segment with with_probabilities=True")
+    if kind not in UNCERTAINTY_KINDS:
+        raise InputError(f"uncertainty kind must be one of {', '.join(UNCERTAINTY_KINDS)}, got {kind!r}")
+    probabilities = sitk.GetArrayViewFromImage(result.probabilities)  # (z, y, x, labels)
+    if kind == "max_probability":
+        return probabilities[..., 1:].max(axis=-1).astype(np.float32)
+    clipped = np.clip(probabilities, 1e-12, 1.0)
+    entropy = -(clipped * np.log(clipped)).sum(axis=-1)
+    return (entropy / np.log(probabilities.shape[-1])).astype(np.float32)
+
+
+def add_uncertainty_volume(result: SegmentationResult, volume_node, kind: str = "entropy", name: str = ""):
+    """A scalar volume on the source grid that shows where the model is unsure (to guide correction)."""
+    values = sitk.GetImageFromArray(uncertainty_array(result, kind))
+    values.CopyInformation(result.labels)
+    label = "uncertainty" if kind == "entropy" else "foreground probability"
+    node = volume_node_from_image(values, volume_node.GetScene(), name or f"{volume_node.GetName()} {result.model.name} {label}")
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(volume_node)))
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# One call
+
+
+def segment_volume_node(
+    volume_node,
+    model: "str | os.PathLike | SegmentationModel" = "",
+    tasks: Sequence[str] | None = None,
+    device: str = "auto",
+    segmentation_node=None,
+    with_probabilities: bool = False,
+    progress: ProgressCallback | None = None,
+    cancelled: CancelCheck | None = None,
+    existing: str = "replace",
+    uncertainty: str = "entropy",
+):
+    """Segment ``volume_node`` with ``model`` (bundled name, folder, .zip, or a loaded model).
+
+    Returns the segmentation node (new unless ``segmentation_node`` is given). With
+    ``with_probabilities`` an uncertainty volume is added too and referenced from the segmentation
+    node under :data:`UNCERTAINTY_REFERENCE_ROLE`. When ``cancelled()`` turns true nothing is written
+    and ``CancelledError`` is raised.
+    """
+    from .model_files import SegmentationModel, load_model
+
+    report = progress or (lambda fraction, stage: None)
+    if not isinstance(model, SegmentationModel):
+        if not model:
+            raise InputError("no model given: pass a bundled model name, a model folder or a .zip file")
+        report(0.0, "loading the model")
+        model = load_model(model)
+    image = image_from_volume_node(volume_node)
+    result = segment_image(
+        model, image, tasks, device, with_probabilities,
+        progress=lambda fraction, stage: report(0.95 * fraction, stage), cancelled=cancelled,
+    )
+    for warning in result.warnings:
+        logging.warning("MultiTaskSeg: %s", warning)
+    if cancelled is not None and cancelled():
+        raise CancelledError("segmentation cancelled; nothing was written")
+    report(0.95, "writing segments")
+    written = write_segmentation(result, volume_node, segmentation_node, existing)
+    if with_probabilities:
+        uncertainty_node = add_uncertainty_volume(result, volume_node, uncertainty)
+        written.segmentation_node.SetNodeReferenceID(UNCERTAINTY_REFERENCE_ROLE, uncertainty_node.GetID())
+    report(1.0, "done")
+    return written.segmentation_node

@@ -1,0 +1,151 @@
+"""Segmenting off the GUI thread: progress, cancellation, errors, and the same labels as in-process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MultiTaskSegLib import background
+from MultiTaskSegLib.errors import CancelledError, InputError
+from MultiTaskSegLib.inference import segment_image
+from MultiTaskSegLib.model_files import SegmentationModel, load_model, save_model
+from MultiTaskSegLib.tasks import LabelSpace
+
+TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> SegmentationModel:
+    torch.manual_seed(3)
+    created = SegmentationModel.create("tiny", "triplanar", LabelSpace.from_names(["breast_mri", "cardiac_cta"]),
+                                       layers=2, channels=4, hidden_features=8)
+    with torch.no_grad():
+        for parameter in created.architecture.network.parameters():
+            parameter.normal_(0.0, 1.0)
+    return load_model(save_model(created, tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture
+def image() -> sitk.Image:
+    z, y, x = np.mgrid[:16, :20, :24]
+    item = sitk.GetImageFromArray((200 + 80 * np.sin(x / 3.0) + 60 * np.cos(y / 2.5) * z / 8).astype(np.float32))
+    item.SetSpacing((1.3, 1.1, 1.7))
+    item.SetDirection(sitk.VersorTransform((0.0, 0.3, 1.0), 0.4).GetMatrix())
+    return item
+
+
+def wait_polling(job, timeout: float = TIMEOUT) -> list[background.JobStatus]:
+    """Poll as the widget's QTimer does; returns every status seen."""
+    seen = [job.poll()]
+    deadline = time.monotonic() + timeout
+    while not seen[-1].finished:
+        assert time.monotonic() < deadline, f"the job did not finish within {timeout} s"
+        time.sleep(0.01)
+        seen.append(job.poll())
+    return seen
+
+
+def test_thread_job_reports_growing_progress_and_gives_the_in_process_result(model, image):
+    job = background.segment_in_thread(model, image, device="cpu", with_probabilities=True)
+    seen = wait_polling(job)
+    assert seen[-1].state == background.SUCCEEDED and seen[-1].percent == 100
+    fractions = [status.fraction for status in seen]
+    assert fractions == sorted(fractions)
+    assert all(status.stage for status in seen)
+    expected = segment_image(model, image, device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(job.result.labels), sitk.GetArrayFromImage(expected.labels))
+    assert job.result.probabilities is not None
+
+
+def test_progress_never_goes_backwards_even_if_reported_so():
+    seen = []
+
+    def work(progress, cancelled):
+        progress(0.6, "predicting")
+        progress(0.3, "predicting block 2")
+        seen.append(job.poll())
+        return "done"
+
+    job = background.ThreadJob(work)
+    assert job.start().wait(TIMEOUT).state == background.SUCCEEDED
+    assert (seen[0].fraction, seen[0].stage) == (0.6, "predicting block 2")
+    assert job.result == "done"
+
+
+def test_cancelling_a_thread_job_stops_it_and_leaves_no_result():
+    started = threading.Event()
+
+    def work(progress, cancelled):
+        started.set()
+        while not cancelled():
+            progress(0.1, "working")
+            time.sleep(0.005)
+        raise CancelledError("stopped")
+
+    job = background.ThreadJob(work).start()
+    assert started.wait(TIMEOUT)
+    job.cancel()
+    status = job.wait(TIMEOUT)
+    assert status.state == background.CANCELLED and status.stage == "cancelled"
+    with pytest.raises(CancelledError):
+        job.result
+
+
+def test_cancelling_a_real_segmentation_before_it_predicts(model, image):
+    job = background.ThreadJob(lambda progress, cancelled: segment_image(
+        model, image, device="cpu", progress=progress, cancelled=lambda: True))
+    assert job.start().wait(TIMEOUT).state == background.CANCELLED
+
+
+def test_a_failing_job_reports_the_error_message_to_the_gui():
+    def work(progress, cancelled):
+        raise InputError("the input volume has 3 components per voxel; choose one channel")
+
+    job = background.ThreadJob(work).start()
+    status = job.wait(TIMEOUT)
+    assert status.state == background.FAILED and "choose one channel" in status.error
+    with pytest.raises(InputError):
+        job.result
+
+
+def test_thread_job_loads_a_model_given_by_path(model, image):
+    job = background.segment_in_thread(model.path, image, tasks=["breast_mri"], device="cpu")
+    assert job.wait(TIMEOUT).state == background.SUCCEEDED
+    assert job.result.tasks == ("breast_mri",)
+
+
+def test_subprocess_job_gives_the_same_labels_and_cleans_up(model, image):
+    job = background.SubprocessJob(model, image, device="cpu", with_probabilities=True)
+    folder = job._folder
+    seen = wait_polling(job)
+    assert seen[-1].state == background.SUCCEEDED, seen[-1].error
+    expected = segment_image(model, image, device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(job.result.labels), sitk.GetArrayFromImage(expected.labels))
+    assert job.result.labels.GetDirection() == pytest.approx(image.GetDirection())
+    assert job.result.probabilities.GetNumberOfComponentsPerPixel() == len(model.label_space)
+    assert job.result.model is model and job.result.device == "cpu"
+    assert not Path(folder).exists()
+
+
+def test_cancelling_a_subprocess_job_ends_the_process(model, image):
+    job = background.SubprocessJob(model, image, device="cpu")
+    job.cancel()
+    assert job.wait(TIMEOUT).state == background.CANCELLED
+    assert job._process.poll() is not None
+    with pytest.raises(CancelledError):
+        job.result
+
+
+def test_subprocess_input_errors_come_back_as_input_errors(model, image):
+    job = background.SubprocessJob(model, image, tasks=["brain_t1_mri"], device="cpu")
+    status = job.wait(TIMEOUT)
+    assert status.state == background.FAILED
+    assert "does not segment task" in status.error
+    with pytest.raises(InputError):
+        job.result
