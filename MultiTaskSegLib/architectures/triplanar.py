@@ -1,0 +1,359 @@
+"""Moeskops et al. (2017): one triplanar CNN for several segmentation tasks.
+
+Sampling, loss and whole-volume prediction for :class:`~MultiTaskSegLib.networks.triplanar.TriplanarNetwork`
+(axis conventions are documented there: axial = (y, x) at fixed z, coronal = (z, x) at fixed y,
+sagittal = (z, y) at fixed x).
+
+Outside the image the network sees 0, in training and in prediction alike: normalisation puts the
+background at exactly 0 (the paper samples only voxels with intensity above zero), so a patch that
+crosses the border of the volume sees more background, not an artefact of the padding.
+
+Training draws each mini-batch of ``batch_size`` voxels from the :class:`BalancedVoxelSampler`, as
+the paper does. To use the CPU or GPU better, each sampled voxel brings the ``grid x grid x grid``
+cube of voxels around it: the cube is classified from ``3 grid`` slices enlarged by ``grid - 1``
+voxels (valid convolutions give every voxel of a slice its own patch's features), so each voxel's
+output is still the paper's patch definition while the convolutions are shared between neighbours.
+The loss is weighted so that every task, and every class within a task, carries the same weight as
+in the paper's balanced batch, although the neighbours of a sampled voxel are mostly of its class
+or background. ``grid=1`` is the plain one-patch-per-voxel scheme.
+
+Prediction is dense: a block of the volume is classified from its axial, coronal and sagittal
+slices at once, and the volume is tiled into blocks so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CancelledError, InputError
+from ..networks.triplanar import TriplanarNetwork
+from ..sampling import BalancedVoxelSampler
+from .base import Architecture, CancelCheck, ProgressCallback, TrainingStep
+
+#: Default cap of one prediction tile: about 0.3 GB of activations with the paper's network in float32.
+DEFAULT_BLOCK_VOXELS = 64**3
+#: Activation memory of one pass of the convolution stack or classifier in prediction: small on the
+#: CPU, where page faults on large fresh tensors cost more than the arithmetic; large on a GPU.
+PASS_BYTES = {"cpu": 8 * 2**20, "cuda": 2**30}
+#: Label of a voxel that has no loss term (outside the volume or outside the foreground).
+IGNORED = -100
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def pad_volume(image: np.ndarray, margin: int) -> np.ndarray:
+    """``image`` with ``margin`` zero voxels added on every side (0 = normalised background)."""
+    return np.pad(image, margin, mode="constant", constant_values=0)
+
+
+def choose_block_shape(volume_shape: Sequence[int], max_voxels: int) -> tuple[int, int, int]:
+    """The largest near-even tiling of ``volume_shape`` whose blocks hold at most ``max_voxels`` voxels.
+
+    The longest block side is split first, which keeps blocks close to cubes: the margin each
+    block's slices need costs least relative to the block.
+    """
+    if max_voxels < 1:
+        raise InputError(f"max_block_voxels must be at least 1, got {max_voxels}")
+    counts = [1, 1, 1]
+    sizes = [int(size) for size in volume_shape]
+    while math.prod(sizes) > max_voxels:
+        axis = int(np.argmax(sizes))
+        counts[axis] += 1
+        sizes[axis] = -(-int(volume_shape[axis]) // counts[axis])
+    return sizes[0], sizes[1], sizes[2]
+
+
+def iterate_blocks(volume_shape: Sequence[int], block_shape: Sequence[int]) -> list[tuple[slice, slice, slice]]:
+    """The blocks tiling the volume, as (z, y, x) slices; the last block on an axis may be smaller."""
+    ranges = [
+        [slice(start, min(start + size, extent)) for start in range(0, extent, size)]
+        for extent, size in zip(volume_shape, block_shape)
+    ]
+    return [(z, y, x) for z in ranges[0] for y in ranges[1] for x in ranges[2]]
+
+
+@contextlib.contextmanager
+def evaluating(network: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for the duration; the previous mode is restored afterwards."""
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        network.train(was_training)
+
+
+def _parameter_dtype(network: torch.nn.Module) -> torch.dtype:
+    return next(network.parameters()).dtype
+
+
+def _check_volume(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise InputError(
+            f"the image has shape {image.shape}; the triplanar network needs one 3-D (z, y, x) volume, "
+            "so choose one channel/component"
+        )
+    if image.size == 0:
+        raise InputError(f"the image has shape {image.shape} and holds no voxel")
+    return image
+
+
+def predict_volume(
+    network: TriplanarNetwork,
+    image: np.ndarray,
+    device: torch.device,
+    progress: ProgressCallback | None = None,
+    cancelled: CancelCheck | None = None,
+    max_block_voxels: int | None = None,
+) -> np.ndarray:
+    """Dense softmax probabilities ``(labels, z, y, x)`` float32 of a whole normalised volume.
+
+    Each block runs the shared convolution stack on all its axial, coronal and sagittal slices
+    (cut from the zero-padded volume with a margin of ``L`` voxels in-plane), giving three feature
+    volumes aligned on the block's voxels, then the 1x1 classifier and softmax. On CUDA the
+    network runs under float16 autocast; on the CPU it runs in the network's own precision, and the
+    result does not depend on the tiling.
+    """
+    image = _check_volume(image)
+    device = torch.device(device)
+    network.to(device)
+    dtype = _parameter_dtype(network)
+    blocks = iterate_blocks(image.shape, choose_block_shape(image.shape, max_block_voxels or DEFAULT_BLOCK_VOXELS))
+    pass_bytes = PASS_BYTES.get(device.type, PASS_BYTES["cpu"])
+    mixed_precision = (
+        torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    probabilities = np.empty((network.num_labels, *image.shape), dtype=np.float32)
+    with evaluating(network), mixed_precision:
+        host_dtype = np.float64 if dtype == torch.float64 else np.float32
+        padded = torch.from_numpy(pad_volume(image.astype(host_dtype, copy=False), network.margin)).to(device, dtype)
+        for number, block in enumerate(blocks):
+            if cancelled is not None and cancelled():
+                raise CancelledError("triplanar prediction was cancelled; nothing was written")
+            logits = _block_logits(network, padded, block, pass_bytes)
+            probabilities[(slice(None), *block)] = logits.float().softmax(dim=0).cpu().numpy()
+            if progress is not None:
+                progress((number + 1) / len(blocks), f"triplanar prediction: block {number + 1} of {len(blocks)}")
+    return probabilities
+
+
+def _block_logits(
+    network: TriplanarNetwork, padded: torch.Tensor, block: tuple[slice, slice, slice], pass_bytes: int
+) -> torch.Tensor:
+    """Logits ``(labels, depth, height, width)`` of one block, from the volume padded by the margin."""
+    margin = network.margin
+    zs, ys, xs = block
+    depth, height, width = zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start
+    # The block's voxels plus the margin on every side; each plane takes the block's own slices of it.
+    region = padded[zs.start : zs.stop + 2 * margin, ys.start : ys.stop + 2 * margin, xs.start : xs.stop + 2 * margin]
+    axial = region[margin : margin + depth]
+    coronal = region[:, margin : margin + height].permute(1, 0, 2)
+    sagittal = region[:, :, margin : margin + width].permute(2, 0, 1)
+    largest_slice = max(axial[0].numel(), coronal[0].numel(), sagittal[0].numel())
+    slices_per_pass = max(1, pass_bytes // (network.features.channels * largest_slice * padded.element_size()))
+    features = network.block_features(axial[None], coronal[None], sagittal[None], slices_per_pass).flatten(2)
+    widest = max(network.classifier.in_features, network.classifier.hidden_features)
+    voxels_per_pass = max(1, pass_bytes // (widest * padded.element_size()))
+    logits = torch.cat([network.classifier(part) for part in features.split(voxels_per_pass, dim=2)], dim=2)
+    return logits.reshape(-1, depth, height, width)
+
+
+def predict_voxels_patchwise(
+    network: TriplanarNetwork,
+    padded_image: np.ndarray,
+    coords: np.ndarray,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Softmax probabilities ``(n, labels)`` of single voxels, each from its own three patches.
+
+    The reference definition (one axial, coronal and sagittal patch per voxel), for tests and
+    benchmarks. ``padded_image`` is the volume padded by the network margin (:func:`pad_volume`);
+    ``coords`` are ``(n, 3)`` (z, y, x) voxel positions in the unpadded volume. The result has the
+    network's floating point precision.
+    """
+    size = network.patch_size
+    margin = network.margin
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 3)
+    parameter = next(network.parameters())
+    results = []
+    with evaluating(network):
+        for start in range(0, len(coords), batch_size):
+            patches: dict[str, list[np.ndarray]] = {plane: [] for plane in PLANES}
+            for z, y, x in coords[start : start + batch_size]:
+                # Padded coordinates of the voxel are (z, y, x) + margin; a patch starts margin before.
+                patches["axial"].append(padded_image[z + margin, y : y + size, x : x + size])
+                patches["coronal"].append(padded_image[z : z + size, y + margin, x : x + size])
+                patches["sagittal"].append(padded_image[z : z + size, y : y + size, x + margin])
+            tensors = [
+                torch.from_numpy(np.stack(patches[plane])[:, None]).to(parameter.device, parameter.dtype)
+                for plane in PLANES
+            ]
+            results.append(network(*tensors).softmax(dim=1).cpu().numpy())
+    return np.concatenate(results) if results else np.empty((0, network.num_labels))
+
+
+def _gather(volume: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray, outside: Any) -> np.ndarray:
+    """``volume[z, y, x]`` for broadcastable index arrays, with ``outside`` where they leave the volume."""
+    depth, height, width = volume.shape
+    inside = (z >= 0) & (z < depth) & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+    values = volume[np.clip(z, 0, depth - 1), np.clip(y, 0, height - 1), np.clip(x, 0, width - 1)]
+    return np.where(inside, values, outside)
+
+
+def extract_cube_slices(image: np.ndarray, origins: np.ndarray, grid: int, margin: int) -> dict[str, np.ndarray]:
+    """The enlarged slices of cubes of ``grid``^3 voxels, as :meth:`TriplanarNetwork.forward_block` takes them.
+
+    ``origins`` ``(n, 3)`` are the cubes' first (z, y, x) voxels. Each plane gives ``(n, grid, S, S)``
+    float32 with ``S = grid + 2 margin``; voxels outside the volume are 0.
+    """
+    steps = np.arange(grid)
+    around = np.arange(grid + 2 * margin) - margin
+    z0, y0, x0 = (origins[:, axis, None, None, None] for axis in range(3))
+    # Index shapes broadcast to (n, slice, row, column).
+    in_slice, in_rows, in_columns = steps[:, None, None], around[None, :, None], around[None, None, :]
+    return {
+        "axial": _gather(image, z0 + in_slice, y0 + in_rows, x0 + in_columns, 0).astype(np.float32, copy=False),
+        "coronal": _gather(image, z0 + in_rows, y0 + in_slice, x0 + in_columns, 0).astype(np.float32, copy=False),
+        "sagittal": _gather(image, z0 + in_rows, y0 + in_columns, x0 + in_slice, 0).astype(np.float32, copy=False),
+    }
+
+
+def balanced_voxel_weights(groups: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Loss weights (summing to 1) that give every task, and every class within it, an equal share.
+
+    ``groups`` holds ``task_index * num_labels + label`` per voxel with a loss term. This is the
+    balance of the paper's mini-batch (equal over tasks, then over each task's classes) applied to
+    whatever voxels the batch holds.
+    """
+    present, group_of_voxel, voxels_per_group = torch.unique(groups, return_inverse=True, return_counts=True)
+    _, task_of_group, groups_per_task = torch.unique(present // num_labels, return_inverse=True, return_counts=True)
+    tasks = groups_per_task.numel()
+    group_weight = 1.0 / (tasks * groups_per_task[task_of_group] * voxels_per_group)
+    return group_weight[group_of_voxel]
+
+
+class TriplanarArchitecture(Architecture):
+    """Moeskops et al. 2017 with balanced voxel sampling, cross-entropy and dense prediction.
+
+    Network arguments (defaults = the paper): ``layers=25`` (51x51 patches), ``channels=32``,
+    ``hidden_features=192``, ``hidden_layers=2``, ``dropout=0.5``. ``grid`` (default 3) is a
+    training option only: the side of the cube of voxels learnt around each sampled voxel
+    (1 = one patch triple per sampled voxel, as in the paper); it does not change the network.
+
+    Training memory grows with ``batch_size x grid x (2 L + grid)^2``: with the paper's network in
+    float32, about 28 MB per sampled voxel at ``grid=1`` and 74 MB at ``grid=3`` (which learns 27
+    voxels from each), so the paper's batch of 210 needs about 6 GB and 16 GB respectively; choose
+    a smaller batch on a small machine. Prediction needs about 0.3 GB per 64^3 block plus the
+    probabilities.
+    """
+
+    name = "triplanar"
+    summary = (
+        "Moeskops 2017 multi-task triplanar CNN: 25 shared 3x3 conv layers on 51x51 axial/coronal/sagittal patches"
+    )
+
+    def __init__(self, num_labels: int, task_names: Sequence[str], grid: int = 3, **arguments: Any) -> None:
+        if int(grid) < 1:
+            raise InputError(f"grid must be at least 1 (1 = one voxel per sample), got {grid}")
+        super().__init__(num_labels, task_names, **arguments)
+        self.grid = int(grid)
+        self.arguments["grid"] = self.grid
+
+    def build_network(
+        self,
+        num_labels: int,
+        layers: int = 25,
+        channels: int = 32,
+        hidden_features: int = 192,
+        hidden_layers: int = 2,
+        dropout: float = 0.5,
+    ) -> TriplanarNetwork:
+        return TriplanarNetwork(num_labels, layers, channels, hidden_features, hidden_layers, dropout)
+
+    def sample_batch(
+        self,
+        sampler: BalancedVoxelSampler,
+        batch_size: int,
+        rng: np.random.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """``batch_size`` balanced voxels, each with the ``grid``^3 cube around it.
+
+        The sampled voxel sits at a random place in its cube, and cubes are shifted to stay inside
+        the volume. Returns the three planes' enlarged slices ``(n, grid, S, S)``, ``labels``
+        ``(n, grid, grid, grid)`` (``IGNORED`` outside the volume or the foreground), ``groups``
+        (task index x labels + label, for the loss weights), ``case_numbers`` and ``origins``.
+        """
+        grid, margin = self.grid, self.network.margin
+        numbers, positions = sampler.sample(batch_size, rng)
+        count = len(numbers)
+        side = grid + 2 * margin
+        batch = {plane: np.empty((count, grid, side, side), dtype=np.float32) for plane in PLANES}
+        labels = np.empty((count, grid, grid, grid), dtype=np.int64)
+        groups = np.empty((count, grid, grid, grid), dtype=np.int64)
+        origins = positions - rng.integers(0, grid, size=positions.shape)
+        steps = np.arange(grid)
+        for number in np.unique(numbers):
+            case = sampler.cases[number]
+            if case.task not in self.task_names:
+                raise InputError(
+                    f"case {case.name!r} belongs to task {case.task!r}, which this model does not cover "
+                    f"({', '.join(self.task_names)}); give only cases of the model's tasks"
+                )
+            rows = np.flatnonzero(numbers == number)
+            image = _check_volume(case.image)
+            last_origin = np.maximum(np.asarray(image.shape) - grid, 0)
+            origins[rows] = np.clip(origins[rows], 0, last_origin)
+            for plane, slices in extract_cube_slices(image, origins[rows], grid, margin).items():
+                batch[plane][rows] = slices
+            z, y, x = (origins[rows, axis, None, None, None] for axis in range(3))
+            z, y, x = z + steps[:, None, None], y + steps[None, :, None], x + steps[None, None, :]
+            usable = _gather(case.foreground, z, y, x, False)
+            case_labels = np.where(usable, _gather(case.labels, z, y, x, 0), IGNORED)
+            labels[rows] = case_labels
+            groups[rows] = np.where(usable, self.task_names.index(case.task) * self.num_labels + case_labels, IGNORED)
+        tensors = {plane: torch.from_numpy(slices) for plane, slices in batch.items()}
+        tensors.update(
+            labels=torch.from_numpy(labels),
+            groups=torch.from_numpy(groups),
+            case_numbers=torch.from_numpy(numbers),
+            origins=torch.from_numpy(origins),
+        )
+        return tensors
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
+        """Class-balanced categorical cross-entropy over every labelled voxel of the batch's cubes."""
+        dtype = _parameter_dtype(self.network)
+        slices = [batch[plane].to(device=device, dtype=dtype) for plane in PLANES]
+        logits = self.network.forward_block(*slices)
+        labels = batch["labels"].to(device)
+        usable = labels != IGNORED
+        voxel_logits = logits.movedim(1, -1)[usable]
+        voxel_labels = labels[usable]
+        weights = balanced_voxel_weights(batch["groups"].to(device)[usable], self.num_labels).to(dtype)
+        loss = (weights * F.cross_entropy(voxel_logits, voxel_labels, reduction="none")).sum()
+        with torch.no_grad():
+            balanced_accuracy = (weights * (voxel_logits.argmax(dim=1) == voxel_labels)).sum()
+        return TrainingStep(
+            loss, {"balanced_accuracy": float(balanced_accuracy), "voxels": float(voxel_labels.numel())}
+        )
+
+    def make_optimizer(self, learning_rate: float | None = None) -> torch.optim.Optimizer:
+        """Adam with Kingma & Ba's defaults; the paper names Adam but gives no settings."""
+        return torch.optim.Adam(self.network.parameters(), lr=learning_rate or 1e-3, betas=(0.9, 0.999), eps=1e-8)
+
+    def predict_probabilities(
+        self,
+        image: np.ndarray,
+        device: torch.device,
+        progress: ProgressCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        max_block_voxels: int | None = None,
+    ) -> np.ndarray:
+        return predict_volume(self.network, image, device, progress, cancelled, max_block_voxels)
