@@ -52,6 +52,7 @@ def command_phantoms(args) -> int:
 
 def command_train(args) -> int:
     from .datasets import parse_data_arguments
+    from .distributed import is_main_process
     from .training import TrainingConfig, train
 
     data = {task: str(folder) for task, folder in parse_data_arguments(args.data, args.tasks).items()}
@@ -62,7 +63,8 @@ def command_train(args) -> int:
         model_name=args.name or Path(args.out).name, data=data,
     )
     model = train(config, args.out)
-    print(f"model written to {Path(args.out) / 'model'} (weights SHA-256 {model.weights_sha256[:16]}…)")
+    if is_main_process():  # under torchrun, process 0 wrote the model
+        print(f"model written to {Path(args.out) / 'model'} (weights SHA-256 {model.weights_sha256[:16]}…)")
     return 0
 
 
@@ -87,6 +89,15 @@ def command_segment(args) -> int:
     write_result(result, args.output, args.probabilities)
     print(f"wrote {args.output} ({', '.join(result.tasks)} on {result.device})")
     return 0
+
+
+def command_batch(args) -> int:
+    from .batch import run_batch, summary_line
+
+    summary = run_batch(args.model, args.input, args.output, tasks=args.tasks, output_format=args.format,
+                        reference_dir=args.reference_dir, shard=args.shard, device=args.device, channel=args.channel)
+    print(summary_line(summary, Path(args.output)))
+    return summary.exit_code
 
 
 def command_models(args) -> int:
@@ -164,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--probabilities", help="also write per-class probabilities (vector image) here")
     sub.add_argument("--channel", type=int, help="the channel to use from a 4-D or multi-component input")
     sub.set_defaults(run=command_segment)
+
+    sub = commands.add_parser("batch", help="segment many scans: resumable, shardable over machines, with metrics")
+    sub.add_argument("--model", required=True, help="model folder/.zip or a bundled model's name")
+    sub.add_argument("--input", required=True,
+                     help="folder of scans, glob pattern (quoted) or CSV with columns image[,reference][,case]")
+    sub.add_argument("--output", required=True, help="folder for <case>.seg.nrrd|.nii.gz, metrics and summary")
+    sub.add_argument("--tasks", nargs="+")
+    sub.add_argument("--format", default="seg.nrrd", choices=("seg.nrrd", "nii.gz"))
+    sub.add_argument("--reference-dir", help="reference label maps named after the cases: adds metrics.csv")
+    sub.add_argument("--shard", help="i/N: this machine's share, i from 0 to N-1 (e.g. $SLURM_ARRAY_TASK_ID/N)")
+    sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sub.add_argument("--channel", type=int, help="the channel to use from 4-D or multi-component inputs")
+    sub.set_defaults(run=command_batch)
 
     sub = commands.add_parser("models", help="list the bundled models")
     sub.set_defaults(run=command_models)

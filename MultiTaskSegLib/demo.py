@@ -41,7 +41,7 @@ def run_demo(out: Path, device: str = "auto", cases: int = DEMO_CASES) -> int:
     for case in all_cases:
         space = LabelSpace.from_names([case.task])
         labels = sitk.GetImageFromArray(space.to_model_labels(case.task, get_task(case.task).map_labels(
-            sitk.GetArrayViewFromImage(sitk.ReadImage(str(case.label))))))
+            sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))))))
         labels.CopyInformation(sitk.ReadImage(str(case.image)))
         save_overlay_png(read_image(case.image), labels, _colors(space), out / "pictures" / f"{case.task}_{case.name}.png",
                          title=f"{case.task} {case.name} (reference)")
@@ -64,7 +64,7 @@ def run_demo(out: Path, device: str = "auto", cases: int = DEMO_CASES) -> int:
             output = write_result(result, out / "segmentations" / model_name / f"{case.task}_{case.name}.seg.nrrd")
             task = get_task(case.task)
             reference = model.label_space.to_model_labels(
-                case.task, task.map_labels(sitk.GetArrayViewFromImage(read_image(case.label, check_values=False))))
+                case.task, task.map_labels(sitk.GetArrayFromImage(read_image(case.label, check_values=False))))
             indices = model.label_space.indices_for_task(case.task)
             scores = dice_per_class(sitk.GetArrayViewFromImage(result.labels), reference, indices)
             reference_image = sitk.GetImageFromArray(reference)

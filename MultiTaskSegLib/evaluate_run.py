@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .datasets import find_cases, parse_data_arguments
+from .datasets import CaseFiles, find_cases, parse_data_arguments
 from .evaluation import evaluate_labels, precision_recall_curve, task_confusion
 from .imageio import read_image
 from .inference import segment_image
@@ -33,40 +33,47 @@ def _mean_sd(values: list[float]) -> str:
 
 def evaluate_model(model_source: str | SegmentationModel, data: Sequence[str], out: Path,
                    tasks: Sequence[str] | None = None, device: str = "auto") -> dict:
+    """Evaluate on every case of the data folders (``TASK=FOLDER`` pairs or a root with a folder per task)."""
     model = model_source if isinstance(model_source, SegmentationModel) else load_model(model_source)
     tasks = list(tasks or model.label_space.task_names)
     folders = parse_data_arguments(data, tasks)
+    cases = [case for name, folder in folders.items() for case in find_cases(model.label_space.task(name), folder)]
+    return evaluate_cases(model, cases, out, device)
+
+
+def evaluate_cases(model: SegmentationModel, cases: Sequence[CaseFiles], out: Path, device: str = "auto") -> dict:
+    """Per class Dice/HD95, task confusion and (binary tasks) precision-recall over ``cases``."""
     out.mkdir(parents=True, exist_ok=True)
     space = model.label_space
     rows, confusion_rows = [], []
     binary_probabilities: dict[str, list] = defaultdict(list)
     binary_references: dict[str, list] = defaultdict(list)
-    for task_name, folder in folders.items():
+    for case in cases:
+        task_name = case.task
         task = space.task(task_name)
         own = space.indices_for_task(task_name)
         alien = [i for i in range(1, len(space)) if i not in own]
-        for case in find_cases(task, folder):
-            image = read_image(case.image)
-            reference = space.to_model_labels(task_name, task.map_labels(
-                sitk.GetArrayViewFromImage(read_image(case.label, check_values=False))))
-            reference_image = sitk.GetImageFromArray(reference)
-            reference_image.CopyInformation(image)
-            every_task = segment_image(model, image, tasks=None, device=device, with_probabilities=True)
-            predicted_all = sitk.GetArrayViewFromImage(every_task.labels)
-            confusion_rows.append({"task": task_name, "case": case.name,
-                                   "confusion_percent": task_confusion(predicted_all, alien)})
-            probabilities = sitk.GetArrayViewFromImage(every_task.probabilities)  # (z, y, x, labels)
-            kept = [0, *own]
-            restricted = np.asarray(kept)[np.argmax(probabilities[..., kept], axis=-1)]
-            restricted_image = sitk.GetImageFromArray(restricted.astype(np.uint8))
-            restricted_image.CopyInformation(image)
-            for index, scores in evaluate_labels(restricted_image, reference_image, own).items():
-                rows.append({"task": task_name, "case": case.name, "class": space.entries[index].class_spec.name,
-                             "dice": scores["dice"], "hd95_mm": scores["hd95_mm"]})
-            if len(own) == 1:
-                foreground = probabilities[..., own[0]] / np.clip(probabilities[..., kept].sum(-1), 1e-6, None)
-                binary_probabilities[task_name].append(foreground.astype(np.float32))
-                binary_references[task_name].append(reference == own[0])
+        image = read_image(case.image)
+        reference = space.to_model_labels(task_name, task.map_labels(
+            sitk.GetArrayFromImage(read_image(case.label, check_values=False))))
+        reference_image = sitk.GetImageFromArray(reference)
+        reference_image.CopyInformation(image)
+        every_task = segment_image(model, image, tasks=None, device=device, with_probabilities=True)
+        predicted_all = sitk.GetArrayViewFromImage(every_task.labels)
+        confusion_rows.append({"task": task_name, "case": case.name,
+                               "confusion_percent": task_confusion(predicted_all, alien)})
+        probabilities = sitk.GetArrayViewFromImage(every_task.probabilities)  # (z, y, x, labels)
+        kept = [0, *own]
+        restricted = np.asarray(kept)[np.argmax(probabilities[..., kept], axis=-1)]
+        restricted_image = sitk.GetImageFromArray(restricted.astype(np.uint8))
+        restricted_image.CopyInformation(image)
+        for index, scores in evaluate_labels(restricted_image, reference_image, own).items():
+            rows.append({"task": task_name, "case": case.name, "class": space.entries[index].class_spec.name,
+                         "dice": scores["dice"], "hd95_mm": scores["hd95_mm"]})
+        if len(own) == 1:
+            foreground = probabilities[..., own[0]] / np.clip(probabilities[..., kept].sum(-1), 1e-6, None)
+            binary_probabilities[task_name].append(foreground.astype(np.float32))
+            binary_references[task_name].append(reference == own[0])
     operating_points = {}
     for task_name in binary_probabilities:
         curve = precision_recall_curve(binary_probabilities[task_name], binary_references[task_name])
@@ -83,7 +90,7 @@ def evaluate_model(model_source: str | SegmentationModel, data: Sequence[str], o
                                    "hd95_mm": _mean_sd([r["hd95_mm"] for r in rows if (r["task"], r["class"]) == (t, c)])}
                       for t, c in dict.fromkeys((r["task"], r["class"]) for r in rows)},
         "median_task_confusion_percent": {t: float(np.median([r["confusion_percent"] for r in confusion_rows if r["task"] == t]))
-                                          for t in folders},
+                                          for t in dict.fromkeys(r["task"] for r in confusion_rows)},
         "binary_operating_points": operating_points,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -28,14 +28,15 @@ def hausdorff95(prediction: sitk.Image, reference: sitk.Image) -> float:
 
     NaN when either mask is empty: an empty mask has no surface, so the distance is undefined.
     """
-    prediction = sitk.Cast(prediction, sitk.sitkUInt8)
-    reference = sitk.Cast(reference, sitk.sitkUInt8)
+    # One voxel of background around both masks, so a mask touching the border has a surface there.
+    prediction = sitk.ConstantPad(sitk.Cast(prediction, sitk.sitkUInt8), [1, 1, 1], [1, 1, 1], 0)
+    reference = sitk.ConstantPad(sitk.Cast(reference, sitk.sitkUInt8), [1, 1, 1], [1, 1, 1], 0)
     if not sitk.GetArrayViewFromImage(prediction).any() or not sitk.GetArrayViewFromImage(reference).any():
         return float("nan")
     distances = []
     for source, target in ((prediction, reference), (reference, prediction)):
         distance_map = sitk.Abs(sitk.SignedMaurerDistanceMap(target, squaredDistance=False, useImageSpacing=True))
-        contour = sitk.GetArrayViewFromImage(sitk.LabelContour(source)) > 0
+        contour = sitk.GetArrayFromImage(sitk.LabelContour(source)) > 0
         distances.append(sitk.GetArrayViewFromImage(distance_map)[contour])
     return float(np.percentile(np.concatenate(distances), 95))
 

@@ -149,6 +149,12 @@ def is_image_path(path: Path) -> bool:
     return any(name.endswith(suffix) for suffix in IMAGE_SUFFIXES)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write atomically: a crash or Ctrl-C never leaves a half-written file under ``path``."""
     path = Path(path)
@@ -158,6 +164,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     os.close(handle)
     try:
         sitk.WriteImage(image, temporary, useCompression=compress)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -1,7 +1,9 @@
 """Training one model on one or more tasks, with checkpoints that survive an interruption.
 
-The loop is visible in :func:`train`; the parts (cases, balanced sampler, architecture with its
-loss and optimiser, checkpoint, learning curve) are plain objects. The run folder holds:
+The loop is visible in :func:`_train`; the parts (cases, balanced sampler, architecture with its
+loss and optimiser, checkpoint, learning curve) are plain objects. Under ``torchrun`` every process
+runs the same loop on its share of each mini-batch (see :mod:`.distributed`) and only process 0
+writes to the run folder, which holds:
 
 - ``config.json``: what was asked for (a resumed run must ask for the same);
 - ``checkpoint/``: the latest model file plus ``training_state.pt``/``.json`` (optimiser, step, RNGs);
@@ -23,11 +25,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .architectures.base import PreparedCase
 from .datasets import CaseFiles, find_cases, prepare_case, split_cases
 from .errors import InputError
 from .evaluation import dice_per_class
-from .inference import choose_device
 from .learning_curve import LearningCurve
 from .model_files import SegmentationModel, load_model, save_model
 from .sampling import BalancedVoxelSampler
@@ -137,18 +139,35 @@ def train(
 ) -> SegmentationModel:
     """Train (or resume) the run in folder ``run``; returns the final model.
 
+    Started by ``torchrun``, every process calls this with the same arguments: ``batch_size`` is the
+    global mini-batch, shared by the processes; only process 0 logs and writes to ``run``.
     ``stop_after`` ends the process after that many steps of this call without finishing the run
     (used to test resumption; a killed process behaves the same).
     """
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    device = choose_device(config.device)
+    with distributed.session(config.device) as context:
+        return _train(context, config, Path(run), log if context.is_main_process else _quiet, stop_after)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _train(context: distributed.DistributedContext, config: TrainingConfig, run: Path,
+           log: Callable[[str], None], stop_after: int | None) -> SegmentationModel:
+    """The loop of :func:`train`, inside its process group (a process group of one when alone)."""
+    main = context.is_main_process
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+    device = context.device
+    if config.batch_size < context.world_size:
+        raise InputError(f"a mini-batch of {config.batch_size} cannot be shared by {context.world_size} processes; "
+                         "use a batch size of at least the number of processes")
     set_seed(config.seed)
     label_space = LabelSpace.from_names(config.tasks)
     train_files, validation_files = collect_cases(config)
     log(f"{len(train_files)} training and {len(validation_files)} validation cases for {', '.join(config.tasks)}")
     train_cases = [prepare_case(files, label_space) for files in train_files]
-    validation_cases = [prepare_case(files, label_space) for files in validation_files]
+    validation_cases = [prepare_case(files, label_space) for files in validation_files] if main else []
 
     curve = LearningCurve(run)
     if (run / CHECKPOINT_DIR).exists():
@@ -156,16 +175,19 @@ def train(
         optimizer = model.architecture.make_optimizer(config.learning_rate)
         optimizer.load_state_dict(tensors["optimizer"])
         torch.set_rng_state(tensors["torch_rng"])
-        curve.drop_after(step)
+        if main:
+            curve.drop_after(step)
         log(f"resuming {run} at step {step}")
     else:
-        (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
+        if main:
+            (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
         model = SegmentationModel.create(config.model_name, config.architecture, label_space, **config.arguments)
         model.architecture.network.to(device)
         optimizer = model.architecture.make_optimizer(config.learning_rate)
         rng = np.random.default_rng(config.seed)
         step = 0
     architecture = model.architecture
+    distributed.replicate_network(architecture.network, context)
     scheduler = architecture.make_scheduler(optimizer) if hasattr(architecture, "make_scheduler") else None
     if scheduler is not None:
         for _ in range(step):
@@ -175,36 +197,44 @@ def train(
 
     started, steps_this_call = time.perf_counter(), 0
     while step < config.steps:
-        batch = architecture.sample_batch(sampler, config.batch_size, rng)
+        batch = distributed.share_of_batch(architecture.sample_batch(sampler, config.batch_size, rng), context)
+        distributed.seed_dropout(config.seed, step, context)
         result = architecture.training_step(batch, device)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
+        distributed.average_gradients(architecture.network.parameters(), context)
         architecture.clip_gradients()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         step += 1
         steps_this_call += 1
-        curve.add_loss(step, float(result.loss.detach()), result.parts)
-        if step % config.validate_every == 0 or step == config.steps:
+        logged = distributed.average_values({"loss": float(result.loss.detach()), **result.parts}, context)
+        loss = logged.pop("loss")
+        if main:
+            curve.add_loss(step, loss, logged)
+        if main and (step % config.validate_every == 0 or step == config.steps):
             rows = validation_dice(model, validation_cases, device) if validation_cases else []
             curve.add_validation(step, rows)
-            model.provenance = provenance(config, step, train_files, validation_files, started)
+            model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
             _save_checkpoint(run, model, optimizer, step, rng, config)
-            log(f"step {step}/{config.steps} loss {float(result.loss.detach()):.4f} " + curve.summary(step))
+            log(f"step {step}/{config.steps} loss {loss:.4f} " + curve.summary(step))
         if stop_after is not None and steps_this_call >= stop_after:
             return model
-    model.provenance = provenance(config, step, train_files, validation_files, started)
-    model.card = model_card(model, curve)
-    save_model(model, run / "model")
-    curve.plot()
+    if main:
+        model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
+        model.card = model_card(model, curve)
+        save_model(model, run / "model")
+        curve.plot()
     return model
 
 
-def provenance(config: TrainingConfig, step: int, train_files, validation_files, started: float) -> dict[str, Any]:
+def provenance(config: TrainingConfig, step: int, train_files, validation_files, started: float,
+               processes: int = 1) -> dict[str, Any]:
     return {
         "config": asdict(config),
         "steps_done": step,
+        "processes": processes,
         "training_cases": [f"{c.task}/{c.name}" for c in train_files],
         "validation_cases": [f"{c.task}/{c.name}" for c in validation_files],
         "seconds_this_session": round(time.perf_counter() - started, 1),

@@ -1,0 +1,64 @@
+"""Training: deterministic with a seed, resumable after an interruption, with a learning curve."""
+
+import csv
+import json
+
+import pytest
+
+from MultiTaskSegLib.errors import InputError
+from MultiTaskSegLib.model_files import load_model
+from MultiTaskSegLib.training import TrainingConfig, train
+
+TINY = {"layers": 2, "channels": 4, "hidden_features": 8, "grid": 2}
+
+
+def config(data, **changes) -> TrainingConfig:
+    settings = dict(tasks=["breast_mri", "cardiac_cta"], architecture="triplanar", arguments=dict(TINY),
+                    batch_size=12, steps=6, validate_every=2, validation_fraction=0.34, seed=3, device="cpu",
+                    learning_rate=0.01, data={t: str(data / t) for t in ("breast_mri", "cardiac_cta")})
+    settings.update(changes)
+    return TrainingConfig(**settings)
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, tiny_dataset):
+    straight = train(config(tiny_dataset), tmp_path / "straight", log=quiet)
+    interrupted = tmp_path / "interrupted"
+    train(config(tiny_dataset), interrupted, log=quiet, stop_after=3)  # checkpoint at 2, step 3 is lost
+    assert json.loads((interrupted / "checkpoint" / "training_state.json").read_text())["step"] == 2
+    assert not (interrupted / "model").exists()
+    resumed = train(config(tiny_dataset), interrupted, log=quiet)
+    assert resumed.weights_sha256 == straight.weights_sha256
+    steps = [int(row["step"]) for row in csv.DictReader(open(interrupted / "loss.csv"))]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the lost step was logged once, after resuming
+
+
+def test_the_same_seed_gives_the_same_model_and_another_seed_does_not(tmp_path, tiny_dataset):
+    first = train(config(tiny_dataset, steps=2), tmp_path / "a", log=quiet)
+    second = train(config(tiny_dataset, steps=2), tmp_path / "b", log=quiet)
+    third = train(config(tiny_dataset, steps=2, seed=4), tmp_path / "c", log=quiet)
+    assert first.weights_sha256 == second.weights_sha256 != third.weights_sha256
+
+
+def test_learning_curve_has_dice_per_task_and_class_at_every_validation(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    train(config(tiny_dataset), run, log=quiet)
+    rows = list(csv.DictReader(open(run / "learning_curve.csv")))
+    assert {int(r["step"]) for r in rows} == {2, 4, 6}
+    assert {(r["task"], r["class"]) for r in rows} == {("breast_mri", "Pectoral muscle"),
+                                                        ("cardiac_cta", "Coronary artery")}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert (run / "learning_curve.png").stat().st_size > 1000
+    model = load_model(run / "model")
+    assert model.provenance["steps_done"] == 6
+    assert set(model.card["validation_dice"]) == {"breast_mri", "cardiac_cta"}
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    train(config(tiny_dataset), run, log=quiet, stop_after=2)
+    with pytest.raises(InputError, match="different settings \\(batch_size\\)"):
+        train(config(tiny_dataset, batch_size=24), run, log=quiet)
