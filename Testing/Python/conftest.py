@@ -62,3 +62,20 @@ def write_tiny_dataset(root: Path, cases: int = 3, size: int = 14) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return write_tiny_dataset(tmp_path / "data")
+
+
+TINY_TRIPLANAR = {"layers": 2, "channels": 4, "hidden_features": 8}
+
+
+def make_tiny_model(tasks, seed: int = 0, varied: bool = False, name: str = "tiny-triplanar"):
+    """An untrained tiny triplanar model; ``varied`` scales its weights up so its labels vary in space."""
+    from MultiTaskSegLib.model_files import SegmentationModel
+    from MultiTaskSegLib.tasks import LabelSpace
+
+    torch.manual_seed(seed)
+    model = SegmentationModel.create(name, "triplanar", LabelSpace.from_names(tasks), **TINY_TRIPLANAR)
+    if varied:
+        with torch.no_grad():
+            for parameter in model.architecture.network.parameters():
+                parameter.normal_(0.0, 1.0)
+    return model

@@ -9,25 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from MultiTaskSegLib import background
 from MultiTaskSegLib.errors import CancelledError, InputError
 from MultiTaskSegLib.inference import segment_image
 from MultiTaskSegLib.model_files import SegmentationModel, load_model, save_model
-from MultiTaskSegLib.tasks import LabelSpace
+from conftest import make_tiny_model
 
 TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> SegmentationModel:
-    torch.manual_seed(3)
-    created = SegmentationModel.create("tiny", "triplanar", LabelSpace.from_names(["breast_mri", "cardiac_cta"]),
-                                       layers=2, channels=4, hidden_features=8)
-    with torch.no_grad():
-        for parameter in created.architecture.network.parameters():
-            parameter.normal_(0.0, 1.0)
+    created = make_tiny_model(["breast_mri", "cardiac_cta"], seed=3, varied=True, name="tiny")
     return load_model(save_model(created, tmp_path_factory.mktemp("models") / "tiny"))
 
 

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-import torch
-from conftest import write_tiny_dataset
+from conftest import make_tiny_model, write_tiny_dataset
 
 from MultiTaskSegLib.batch import (
     BatchCase,
@@ -28,18 +27,15 @@ from MultiTaskSegLib.batch import (
 )
 from MultiTaskSegLib.cli import main
 from MultiTaskSegLib.errors import InputError
-from MultiTaskSegLib.model_files import SegmentationModel, save_model
+from MultiTaskSegLib.model_files import save_model
 from MultiTaskSegLib.tasks import LabelSpace
 
 TASKS = ("breast_mri", "cardiac_cta")
-TINY = {"layers": 2, "channels": 4, "hidden_features": 8, "grid": 2}
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = SegmentationModel.create("tiny", "triplanar", LabelSpace.from_names(TASKS), **TINY)
-    return save_model(model, tmp_path_factory.mktemp("models") / "tiny")
+    return save_model(make_tiny_model(TASKS, name="tiny"), tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")

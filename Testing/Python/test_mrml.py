@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is needed for the MRML tests")
 import vtk  # noqa: E402  (installed with slicer-core)
@@ -22,7 +21,7 @@ from MultiTaskSegLib.imageio import read_image  # noqa: E402
 from MultiTaskSegLib.inference import segment_image  # noqa: E402
 from MultiTaskSegLib.model_files import SegmentationModel, load_model, save_model, sha256_of  # noqa: E402
 from MultiTaskSegLib.segments import describe_segments  # noqa: E402
-from MultiTaskSegLib.tasks import LabelSpace  # noqa: E402
+from conftest import make_tiny_model  # noqa: E402
 
 TASKS = ["brain_t1_mri", "breast_mri"]
 
@@ -30,13 +29,7 @@ TASKS = ["brain_t1_mri", "breast_mri"]
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     """A tiny untrained triplanar model whose weights are scaled up so its labels vary in space."""
-    torch.manual_seed(7)
-    model = SegmentationModel.create("tiny-triplanar", "triplanar", LabelSpace.from_names(TASKS),
-                                     layers=2, channels=4, hidden_features=8)
-    with torch.no_grad():
-        for parameter in model.architecture.network.parameters():
-            parameter.normal_(0.0, 1.0)
-    return save_model(model, tmp_path_factory.mktemp("models") / "tiny-triplanar")
+    return save_model(make_tiny_model(TASKS, seed=7, varied=True), tmp_path_factory.mktemp("models") / "tiny-triplanar")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,97 @@
+"""The ``multitaskseg`` command as a user runs it: segment, models, tasks, phantoms, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+from conftest import make_tiny_model
+
+from MultiTaskSegLib.cli import main
+from MultiTaskSegLib.geometry import same_geometry
+from MultiTaskSegLib.model_files import MODEL_PATH_VARIABLE, save_model
+
+TASKS = ["breast_mri", "cardiac_cta"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return save_model(make_tiny_model(TASKS, seed=5, varied=True), tmp_path_factory.mktemp("models") / "tiny-triplanar")
+
+
+@pytest.fixture
+def scan(tmp_path):
+    """An oblique, anisotropic MR-like scan."""
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray((rng.random((9, 17, 13)) * 200 + 1).astype(np.float32))
+    image.SetSpacing((1.1, 1.3, 2.2))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    image.SetDirection(sitk.VersorTransform((0.2, 1.0, 0.1), 0.5).GetMatrix())
+    path = tmp_path / "scan.nrrd"
+    sitk.WriteImage(image, str(path))
+    return path, image
+
+
+def test_segment_writes_a_seg_nrrd_with_names_colours_and_terminology(tmp_path, model_path, scan):
+    path, image = scan
+    output = tmp_path / "result.seg.nrrd"
+    assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(output),
+                 "--device", "cpu"]) == 0
+    segmentation = slicerio.read_segmentation(str(output))
+    names = [segment["name"] for segment in segmentation["segments"]]
+    assert names == ["Pectoral muscle", "Coronary artery"]
+    pectoral = segmentation["segments"][0]
+    assert pectoral["color"] == pytest.approx([0.753, 0.408, 0.345])
+    assert pectoral["terminology"]["type"][0] == "SCT"
+    assert pectoral["tags"]["MultiTaskSeg.Model"] == "tiny-triplanar"
+    assert segmentation["voxels"].shape == image.GetSize()
+
+
+def test_segment_to_nifti_keeps_the_exact_input_grid_and_only_the_requested_task(tmp_path, model_path, scan):
+    path, image = scan
+    output = tmp_path / "labels.nii.gz"
+    probabilities = tmp_path / "probabilities.nrrd"
+    assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(output),
+                 "--tasks", "cardiac_cta", "--probabilities", str(probabilities), "--device", "cpu"]) == 0
+    labels = sitk.ReadImage(str(output))
+    assert same_geometry(labels, image, tolerance=1e-5)
+    assert set(np.unique(sitk.GetArrayViewFromImage(labels))) <= {0, 2}  # background and coronary artery only
+    vector = sitk.ReadImage(str(probabilities))
+    assert vector.GetNumberOfComponentsPerPixel() == 2
+    assert np.allclose(sitk.GetArrayViewFromImage(vector).sum(axis=-1), 1.0, atol=1e-4)
+
+
+def test_segment_reports_bad_input_and_unknown_tasks_with_exit_code_2(tmp_path, model_path, scan, capsys):
+    flat = tmp_path / "flat.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(16, dtype=np.float32).reshape(4, 4)), str(flat))
+    assert main(["segment", "--model", str(model_path), "--input", str(flat), "--output", str(tmp_path / "o.nii.gz")]) == 2
+    assert "2-D image" in capsys.readouterr().err
+    path, _ = scan
+    assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / "o.nii.gz"),
+                 "--tasks", "brain_t1_mri"]) == 2
+    assert "does not segment task(s) brain_t1_mri" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_models_lists_name_architecture_and_tasks_first(monkeypatch, model_path, capsys):
+    monkeypatch.setenv(MODEL_PATH_VARIABLE, str(model_path.parent))
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = next(line for line in lines if line.startswith("tiny-triplanar"))
+    assert "architecture=triplanar" in line and "tasks=breast_mri,cardiac_cta" in line
+
+
+def test_a_model_on_the_model_path_is_found_by_name(tmp_path, monkeypatch, model_path, scan):
+    monkeypatch.setenv(MODEL_PATH_VARIABLE, str(model_path.parent))
+    path, _ = scan
+    assert main(["segment", "--model", "tiny-triplanar", "--input", str(path),
+                 "--output", str(tmp_path / "by_name.nii.gz"), "--device", "cpu"]) == 0
+
+
+def test_tasks_and_phantoms_commands(tmp_path, capsys):
+    assert main(["tasks"]) == 0
+    assert "brain_t1_mri" in capsys.readouterr().out
+    assert main(["phantoms", "--out", str(tmp_path), "--cases", "1", "--tasks", "breast_mri"]) == 0
+    assert (tmp_path / "breast_mri" / "case_000" / "image.nii.gz").exists()
+    assert main(["phantoms", "--out", str(tmp_path), "--tasks", "lungs"]) == 2
