@@ -19,7 +19,7 @@ from .datasets import find_cases, prepare_case, split_cases
 from .learning_curve import LearningCurve, plot_curves
 from .tasks import PAPER_TASKS, get_task
 from .training import TrainingConfig, train
-from .inference import choose_device
+from .inference import background_outside, choose_device
 from .evaluation import task_confusion
 
 EXPERIMENTS = {
@@ -49,7 +49,8 @@ def confusion_on_validation(model, config: TrainingConfig, device) -> dict[str, 
     shares: dict[str, list[float]] = {task: [] for task in config.tasks}
     for files in validation:
         case = prepare_case(files, space)
-        predicted = np.argmax(model.architecture.predict_probabilities(case.image, device), axis=0)
+        probabilities = model.architecture.predict_probabilities(case.image, device)
+        predicted = np.argmax(background_outside(probabilities, case.foreground), axis=0)
         alien = [i for i in range(1, len(space)) if i not in space.indices_for_task(case.task)]
         shares[case.task].append(task_confusion(predicted, alien))
     return {task: float(np.median(values)) for task, values in shares.items() if values}

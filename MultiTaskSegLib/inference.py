@@ -121,7 +121,7 @@ def segment_image(
     warnings = check_input_against_model(model, image, tasks)
     task = preprocessing_task(model, image, tasks, [])
     report(0.0, "preprocessing")
-    working, _, grid = prepare_image(image, task, task.working_spacing_mm)
+    working, foreground, grid = prepare_image(image, task, task.working_spacing_mm)
 
     def predict_part(fraction: float, stage: str) -> None:
         report(0.05 + 0.85 * fraction, stage)
@@ -129,6 +129,7 @@ def segment_image(
     probabilities, used_device = predict_with_fallback(
         model, working, choose_device(device), predict_part, cancelled, max_block_voxels, warnings
     )
+    probabilities = background_outside(probabilities, foreground)
     report(0.9, "resampling to the input grid")
     result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
     kept = np.asarray(result.label_indices)
@@ -143,6 +144,14 @@ def segment_image(
         result.probabilities = vector
     report(1.0, "done")
     return result
+
+
+def background_outside(probabilities: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Voxels outside the foreground are background: they were never training samples (the paper
+    samples voxels above zero only), so the networks have no say there."""
+    probabilities[:, ~foreground] = 0.0
+    probabilities[0, ~foreground] = 1.0
+    return probabilities
 
 
 def predict_with_fallback(

@@ -15,12 +15,16 @@ from .tasks import Task
 
 
 def foreground_mask(image: np.ndarray, task: Task, mask: np.ndarray | None = None) -> np.ndarray:
-    """Voxels that belong to the body/organ: the given mask, else intensity above background."""
+    """Voxels that belong to the body/organ: the given mask, else intensity above the background.
+
+    MR background is exactly 0 in skull-stripped or masked scans; "non-zero" rather than "above
+    zero" also keeps the negative half of already standardised scans (BraTS).
+    """
     if mask is not None:
         return mask > 0
     if task.normalization == "ct_window":
         return image > float(task.normalization_parameters.get("low", -300.0))
-    return image > 0
+    return image != 0
 
 
 def normalize(image: np.ndarray, task: Task, mask: np.ndarray | None = None) -> np.ndarray:
@@ -36,7 +40,7 @@ def normalize(image: np.ndarray, task: Task, mask: np.ndarray | None = None) -> 
         return scaled.astype(np.float32)
     if not foreground.any():
         raise InputError(
-            f"the image has no voxel above zero, so it has no foreground for {task.modality} normalisation; "
+            f"the image has no non-zero voxel, so it has no foreground for {task.modality} normalisation; "
             "give a skull-stripped/bias-corrected MR image with background 0, or a foreground mask"
         )
     values = image[foreground]

@@ -30,6 +30,7 @@ from .architectures.base import PreparedCase
 from .datasets import CaseFiles, find_cases, prepare_case, split_cases
 from .errors import InputError
 from .evaluation import dice_per_class
+from .inference import background_outside
 from .learning_curve import LearningCurve
 from .model_files import SegmentationModel, load_model, save_model
 from .sampling import BalancedVoxelSampler
@@ -83,7 +84,7 @@ def validation_dice(model: SegmentationModel, cases: Sequence[PreparedCase], dev
     architecture = model.architecture
     architecture.network.eval()
     for case in cases:
-        probabilities = architecture.predict_probabilities(case.image, device)
+        probabilities = background_outside(architecture.predict_probabilities(case.image, device), case.foreground)
         indices = np.asarray((0,) + model.label_space.indices_for_task(case.task))
         predicted = indices[np.argmax(probabilities[indices], axis=0)]
         for index, dice in dice_per_class(predicted, case.labels, indices[1:]).items():

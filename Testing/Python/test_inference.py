@@ -1,0 +1,53 @@
+"""segment_image: background outside the foreground, warnings from the model card, device choice."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import make_tiny_model
+
+from MultiTaskSegLib.errors import InputError
+from MultiTaskSegLib.inference import choose_device, segment_image
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model(["breast_mri", "cardiac_cta"], seed=11, varied=True)
+
+
+def mr_scan(spacing=(1.3, 1.3, 1.3)) -> sitk.Image:
+    rng = np.random.default_rng(0)
+    array = (rng.random((12, 14, 16)) * 300 + 10).astype(np.float32)
+    array[:, :, :5] = 0  # air / outside the body: no sample of any training set
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    return image
+
+
+def test_voxels_outside_the_foreground_are_background(model):
+    result = segment_image(model, mr_scan(), tasks=["breast_mri"], device="cpu")
+    labels = sitk.GetArrayViewFromImage(result.labels)
+    assert (labels[:, :, :4] == 0).all()  # a voxel from the boundary on, resampling blends
+
+
+def test_a_ct_scan_for_an_mr_task_and_a_far_spacing_give_warnings(model):
+    ct = sitk.GetImageFromArray(np.where(np.arange(12 * 14 * 16).reshape(12, 14, 16) % 3, 40.0, -1000.0).astype(np.float32))
+    ct.SetSpacing((1.3, 1.3, 1.3))
+    result = segment_image(model, ct, tasks=["breast_mri"], device="cpu")
+    assert any("looks CT" in warning for warning in result.warnings)
+    coarse = segment_image(model, mr_scan(spacing=(1.3, 1.3, 6.0)), tasks=["breast_mri"], device="cpu")
+    assert any("far from the model's working spacing" in warning for warning in coarse.warnings)
+    assert not segment_image(model, mr_scan(), tasks=["breast_mri"], device="cpu").warnings
+
+
+def test_cpu_results_are_deterministic(model):
+    first = segment_image(model, mr_scan(), device="cpu", with_probabilities=True)
+    second = segment_image(model, mr_scan(), device="cpu", with_probabilities=True)
+    assert np.array_equal(sitk.GetArrayViewFromImage(first.probabilities), sitk.GetArrayViewFromImage(second.probabilities))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_asking_for_cuda_without_a_gpu_says_so():
+    with pytest.raises(InputError, match="no CUDA GPU; use --device cpu or auto"):
+        choose_device("cuda")
+    assert choose_device("auto").type == "cpu"
