@@ -26,5 +26,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+benchmarks: $(STAMP)
+	$(PY) benchmarks/bench_triplanar_inference.py --threads 1
+	$(PY) benchmarks/bench_triplanar_training.py --threads 1
+
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
