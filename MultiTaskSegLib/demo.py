@@ -88,7 +88,6 @@ def run_demo(out: Path, device: str = "auto", cases: int = DEMO_CASES) -> int:
 def print_table(rows: list[dict]) -> None:
     """Mean Dice per model, task and class over the demo cases."""
     print(f"\n{'model':34s} {'task':14s} {'class':26s} {'Dice':>6s}")
-    keys = sorted({(row["model"], row["task"], row["class"]) for row in rows}, key=lambda k: (k[0], k[1]))
-    for model, task, cls in keys:
+    for model, task, cls in dict.fromkeys((row["model"], row["task"], row["class"]) for row in rows):
         values = [row["dice"] for row in rows if (row["model"], row["task"], row["class"]) == (model, task, cls)]
         print(f"{model:34s} {task:14s} {cls:26s} {np.mean(values):6.3f}")
