@@ -134,16 +134,37 @@ def segment_image(
     result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
     kept = np.asarray(result.label_indices)
     source_probabilities = resample_probabilities_onto(probabilities[kept], grid, image)
-    labels = sitk.GetImageFromArray(kept[np.argmax(source_probabilities, axis=0)].astype(np.uint8))
+    source_probabilities /= np.clip(source_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
+    labels = sitk.GetImageFromArray(kept[label_decision(source_probabilities, kept, model)].astype(np.uint8))
     labels.CopyInformation(image)
     result.labels = labels
     if with_probabilities:
-        total = np.clip(source_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
-        vector = sitk.GetImageFromArray(np.moveaxis(source_probabilities / total, 0, -1).astype(np.float32), isVector=True)
+        vector = sitk.GetImageFromArray(np.moveaxis(source_probabilities, 0, -1).astype(np.float32), isVector=True)
         vector.CopyInformation(image)
         result.probabilities = vector
     report(1.0, "done")
     return result
+
+
+def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: SegmentationModel) -> np.ndarray:
+    """Arg-max over the kept labels, except that a binary task's class needs its operating point.
+
+    Balanced sampling shows the network as many vessel as background voxels, so its probabilities
+    over-state rare classes; like Moeskops et al., binary tasks are thresholded at the operating
+    point chosen on validation cases (``card["operating_points"]``, written by the trainer).
+    """
+    thresholds = model.card.get("operating_points", {})
+    scores = probabilities
+    for task_name, threshold in thresholds.items():
+        indices = model.label_space.indices_for_task(task_name) if task_name in model.label_space.task_names else ()
+        for index in indices:
+            position = np.flatnonzero(kept == index)
+            if position.size:
+                if scores is probabilities:
+                    scores = probabilities.copy()
+                channel = scores[position[0]]
+                channel[channel < threshold] = 0.0
+    return np.argmax(scores, axis=0)
 
 
 def background_outside(probabilities: np.ndarray, foreground: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from . import distributed
 from .architectures.base import PreparedCase
 from .datasets import CaseFiles, find_cases, prepare_case, split_cases
 from .errors import InputError
-from .evaluation import dice_per_class
+from .evaluation import dice_per_class, precision_recall_curve
 from .inference import background_outside
 from .learning_curve import LearningCurve
 from .model_files import SegmentationModel, load_model, save_model
@@ -225,6 +225,8 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     if main:
         model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
         model.card = model_card(model, curve)
+        if validation_cases:
+            model.card["operating_points"] = choose_operating_points(model, validation_cases, device)
         save_model(model, run / "model")
         curve.plot()
     return model
@@ -241,6 +243,23 @@ def provenance(config: TrainingConfig, step: int, train_files, validation_files,
         "seconds_this_session": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
     }
+
+
+def choose_operating_points(model: SegmentationModel, cases: Sequence[PreparedCase], device: torch.device) -> dict[str, float]:
+    """For each binary task, the probability threshold with the highest Dice over the validation cases."""
+    probabilities: dict[str, list] = {}
+    references: dict[str, list] = {}
+    model.architecture.network.eval()
+    for case in cases:
+        indices = model.label_space.indices_for_task(case.task)
+        if len(indices) != 1:
+            continue
+        predicted = background_outside(model.architecture.predict_probabilities(case.image, device), case.foreground)
+        kept = predicted[[0, indices[0]]]
+        probabilities.setdefault(case.task, []).append(kept[1] / np.clip(kept.sum(axis=0), 1e-6, None))
+        references.setdefault(case.task, []).append(case.labels == indices[0])
+    model.architecture.network.train()
+    return {task: precision_recall_curve(probabilities[task], references[task])["best_threshold"] for task in probabilities}
 
 
 def model_card(model: SegmentationModel, curve: LearningCurve) -> dict[str, Any]:

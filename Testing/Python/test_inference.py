@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_model
 
 from MultiTaskSegLib.errors import InputError
-from MultiTaskSegLib.inference import choose_device, segment_image
+from MultiTaskSegLib.inference import choose_device, label_decision, segment_image
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,18 @@ def test_asking_for_cuda_without_a_gpu_says_so():
     with pytest.raises(InputError, match="no CUDA GPU; use --device cpu or auto"):
         choose_device("cuda")
     assert choose_device("auto").type == "cpu"
+
+
+def test_a_binary_task_is_thresholded_at_the_models_operating_point(model):
+    # labels kept: background (0), pectoral muscle (1), coronary artery (2); four voxels
+    probabilities = np.array([[0.4, 0.05, 0.3, 0.2],
+                              [0.1, 0.05, 0.6, 0.0],
+                              [0.5, 0.90, 0.1, 0.8]])
+    kept = np.array([0, 1, 2])
+    model.card = {}
+    assert label_decision(probabilities, kept, model).tolist() == [2, 2, 1, 2]
+    model.card = {"operating_points": {"cardiac_cta": 0.85}}
+    try:
+        assert label_decision(probabilities, kept, model).tolist() == [0, 2, 1, 0]
+    finally:
+        model.card = {}

@@ -55,6 +55,8 @@ def test_learning_curve_has_dice_per_task_and_class_at_every_validation(tmp_path
     model = load_model(run / "model")
     assert model.provenance["steps_done"] == 6
     assert set(model.card["validation_dice"]) == {"breast_mri", "cardiac_cta"}
+    operating_points = model.card["operating_points"]  # both tasks are binary: thresholds chosen on validation
+    assert set(operating_points) == {"breast_mri", "cardiac_cta"} and all(0 < t < 1 for t in operating_points.values())
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, tiny_dataset):

@@ -1,0 +1,40 @@
+"""Copy a trained model into Resources/Models under the name the demo, tests and Slicer use.
+
+    .venv/bin/python scripts/bundle_model.py runs/experiments/experiment7/model triplanar-phantoms
+
+The weights are unchanged (same SHA-256); the model's name in ``model.json`` is set and, for a
+model whose card lacks them (trained before the trainer chose them), the binary tasks' operating
+points are chosen on the run's validation cases, as the trainer now does at the end of a run.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from MultiTaskSegLib.datasets import prepare_case
+from MultiTaskSegLib.inference import choose_device
+from MultiTaskSegLib.model_files import BUNDLED_MODEL_DIR, load_model, save_model
+from MultiTaskSegLib.training import TrainingConfig, choose_operating_points, collect_cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="a trained model folder, RUN/model, beside RUN/config.json")
+    parser.add_argument("name", help="the bundled model's name")
+    args = parser.parse_args()
+    model = load_model(args.model)
+    before = model.weights_sha256
+    if "operating_points" not in model.card:
+        config = TrainingConfig(**json.loads((args.model.parent / "config.json").read_text(encoding="utf-8")))
+        _, validation = collect_cases(config)
+        cases = [prepare_case(files, model.label_space) for files in validation]
+        model.card["operating_points"] = choose_operating_points(model, cases, choose_device("cpu"))
+    model.name = args.name
+    path = save_model(model, BUNDLED_MODEL_DIR / args.name)
+    assert model.weights_sha256 == before, "bundling must not change the weights"
+    print(f"bundled {args.model} as {path} (weights SHA-256 {before[:16]}…, "
+          f"operating points {model.card['operating_points']})")
+
+
+if __name__ == "__main__":
+    main()
