@@ -495,7 +495,8 @@ class MultiTaskSegTest(ScriptedLoadableModuleTest):
         models = bundled_models()
         if not models:
             self.skipTest("no bundled model in Resources/Models")
-        name, path = next(iter(models.items()))
+        name = "triplanar-phantoms" if "triplanar-phantoms" in models else next(iter(models))
+        path = models[name]
         task = read_model_card(path)["tasks"][0]["name"]
         try:
             from MultiTaskSegLib.phantoms import generate_case
