@@ -132,6 +132,7 @@ def segment_image(
     probabilities = background_outside(probabilities, foreground)
     report(0.9, "resampling to the input grid")
     result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
+    warnings += absent_structures(model, working, used_device, result.label_indices[1:])
     kept = np.asarray(result.label_indices)
     source_probabilities = resample_probabilities_onto(probabilities[kept], grid, image)
     source_probabilities /= np.clip(source_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
@@ -144,6 +145,19 @@ def segment_image(
         result.probabilities = vector
     report(1.0, "done")
     return result
+
+
+def absent_structures(model: SegmentationModel, working: np.ndarray, device: torch.device,
+                      indices: Sequence[int]) -> list[str]:
+    """Requested classes that a presence head (CMU-Net) finds in no slice of the scan, as warnings."""
+    architecture = model.architecture
+    if not hasattr(architecture, "presence_by_class"):
+        return []
+    threshold = getattr(architecture, "presence_threshold", None) or 0.5
+    presence = architecture.presence_by_class(working, device)
+    entries = model.label_space.entries
+    return [f"{entries[i].class_spec.name} ({entries[i].task}) seems absent from this scan: presence "
+            f"{presence[i]:.2f} < {threshold} in every slice" for i in indices if presence[i] < threshold]
 
 
 def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: SegmentationModel) -> np.ndarray:

@@ -38,3 +38,11 @@ def test_bundled_model_segments_a_held_out_phantom(name, task):
     # Loose floors: this guards against a broken model file or pipeline, not a quality claim.
     assert np.mean(list(scores.values())) > 0.3, scores
     assert set(np.unique(sitk.GetArrayViewFromImage(result.labels))) <= {0, *indices}
+
+
+def test_the_presence_head_tells_which_requested_structures_are_absent():
+    model = load_model(bundled_models()["cmunet-phantoms"])
+    image, _ = generate_case("breast_mri", seed=HELD_OUT_SEED, size="small")
+    warnings = segment_image(model, image, tasks=None, device="cpu").warnings
+    absent = {warning.split(" (")[0] for warning in warnings if "seems absent" in warning}
+    assert absent == set(get_task("brain_t1_mri").class_names) | {"Coronary artery"}
