@@ -10,10 +10,10 @@ from .base import Architecture
 #: name -> "module:Class"; modules are imported on first use so importing the library stays cheap.
 _ARCHITECTURES = {
     "triplanar": "MultiTaskSegLib.architectures.triplanar:TriplanarArchitecture",
-    "unet3d_factorised": "MultiTaskSegLib.architectures.unet:FactorisedUNet3DArchitecture",
-    "cmunet": "MultiTaskSegLib.architectures.unet:CMUNetArchitecture",
-    "unet2d": "MultiTaskSegLib.architectures.unet:UNet2DArchitecture",
-    "unet2d_pretrained": "MultiTaskSegLib.architectures.unet:PretrainedEncoderUNet2DArchitecture",
+    "unet3d_factorised": "MultiTaskSegLib.architectures.unet3d:FactorisedUNet3DArchitecture",
+    "cmunet": "MultiTaskSegLib.architectures.unet2d:CMUNetArchitecture",
+    "unet2d": "MultiTaskSegLib.architectures.unet2d:UNet2DArchitecture",
+    "unet2d_pretrained": "MultiTaskSegLib.architectures.unet2d:PretrainedEncoderUNet2DArchitecture",
 }
 
 

@@ -13,15 +13,14 @@ import torch
 from torch import nn
 
 from MultiTaskSegLib.architectures.base import PreparedCase
-from MultiTaskSegLib.architectures.unet import (
+from MultiTaskSegLib.architectures.unet2d import (
     CMUNetArchitecture,
-    FactorisedUNet3DArchitecture,
     PretrainedEncoderUNet2DArchitecture,
     UNet2DArchitecture,
-    crop_centred,
-    plan_axis_windows,
     presence_targets,
 )
+from MultiTaskSegLib.architectures.unet3d import FactorisedUNet3DArchitecture
+from MultiTaskSegLib.architectures.unet_windows import crop_centred, plan_axis_windows
 from MultiTaskSegLib.errors import CancelledError
 from MultiTaskSegLib.losses import presence_focal_loss, soft_dice_loss, soft_iou_loss
 from MultiTaskSegLib.networks.blocks import FactorisedConvBlock3d

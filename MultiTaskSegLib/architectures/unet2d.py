@@ -1,23 +1,14 @@
-"""The U-Net family: Avetisian's factorised volumetric U-Net and the CMU-Net paper's three 2-D U-Nets.
+"""The CMU-Net paper's three 2-D U-Nets: CMU-Net (presence head), U-Net, pre-trained-encoder U-Net.
 
 ===================== ================================================================
-``unet3d_factorised`` 3-D blocks around balanced positions, soft IoU loss (Avetisian)
 ``cmunet``            2-D slices, 0.5 Dice + 0.5 focal loss on a per-class presence head
 ``unet2d``            the same 2-D U-Net without the head, Dice loss only (baseline)
 ``unet2d_pretrained`` encoder + head first trained on presence, then the U-Net on Dice
 ===================== ================================================================
 
-Training samples are centred on positions from ``sampler.sample`` so every batch is balanced over
-the model's tasks and their classes. A 3-D block or 2-D slice crop that reaches past the image is
-padded with zeros (the normalised "nothing" value) and the padding is left out of the losses.
-
-Prediction accepts any volume size: the volume is zero-padded up to a multiple of the network's
-pooling factor (the paper's ``2^3 n`` limit) and the probabilities are cropped back. Volumes larger
-than ``max_block_voxels`` are cut into overlapping windows on a grid aligned with the poolings; a
-window's outermost ``inference_margin`` voxels towards a neighbour only give context, and where the
-inner parts of two windows overlap their probabilities are blended with linear weights. With a
-margin at least the network's receptive radius this equals one pass over the whole volume. 2-D
-networks run slice by slice, each slice padded to at least the training ``patch_size`` and cut into
+Training crops are 2-D slices around positions from ``sampler.sample`` (balanced over tasks and
+classes), zero-padded where they reach past the image, the padding left out of the losses.
+2-D networks run slice by slice, each slice padded to at least the training ``patch_size`` and cut into
 windows of that size (as in training, where instance norm saw crops of that size), several windows
 per batch; ``max_block_voxels`` caps the voxels of one batch. On CUDA inference runs under float16
 autocast; on the CPU it runs in float32 without autocast. ``progress(fraction, stage)`` is called
@@ -48,49 +39,35 @@ Optional hooks for the trainer and the application (not part of :class:`Architec
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..errors import CancelledError, InputError
-from ..losses import presence_focal_loss, soft_dice_loss, soft_iou_loss
-from ..networks.blocks import AVETISIAN_PLANE_KERNELS
+from ..errors import InputError
+from ..losses import presence_focal_loss, soft_dice_loss
 from ..networks.cmunet import CMUNet
-from ..networks.unet_factorised import FactorisedUNet3d
 from .base import Architecture, CancelCheck, ProgressCallback, TrainingStep
+from .unet_windows import (
+    AxisWindows,
+    as_ints,
+    check_volume,
+    crop_centred,
+    fit_window,
+    inference_context,
+    plan_axis_windows,
+    raise_if_cancelled,
+    report_progress,
+    round_up,
+    window_region,
+    window_weight,
+)
 
 if TYPE_CHECKING:
     from ..sampling import BalancedVoxelSampler
-
-#: Weight of a window's context margin in the blend: tiny, so a voxel never has zero total weight.
-_CONTEXT_WEIGHT = 1e-6
-
-
-# ---------------------------------------------------------------------------------------------
-# Crops, windows and blending
-
-
-def crop_centred(array: np.ndarray, centre: Sequence[int], size: Sequence[int], fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The ``size`` box of ``array`` starting ``size // 2`` before ``centre``, and a mask of the part
-    inside ``array``; the part outside is ``fill``."""
-    crop = np.full(tuple(size), fill, dtype=array.dtype)
-    inside = np.zeros(tuple(size), dtype=bool)
-    source, target = [], []
-    for middle, side, length in zip(centre, size, array.shape):
-        start = int(middle) - side // 2
-        low, high = max(start, 0), min(start + side, length)
-        source.append(slice(low, max(low, high)))
-        target.append(slice(low - start, max(low, high) - start))
-    crop[tuple(target)] = array[tuple(source)]
-    inside[tuple(target)] = True
-    return crop, inside
 
 
 def presence_targets(labels: np.ndarray, inside: np.ndarray, num_labels: int, min_voxels: int = 1) -> np.ndarray:
@@ -103,256 +80,6 @@ def presence_targets(labels: np.ndarray, inside: np.ndarray, num_labels: int, mi
     """
     counts = np.bincount(labels[inside].ravel().astype(np.int64), minlength=num_labels)[1:num_labels]
     return (counts >= min_voxels).astype(np.float32)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-@dataclass(frozen=True)
-class AxisWindows:
-    """Overlapping windows along one (padded) axis and each window's blending weights."""
-
-    starts: tuple[int, ...]
-    size: int
-    weights: tuple[np.ndarray, ...]
-
-
-def plan_axis_windows(length: int, size: int, margin: int, multiple: int) -> AxisWindows:
-    """Windows of ``size`` over ``length`` (both multiples of ``multiple``), starting on multiples
-    of ``multiple`` so the poolings of every window line up with those of a whole-volume pass.
-
-    The outer ``margin`` voxels of a window towards a neighbour are context only (weight ~0); the
-    inner parts of neighbouring windows meet or overlap, and cross-fade linearly where they overlap.
-    Weights are relative: the caller divides by their sum at every voxel.
-    """
-    if size >= length:
-        return AxisWindows((0,), length, (np.ones(length, np.float32),))
-    margin = max(0, min(margin, (size - multiple) // 2))
-    step = max(multiple, (size - 2 * margin) // multiple * multiple)
-    starts = (*range(0, length - size, step), length - size)
-    overlap = size - 2 * margin - step
-    positions = np.arange(size, dtype=np.float64)
-    weights = []
-    for start in starts:
-        distance = np.full(size, np.inf)
-        if start > 0:
-            distance = np.minimum(distance, positions)
-        if start + size < length:
-            distance = np.minimum(distance, size - 1 - positions)
-        weights.append(np.clip((distance - margin + 1) / (overlap + 1), _CONTEXT_WEIGHT, 1.0).astype(np.float32))
-    return AxisWindows(starts, size, tuple(weights))
-
-
-def fit_window(shape: Sequence[int], max_voxels: int, multiple: int, smallest: int | None = None) -> tuple[int, ...]:
-    """``shape`` with its largest sides shrunk by ``multiple`` until it holds at most ``max_voxels``,
-    never below ``smallest`` (default ``multiple``) per side, nor below a side already smaller."""
-    smallest = multiple if smallest is None else smallest
-    window = list(shape)
-    while math.prod(window) > max_voxels:
-        shrinkable = [axis for axis, side in enumerate(window) if side - multiple >= smallest]
-        if not shrinkable:
-            break
-        largest = max(shrinkable, key=lambda axis: window[axis])
-        window[largest] -= multiple
-    return tuple(window)
-
-
-def _window_weight(plans: Sequence[AxisWindows], index: Sequence[int]) -> np.ndarray:
-    weight = np.ones((), np.float32)
-    for plan, number in zip(plans, index):
-        weight = np.multiply.outer(weight, plan.weights[number])
-    return weight
-
-
-def _window_region(plans: Sequence[AxisWindows], index: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(plan.starts[number], plan.starts[number] + plan.size) for plan, number in zip(plans, index))
-
-
-def _check_volume(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3:
-        raise InputError(f"expected one single-channel (z, y, x) volume, got an array of shape {image.shape}; choose one channel")
-    if min(image.shape) < 1:
-        raise InputError(f"the volume is empty (shape {image.shape})")
-    return image.astype(np.float32, copy=False)
-
-
-def _raise_if_cancelled(cancelled: CancelCheck | None) -> None:
-    if cancelled is not None and cancelled():
-        raise CancelledError("prediction cancelled by the user; nothing was written")
-
-
-def _report(progress: ProgressCallback | None, fraction: float, stage: str) -> None:
-    if progress is not None:
-        progress(min(1.0, max(0.0, fraction)), stage)
-
-
-@contextlib.contextmanager
-def _inference(network: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode (restored afterwards), no autograd, float16 autocast on CUDA, float32 elsewhere."""
-    device = torch.device(device)
-    was_training = network.training
-    network.to(device).eval()
-    precision = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-    try:
-        with torch.inference_mode(), precision:
-            yield
-    finally:
-        network.train(was_training)
-
-
-def _as_ints(values: Sequence[Any], count: int, what: str) -> list[int]:
-    values = [int(value) for value in values]
-    if len(values) != count or min(values) < 1:
-        raise InputError(f"{what} needs {count} positive sides, got {values}")
-    return values
-
-
-# ---------------------------------------------------------------------------------------------
-# Avetisian: volumetric U-Net with planar-factorised convolutions
-
-
-class FactorisedUNet3DArchitecture(Architecture):
-    """Avetisian's volumetric U-Net trained on 3-D blocks with the soft IoU loss.
-
-    Args (network, see :class:`~MultiTaskSegLib.networks.unet_factorised.FactorisedUNet3d`):
-        first_channels, depth, plane_kernels, block_dropout, output_dropout, up_kernel_size.
-    Args (training):
-        block_shape: (z, y, x) sides of a training block, multiples of ``2 ** depth``; each block is
-            centred on one balanced position.
-        learning_rate: Adam's learning rate (paper: 7.6e-5; ``make_optimizer`` may override it).
-        l2_weight: weight of ``sum(w^2) / 2`` over all convolution weights (not biases), added to
-            the loss (paper: 3e-4, TensorFlow's ``l2_loss`` convention).
-        gradient_clip: the global gradient norm is clipped to this (paper: 1.0).
-    Args (inference):
-        inference_margin: context voxels a window gets beyond the part it contributes.
-        inference_block_voxels: largest window when ``predict_probabilities`` gets no
-            ``max_block_voxels``; smaller volumes run in one pass.
-    """
-
-    name: ClassVar[str] = "unet3d_factorised"
-    summary: ClassVar[str] = (
-        "Avetisian volumetric U-Net: four planar 3x3 convolutions per block, soft IoU loss, 3-D blocks"
-    )
-
-    def __init__(
-        self,
-        num_labels: int,
-        task_names: Sequence[str],
-        *,
-        first_channels: int = 30,
-        depth: int = 3,
-        plane_kernels: Sequence[Sequence[int]] = AVETISIAN_PLANE_KERNELS,
-        block_dropout: float = 0.15,
-        output_dropout: float = 0.15,
-        up_kernel_size: int = 2,
-        block_shape: Sequence[int] = (32, 32, 32),
-        learning_rate: float = 7.6e-5,
-        l2_weight: float = 3e-4,
-        gradient_clip: float = 1.0,
-        inference_margin: int = 16,
-        inference_block_voxels: int = 128**3,
-    ) -> None:
-        block_shape = _as_ints(block_shape, 3, "block_shape")
-        if any(side % 2**depth for side in block_shape):
-            raise InputError(f"block_shape {block_shape} must have sides that are multiples of 2^depth = {2**depth}")
-        super().__init__(
-            num_labels,
-            task_names,
-            first_channels=int(first_channels),
-            depth=int(depth),
-            plane_kernels=[[int(side) for side in kernel] for kernel in plane_kernels],
-            block_dropout=float(block_dropout),
-            output_dropout=float(output_dropout),
-            up_kernel_size=int(up_kernel_size),
-            block_shape=block_shape,
-            learning_rate=float(learning_rate),
-            l2_weight=float(l2_weight),
-            gradient_clip=float(gradient_clip),
-            inference_margin=int(inference_margin),
-            inference_block_voxels=int(inference_block_voxels),
-        )
-        self.block_shape = tuple(block_shape)
-        self.learning_rate = float(learning_rate)
-        self.l2_weight = float(l2_weight)
-        self.gradient_clip = float(gradient_clip)
-        self.inference_margin = int(inference_margin)
-        self.inference_block_voxels = int(inference_block_voxels)
-
-    def build_network(self, num_labels: int, **arguments: Any) -> FactorisedUNet3d:
-        return FactorisedUNet3d(
-            num_labels,
-            first_channels=arguments["first_channels"],
-            depth=arguments["depth"],
-            plane_kernels=arguments["plane_kernels"],
-            block_dropout=arguments["block_dropout"],
-            output_dropout=arguments["output_dropout"],
-            up_kernel_size=arguments["up_kernel_size"],
-        )
-
-    def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        numbers, positions = sampler.sample(batch_size, rng)
-        images, labels, inside = [], [], []
-        for number, position in zip(numbers, positions):
-            case = sampler.cases[number]
-            image, valid = crop_centred(case.image.astype(np.float32, copy=False), position, self.block_shape)
-            images.append(image)
-            labels.append(crop_centred(case.labels, position, self.block_shape)[0].astype(np.int64))
-            inside.append(valid)
-        return {
-            "image": torch.from_numpy(np.stack(images)[:, None]),
-            "labels": torch.from_numpy(np.stack(labels)),
-            "valid": torch.from_numpy(np.stack(inside)),
-        }
-
-    def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
-        image, labels, valid = (batch[key].to(device, non_blocking=True) for key in ("image", "labels", "valid"))
-        probabilities = torch.softmax(self.network(image), dim=1)
-        iou = soft_iou_loss(probabilities, labels, valid)
-        l2 = self.l2_weight * sum(
-            (module.weight**2).sum() / 2 for module in self.network.modules() if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d))
-        )
-        return TrainingStep(iou + l2, {"iou_loss": float(iou.detach()), "l2": float(l2.detach())})
-
-    def make_optimizer(self, learning_rate: float | None = None) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.network.parameters(), lr=learning_rate or self.learning_rate, betas=(0.9, 0.999))
-
-    def clip_gradients(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.gradient_clip)
-
-    def predict_probabilities(
-        self,
-        image: np.ndarray,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-        cancelled: CancelCheck | None = None,
-        max_block_voxels: int | None = None,
-    ) -> np.ndarray:
-        image = _check_volume(image)
-        multiple = self.network.size_multiple
-        padded_shape = tuple(_round_up(side, multiple) for side in image.shape)
-        padded = np.zeros(padded_shape, np.float32)
-        padded[tuple(slice(0, side) for side in image.shape)] = image
-        window = fit_window(padded_shape, max_block_voxels or self.inference_block_voxels, multiple)
-        plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_shape, window)]
-        blocks = list(itertools.product(*(range(len(plan.starts)) for plan in plans)))
-        summed = np.zeros((self.num_labels, *padded_shape), np.float32)
-        total_weight = np.zeros(padded_shape, np.float32)
-        stage = "Segmenting the volume" if len(blocks) == 1 else f"Segmenting {len(blocks)} blocks"
-        _report(progress, 0.0, stage)
-        with _inference(self.network, device):
-            for done, index in enumerate(blocks, start=1):
-                _raise_if_cancelled(cancelled)
-                region = _window_region(plans, index)
-                weight = _window_weight(plans, index)
-                block = torch.from_numpy(np.ascontiguousarray(padded[region]))[None, None].to(device)
-                probabilities = torch.softmax(self.network(block).float(), dim=1)[0].cpu().numpy()
-                summed[(slice(None), *region)] += probabilities * weight
-                total_weight[region] += weight
-                _report(progress, done / len(blocks), stage)
-        summed /= total_weight
-        return np.ascontiguousarray(summed[(slice(None), *(slice(0, side) for side in image.shape))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +116,7 @@ class _SliceUNetArchitecture(Architecture):
         **method_arguments: Any,
     ) -> None:
         channels = [int(count) for count in channels]
-        patch_size = _as_ints(patch_size, 2, "patch_size")
+        patch_size = as_ints(patch_size, 2, "patch_size")
         multiple = 2 ** (len(channels) - 1)
         if any(side % multiple or side < 2 * multiple for side in patch_size):
             raise InputError(
@@ -474,10 +201,10 @@ class _SliceUNetArchitecture(Architecture):
     def _slice_windows(self, image: np.ndarray, max_block_voxels: int | None):
         """The volume with slices first and padded planes, the in-plane window plans, and how many
         windows go in one batch."""
-        volume = np.moveaxis(_check_volume(image), self.slice_axis, 0)
+        volume = np.moveaxis(check_volume(image), self.slice_axis, 0)
         multiple = self.network.size_multiple
         plane = volume.shape[1:]
-        padded_plane = tuple(_round_up(max(side, patch), multiple) for side, patch in zip(plane, self.patch_size))
+        padded_plane = tuple(round_up(max(side, patch), multiple) for side, patch in zip(plane, self.patch_size))
         limit = max_block_voxels or self.inference_block_voxels
         # Windows keep at least 2x2 bottleneck voxels: instance norm needs more than one.
         window = fit_window(self.patch_size, limit, multiple, smallest=2 * multiple)
@@ -495,7 +222,7 @@ class _SliceUNetArchitecture(Architecture):
 
     @staticmethod
     def _batch_tensor(padded: np.ndarray, plans: Sequence[AxisWindows], items, device: torch.device) -> torch.Tensor:
-        crops = [padded[(number, *_window_region(plans, index))] for number, *index in items]
+        crops = [padded[(number, *window_region(plans, index))] for number, *index in items]
         return torch.from_numpy(np.stack(crops)[:, None]).to(device)
 
     def _skip_mask(self, features: list[torch.Tensor], requested_labels: Sequence[int] | None) -> torch.Tensor | None:
@@ -518,13 +245,13 @@ class _SliceUNetArchitecture(Architecture):
         summed = np.zeros((self.num_labels, *padded.shape), np.float32)
         total_weight = np.zeros(padded.shape[1:], np.float32)
         for index in itertools.product(*(range(len(plan.starts)) for plan in plans)):
-            total_weight[_window_region(plans, index)] += _window_weight(plans, index)
+            total_weight[window_region(plans, index)] += window_weight(plans, index)
         stage = "Segmenting slices"
-        _report(progress, 0.0, stage)
-        with _inference(self.network, device):
+        report_progress(progress, 0.0, stage)
+        with inference_context(self.network, device):
             done = 0
             for items, total in self._window_batches(padded, plans, batch_windows):
-                _raise_if_cancelled(cancelled)
+                raise_if_cancelled(cancelled)
                 features = self.network.encode(self._batch_tensor(padded, plans, items, device))
                 skipped = self._skip_mask(features, requested_labels)
                 kept = torch.ones(len(items), dtype=torch.bool, device=device) if skipped is None else ~skipped
@@ -535,10 +262,10 @@ class _SliceUNetArchitecture(Architecture):
                     probabilities[kept] = torch.softmax(logits.float(), dim=1)
                 probabilities = probabilities.cpu().numpy()
                 for (number, *index), window_probabilities in zip(items, probabilities):
-                    region = _window_region(plans, index)
-                    summed[(slice(None), number, *region)] += window_probabilities * _window_weight(plans, index)
+                    region = window_region(plans, index)
+                    summed[(slice(None), number, *region)] += window_probabilities * window_weight(plans, index)
                 done += len(items)
-                _report(progress, done / total, stage)
+                report_progress(progress, done / total, stage)
         summed /= total_weight
         plane = [side for axis, side in enumerate(original_shape) if axis != self.slice_axis]
         result = summed[:, :, : plane[0], : plane[1]]
@@ -662,16 +389,16 @@ class CMUNetArchitecture(_SliceUNetArchitecture):
         highest = np.zeros(self.num_labels, np.float32)
         highest[0] = 1
         stage = "Checking which structures are present"
-        _report(progress, 0.0, stage)
-        with _inference(self.network, device):
+        report_progress(progress, 0.0, stage)
+        with inference_context(self.network, device):
             done = 0
             for items, total in self._window_batches(padded, plans, batch_windows):
-                _raise_if_cancelled(cancelled)
+                raise_if_cancelled(cancelled)
                 features = self.network.encode(self._batch_tensor(padded, plans, items, device))
                 presence = torch.sigmoid(self.network.classify(features[-1]).float()).amax(dim=0).cpu().numpy()
                 highest[1:] = np.maximum(highest[1:], presence)
                 done += len(items)
-                _report(progress, done / total, stage)
+                report_progress(progress, done / total, stage)
         return highest
 
 

@@ -1,0 +1,148 @@
+"""Crops and overlapping windows shared by the U-Nets: any volume size, bounded memory.
+
+A volume is padded up to a multiple of the network's pooling factor (removing the papers'
+``2^levels`` size limit) and cut into windows on a grid aligned with the poolings; a window's
+outermost ``margin`` voxels towards a neighbour only give context, and where the inner parts of two
+windows overlap their probabilities are blended with linear weights. With a margin at least the
+network's receptive radius this equals one pass over the whole volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CancelledError, InputError
+from .base import CancelCheck, ProgressCallback
+
+#: Weight of a window's context margin in the blend: tiny, so a voxel never has zero total weight.
+CONTEXT_WEIGHT = 1e-6
+
+
+def crop_centred(array: np.ndarray, centre: Sequence[int], size: Sequence[int], fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ``size`` box of ``array`` starting ``size // 2`` before ``centre``, and a mask of the part
+    inside ``array``; the part outside is ``fill``."""
+    crop = np.full(tuple(size), fill, dtype=array.dtype)
+    inside = np.zeros(tuple(size), dtype=bool)
+    source, target = [], []
+    for middle, side, length in zip(centre, size, array.shape):
+        start = int(middle) - side // 2
+        low, high = max(start, 0), min(start + side, length)
+        source.append(slice(low, max(low, high)))
+        target.append(slice(low - start, max(low, high) - start))
+    crop[tuple(target)] = array[tuple(source)]
+    inside[tuple(target)] = True
+    return crop, inside
+
+
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class AxisWindows:
+    """Overlapping windows along one (padded) axis and each window's blending weights."""
+
+    starts: tuple[int, ...]
+    size: int
+    weights: tuple[np.ndarray, ...]
+
+
+def plan_axis_windows(length: int, size: int, margin: int, multiple: int) -> AxisWindows:
+    """Windows of ``size`` over ``length`` (both multiples of ``multiple``), starting on multiples
+    of ``multiple`` so the poolings of every window line up with those of a whole-volume pass.
+
+    The outer ``margin`` voxels of a window towards a neighbour are context only (weight ~0); the
+    inner parts of neighbouring windows meet or overlap, and cross-fade linearly where they overlap.
+    Weights are relative: the caller divides by their sum at every voxel.
+    """
+    if size >= length:
+        return AxisWindows((0,), length, (np.ones(length, np.float32),))
+    margin = max(0, min(margin, (size - multiple) // 2))
+    step = max(multiple, (size - 2 * margin) // multiple * multiple)
+    starts = (*range(0, length - size, step), length - size)
+    overlap = size - 2 * margin - step
+    positions = np.arange(size, dtype=np.float64)
+    weights = []
+    for start in starts:
+        distance = np.full(size, np.inf)
+        if start > 0:
+            distance = np.minimum(distance, positions)
+        if start + size < length:
+            distance = np.minimum(distance, size - 1 - positions)
+        weights.append(np.clip((distance - margin + 1) / (overlap + 1), CONTEXT_WEIGHT, 1.0).astype(np.float32))
+    return AxisWindows(starts, size, tuple(weights))
+
+
+def fit_window(shape: Sequence[int], max_voxels: int, multiple: int, smallest: int | None = None) -> tuple[int, ...]:
+    """``shape`` with its largest sides shrunk by ``multiple`` until it holds at most ``max_voxels``,
+    never below ``smallest`` (default ``multiple``) per side, nor below a side already smaller."""
+    smallest = multiple if smallest is None else smallest
+    window = list(shape)
+    while math.prod(window) > max_voxels:
+        shrinkable = [axis for axis, side in enumerate(window) if side - multiple >= smallest]
+        if not shrinkable:
+            break
+        largest = max(shrinkable, key=lambda axis: window[axis])
+        window[largest] -= multiple
+    return tuple(window)
+
+
+def window_weight(plans: Sequence[AxisWindows], index: Sequence[int]) -> np.ndarray:
+    weight = np.ones((), np.float32)
+    for plan, number in zip(plans, index):
+        weight = np.multiply.outer(weight, plan.weights[number])
+    return weight
+
+
+def window_region(plans: Sequence[AxisWindows], index: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(plan.starts[number], plan.starts[number] + plan.size) for plan, number in zip(plans, index))
+
+
+def check_volume(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise InputError(f"expected one single-channel (z, y, x) volume, got an array of shape {image.shape}; choose one channel")
+    if min(image.shape) < 1:
+        raise InputError(f"the volume is empty (shape {image.shape})")
+    return image.astype(np.float32, copy=False)
+
+
+def raise_if_cancelled(cancelled: CancelCheck | None) -> None:
+    if cancelled is not None and cancelled():
+        raise CancelledError("prediction cancelled by the user; nothing was written")
+
+
+def report_progress(progress: ProgressCallback | None, fraction: float, stage: str) -> None:
+    if progress is not None:
+        progress(min(1.0, max(0.0, fraction)), stage)
+
+
+@contextlib.contextmanager
+def inference_context(network: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode (restored afterwards), no autograd, float16 autocast on CUDA, float32 elsewhere."""
+    device = torch.device(device)
+    was_training = network.training
+    network.to(device).eval()
+    precision = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), precision:
+            yield
+    finally:
+        network.train(was_training)
+
+
+def as_ints(values: Sequence[Any], count: int, what: str) -> list[int]:
+    values = [int(value) for value in values]
+    if len(values) != count or min(values) < 1:
+        raise InputError(f"{what} needs {count} positive sides, got {values}")
+    return values
