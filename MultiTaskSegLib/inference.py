@@ -92,6 +92,11 @@ def preprocessing_task(model: SegmentationModel, image: sitk.Image, tasks: Seque
 
 def check_input_against_model(model: SegmentationModel, image: sitk.Image, tasks: Sequence[str]) -> list[str]:
     """Warnings for an input that does not fit the model card (modality, spacing)."""
+    return preprocessing_plan(model, image, tasks)[1]
+
+
+def preprocessing_plan(model: SegmentationModel, image: sitk.Image, tasks: Sequence[str]) -> tuple[Task, list[str]]:
+    """The task whose preprocessing the image gets, and the warnings the model card raises."""
     warnings: list[str] = []
     task = preprocessing_task(model, image, tasks, warnings)
     spacing = np.asarray(image.GetSpacing())
@@ -101,7 +106,7 @@ def check_input_against_model(model: SegmentationModel, image: sitk.Image, tasks
             f"the image spacing {tuple(round(float(s), 2) for s in spacing)} mm is far from the model's working "
             f"spacing of {working} mm for {task.name}; it will be resampled, but fine structures may be lost"
         )
-    return warnings
+    return task, warnings
 
 
 def segment_image(
@@ -118,8 +123,7 @@ def segment_image(
     report = progress or (lambda fraction, stage: None)
     check_image(image, "the input volume")
     tasks = resolve_tasks(model, tasks)
-    warnings = check_input_against_model(model, image, tasks)
-    task = preprocessing_task(model, image, tasks, [])
+    task, warnings = preprocessing_plan(model, image, tasks)
     report(0.0, "preprocessing")
     working, foreground, grid = prepare_image(image, task, task.working_spacing_mm)
 
@@ -168,16 +172,13 @@ def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: Segmentat
     point chosen on validation cases (``card["operating_points"]``, written by the trainer).
     """
     thresholds = model.card.get("operating_points", {})
-    scores = probabilities
+    scores = probabilities.copy() if thresholds else probabilities
     for task_name, threshold in thresholds.items():
-        indices = model.label_space.indices_for_task(task_name) if task_name in model.label_space.task_names else ()
-        for index in indices:
-            position = np.flatnonzero(kept == index)
-            if position.size:
-                if scores is probabilities:
-                    scores = probabilities.copy()
-                channel = scores[position[0]]
-                channel[channel < threshold] = 0.0
+        if task_name not in model.label_space.task_names:
+            continue
+        for position in np.flatnonzero(np.isin(kept, model.label_space.indices_for_task(task_name))):
+            channel = scores[position]
+            channel[channel < threshold] = 0.0
     return np.argmax(scores, axis=0)
 
 
