@@ -125,7 +125,8 @@ def command_experiments(args) -> int:
 
     run_paper_experiments(Path(args.data), Path(args.out), architecture=args.arch, arguments=_arguments(args.arg),
                           steps=args.steps, batch_size=args.batch_size, validate_every=args.validate_every,
-                          seed=args.seed, device=args.device)
+                          seed=args.seed, device=args.device, validation_fraction=args.validation_fraction,
+                          experiments=tuple(args.only))
     return 0
 
 
@@ -208,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--steps", type=int, default=2000)
     sub.add_argument("--batch-size", type=int, default=210)
     sub.add_argument("--validate-every", type=int, default=250)
+    sub.add_argument("--validation-fraction", type=float, default=0.2,
+                     help="share of each task's cases held out to draw the learning curves")
+    sub.add_argument("--only", nargs="+", choices=list("1234567"), default=list("1234567"),
+                     help="run these experiments (numbers 1-7); finished ones are reused, so separate "
+                          "processes can share the seven and a last call without --only draws them all")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--device", default="auto")
     sub.set_defaults(run=command_experiments)

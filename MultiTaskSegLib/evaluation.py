@@ -70,7 +70,7 @@ def precision_recall_curve(probabilities: Sequence[np.ndarray], references: Sequ
     The optimal operating point is the threshold with the highest Dice over the whole test set,
     as in Moeskops et al.
     """
-    thresholds = np.r_[np.linspace(0.05, 0.95, 19), 0.97, 0.98, 0.99] if thresholds is None else np.asarray(thresholds)
+    thresholds = np.r_[np.linspace(0.05, 0.95, 19), 0.97, 0.98, 0.99, 0.995, 0.998, 0.999] if thresholds is None else np.asarray(thresholds)
     true_positive = np.zeros(thresholds.size)
     predicted_positive = np.zeros(thresholds.size)
     actual_positive = 0

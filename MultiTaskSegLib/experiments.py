@@ -19,7 +19,7 @@ from .datasets import find_cases, prepare_case, split_cases
 from .learning_curve import LearningCurve, plot_curves
 from .tasks import PAPER_TASKS, get_task
 from .training import TrainingConfig, train
-from .inference import background_outside, choose_device
+from .inference import background_outside, choose_device, label_decision
 from .evaluation import task_confusion
 
 #: The table reports the mean Dice of the last validations: a single validation of a short run is noisy.
@@ -41,27 +41,35 @@ def experiment_label(number: str) -> str:
     return f"{number}: " + "+".join(short[t] for t in EXPERIMENTS[number])
 
 
-def confusion_on_validation(model, config: TrainingConfig, device) -> dict[str, float]:
-    """Median share (%) of voxels per validation scan given a class of another task."""
+def confusion_on_validation(model, config: TrainingConfig, device) -> dict[str, dict[str, float]]:
+    """Median share (%) of voxels per validation scan given a class of another task, per task.
+
+    Two decisions over all the model's classes: ``labels`` as the tool assigns them when no task
+    is chosen (arg-max, a binary task's class only above its operating point, as Moeskops et al.
+    threshold the breast and cardiac outputs) and the plain ``argmax`` of the softmax.
+    """
     space = model.label_space
     cases = []
     for task in config.tasks:
         cases += find_cases(get_task(task), config.data[task])
     _, validation = split_cases(cases, config.validation_fraction, config.seed)
     model.architecture.network.eval()
-    shares: dict[str, list[float]] = {task: [] for task in config.tasks}
+    shares: dict[str, dict[str, list[float]]] = {task: {"labels": [], "argmax": []} for task in config.tasks}
+    every_class = np.arange(len(space))
     for files in validation:
         case = prepare_case(files, space)
-        probabilities = model.architecture.predict_probabilities(case.image, device)
-        predicted = np.argmax(background_outside(probabilities, case.foreground), axis=0)
+        probabilities = background_outside(model.architecture.predict_probabilities(case.image, device), case.foreground)
         alien = [i for i in range(1, len(space)) if i not in space.indices_for_task(case.task)]
-        shares[case.task].append(task_confusion(predicted, alien))
-    return {task: float(np.median(values)) for task, values in shares.items() if values}
+        shares[case.task]["labels"].append(task_confusion(label_decision(probabilities, every_class, model), alien))
+        shares[case.task]["argmax"].append(task_confusion(np.argmax(probabilities, axis=0), alien))
+    return {task: {decision: float(np.median(values)) for decision, values in by_decision.items()}
+            for task, by_decision in shares.items() if by_decision["labels"]}
 
 
 def run_paper_experiments(data: Path, out: Path, architecture: str = "triplanar", arguments: dict[str, Any] | None = None,
                           steps: int = 2000, batch_size: int = 210, validate_every: int = 250, seed: int = 0,
-                          device: str = "auto", experiments: tuple[str, ...] = tuple(EXPERIMENTS)) -> list[dict]:
+                          device: str = "auto", experiments: tuple[str, ...] = tuple(EXPERIMENTS),
+                          validation_fraction: float = 0.2) -> list[dict]:
     """Train the experiments (resuming finished or interrupted ones), then draw and tabulate them.
 
     ``steps`` and ``validate_every`` count mini-batches per task.
@@ -73,6 +81,7 @@ def run_paper_experiments(data: Path, out: Path, architecture: str = "triplanar"
         config = TrainingConfig(
             tasks=list(tasks), architecture=architecture, arguments=dict(arguments or {}), batch_size=batch_size,
             steps=steps * len(tasks), validate_every=validate_every * len(tasks), seed=seed, device=device,
+            validation_fraction=validation_fraction,
             model_name=f"experiment{number}", data={task: str(data / task) for task in tasks},
         )
         run = out / f"experiment{number}"
@@ -85,10 +94,12 @@ def run_paper_experiments(data: Path, out: Path, architecture: str = "triplanar"
         validations = curve.mean_dice()
         last = sorted(validations)[-LAST_VALIDATIONS:]
         for (task, cls), value in validations[last[-1]].items():
+            shares = confusion.get(task, {})
             rows.append({"experiment": experiment_label(number), "task": task, "class": cls,
                          "dice": round(float(np.mean([validations[step][(task, cls)] for step in last])), 4),
                          "dice_final": round(value, 4),
-                         "task_confusion_percent": round(confusion.get(task, 0.0), 6) if len(tasks) > 1 else ""})
+                         "task_confusion_percent": round(shares["labels"], 6) if shares else "",
+                         "task_confusion_argmax_percent": round(shares["argmax"], 6) if shares else ""})
     plot_curves(curves, out / "learning_curves.png")
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -116,9 +127,11 @@ def results_markdown(rows: list[dict]) -> str:
         alone = value.get((single.get(task, ""), task, cls))
         difference = f"{all_three - alone:+.3f}" if all_three is not None and alone is not None else ""
         lines.append(f"| {task} | {cls} | " + " | ".join(cells) + f" | {difference} |")
-    confusion = {(row["experiment"], row["task"]): row["task_confusion_percent"] for row in rows
-                 if row["task_confusion_percent"] != ""}
+    confusion = {(row["experiment"], row["task"]): (row["task_confusion_percent"], row.get("task_confusion_argmax_percent"))
+                 for row in rows if row["task_confusion_percent"] != ""}
     if confusion:
-        lines += ["", "| experiment | task | median task confusion (% voxels) |", "|---|---|---|"]
-        lines += [f"| {e} | {t} | {v:.5f} |" for (e, t), v in confusion.items()]
+        lines += ["", "| experiment | task | median task confusion (% voxels), tool's labels | same, plain arg-max |",
+                  "|---|---|---|---|"]
+        lines += [f"| {e} | {t} | {v:.5f} | " + (f"{a:.5f}" if a not in (None, "") else "") + " |"
+                  for (e, t), (v, a) in confusion.items()]
     return "\n".join(lines) + "\n"

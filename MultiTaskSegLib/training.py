@@ -78,20 +78,42 @@ def collect_cases(config: TrainingConfig) -> tuple[list[CaseFiles], list[CaseFil
     return split_cases(cases, config.validation_fraction, config.seed)
 
 
-def validation_dice(model: SegmentationModel, cases: Sequence[PreparedCase], device: torch.device) -> list[dict]:
-    """Per task, per class Dice of each validation case, on the working grid, restricted to its task."""
-    rows = []
+def validation_dice(model: SegmentationModel, cases: Sequence[PreparedCase],
+                    device: torch.device) -> tuple[list[dict], dict[str, float]]:
+    """Per task, per class Dice of each validation case on the working grid, as Moeskops et al. score it.
+
+    Each case is restricted to its own task. Multi-class tasks take the arg-max; a binary task's
+    class is thresholded at the operating point with the highest Dice over all its validation cases
+    (balanced sampling over-states rare classes, so its arg-max Dice swings from one check to the
+    next). Returns the rows and those operating points.
+    """
     architecture = model.architecture
     architecture.network.eval()
-    for case in cases:
+    label_space = model.label_space
+    predicted: dict[int, np.ndarray] = {}
+    binary: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for number, case in enumerate(cases):
         probabilities = background_outside(architecture.predict_probabilities(case.image, device), case.foreground)
-        indices = np.asarray((0,) + model.label_space.indices_for_task(case.task))
-        predicted = indices[np.argmax(probabilities[indices], axis=0)]
-        for index, dice in dice_per_class(predicted, case.labels, indices[1:]).items():
-            name = model.label_space.entries[index].class_spec.name
-            rows.append({"task": case.task, "class": name, "case": case.name, "dice": dice})
+        indices = np.asarray((0,) + label_space.indices_for_task(case.task))
+        if indices.size == 2:
+            kept = probabilities[indices]
+            binary.setdefault(case.task, []).append((number, kept[1] / np.clip(kept.sum(axis=0), 1e-6, None)))
+        else:
+            predicted[number] = indices[np.argmax(probabilities[indices], axis=0)]
+    operating_points = {}
+    for task, scored in binary.items():
+        index = label_space.indices_for_task(task)[0]
+        curve = precision_recall_curve([p for _, p in scored], [cases[n].labels == index for n, _ in scored])
+        operating_points[task] = curve["best_threshold"]
+        for number, probability in scored:
+            predicted[number] = np.where(probability >= curve["best_threshold"], index, 0)
+    rows = []
+    for number, case in enumerate(cases):
+        for index, value in dice_per_class(predicted[number], case.labels, label_space.indices_for_task(case.task)).items():
+            rows.append({"task": case.task, "class": label_space.entries[index].class_spec.name,
+                         "case": case.name, "dice": value})
     architecture.network.train()
-    return rows
+    return rows, operating_points
 
 
 def _save_checkpoint(run: Path, model: SegmentationModel, optimizer: torch.optim.Optimizer, step: int,
@@ -197,6 +219,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     architecture.network.train()
 
     started, steps_this_call = time.perf_counter(), 0
+    operating_points = None  # those of the latest validation: the final model's, once the loop ends
     while step < config.steps:
         batch = distributed.share_of_batch(architecture.sample_batch(sampler, config.batch_size, rng), context)
         distributed.seed_dropout(config.seed, step, context)
@@ -215,7 +238,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
         if main:
             curve.add_loss(step, loss, logged)
         if main and (step % config.validate_every == 0 or step == config.steps):
-            rows = validation_dice(model, validation_cases, device) if validation_cases else []
+            rows, operating_points = validation_dice(model, validation_cases, device) if validation_cases else ([], {})
             curve.add_validation(step, rows)
             model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
             _save_checkpoint(run, model, optimizer, step, rng, config)
@@ -226,7 +249,9 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
         model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
         model.card = model_card(model, curve)
         if validation_cases:
-            model.card["operating_points"] = choose_operating_points(model, validation_cases, device)
+            if operating_points is None:  # resumed after the last step: no validation ran in this call
+                operating_points = validation_dice(model, validation_cases, device)[1]
+            model.card["operating_points"] = operating_points
         save_model(model, run / "model")
         curve.plot()
     return model
@@ -243,23 +268,6 @@ def provenance(config: TrainingConfig, step: int, train_files, validation_files,
         "seconds_this_session": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
     }
-
-
-def choose_operating_points(model: SegmentationModel, cases: Sequence[PreparedCase], device: torch.device) -> dict[str, float]:
-    """For each binary task, the probability threshold with the highest Dice over the validation cases."""
-    probabilities: dict[str, list] = {}
-    references: dict[str, list] = {}
-    model.architecture.network.eval()
-    for case in cases:
-        indices = model.label_space.indices_for_task(case.task)
-        if len(indices) != 1:
-            continue
-        predicted = background_outside(model.architecture.predict_probabilities(case.image, device), case.foreground)
-        kept = predicted[[0, indices[0]]]
-        probabilities.setdefault(case.task, []).append(kept[1] / np.clip(kept.sum(axis=0), 1e-6, None))
-        references.setdefault(case.task, []).append(case.labels == indices[0])
-    model.architecture.network.train()
-    return {task: precision_recall_curve(probabilities[task], references[task])["best_threshold"] for task in probabilities}
 
 
 def model_card(model: SegmentationModel, curve: LearningCurve) -> dict[str, Any]:

@@ -17,7 +17,8 @@ def test_runner_trains_each_experiment_with_the_same_budget_per_task(tmp_path, t
     assert steps == {"experiment2": 4, "experiment3": 4, "experiment6": 8}  # two tasks: twice the mini-batches
     pair = [r for r in rows if r["experiment"] == experiment_label("6")]
     assert {r["task"] for r in pair} == {"breast_mri", "cardiac_cta"}
-    assert all(isinstance(r["task_confusion_percent"], float) for r in pair)
+    assert all(isinstance(r["task_confusion_percent"], float) and isinstance(r["task_confusion_argmax_percent"], float)
+               for r in pair)
     table = (out / "results.md").read_text()
     assert "| breast_mri | Pectoral muscle |" in table and "median task confusion" in table
 
@@ -27,8 +28,8 @@ def test_table_reports_all_three_minus_single_task():
         {"experiment": experiment_label("2"), "task": "breast_mri", "class": "Pectoral muscle", "dice": 0.80,
          "task_confusion_percent": ""},
         {"experiment": experiment_label("7"), "task": "breast_mri", "class": "Pectoral muscle", "dice": 0.79,
-         "task_confusion_percent": 0.0001},
+         "task_confusion_percent": 0.0001, "task_confusion_argmax_percent": 0.002},
     ]
     table = results_markdown(rows)
     assert "| breast_mri | Pectoral muscle | 0.800 | 0.790 | -0.010 |" in table
-    assert "| 7: brain+breast+cardiac | breast_mri | 0.00010 |" in table
+    assert "| 7: brain+breast+cardiac | breast_mri | 0.00010 | 0.00200 |" in table

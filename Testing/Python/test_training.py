@@ -64,3 +64,36 @@ def test_resuming_with_other_settings_is_refused(tmp_path, tiny_dataset):
     train(config(tiny_dataset), run, log=quiet, stop_after=2)
     with pytest.raises(InputError, match="different settings \\(batch_size\\)"):
         train(config(tiny_dataset, batch_size=24), run, log=quiet)
+
+
+def test_binary_tasks_are_scored_at_the_operating_point_with_the_best_dice_over_validation(tiny_dataset):
+    import numpy as np
+    import torch
+    from conftest import make_tiny_model
+
+    from MultiTaskSegLib.datasets import find_cases, prepare_case
+    from MultiTaskSegLib.evaluation import dice
+    from MultiTaskSegLib.inference import background_outside
+    from MultiTaskSegLib.tasks import get_task
+    from MultiTaskSegLib.training import validation_dice
+
+    model = make_tiny_model(["breast_mri", "cardiac_cta"], varied=True)
+    cases = [prepare_case(files, model.label_space) for task in ("breast_mri", "cardiac_cta")
+             for files in find_cases(get_task(task), tiny_dataset / task)]
+    rows, operating_points = validation_dice(model, cases, torch.device("cpu"))
+    cardiac = [case for case in cases if case.task == "cardiac_cta"]
+    coronary = model.label_space.indices_for_task("cardiac_cta")[0]
+    ratios = []
+    for case in cardiac:
+        p = background_outside(model.architecture.predict_probabilities(case.image, torch.device("cpu")), case.foreground)
+        ratios.append(p[coronary] / np.clip(p[0] + p[coronary], 1e-6, None))
+
+    def pooled_dice(threshold):
+        return dice(np.concatenate([(r >= threshold).ravel() for r in ratios]),
+                    np.concatenate([(c.labels == coronary).ravel() for c in cardiac]))
+
+    chosen = operating_points["cardiac_cta"]
+    assert all(pooled_dice(chosen) >= pooled_dice(t) - 1e-9 for t in (0.05, 0.3, 0.5, 0.7, 0.9, 0.99))
+    for case, ratio in zip(cardiac, ratios):
+        row = next(r for r in rows if r["case"] == case.name and r["task"] == "cardiac_cta")
+        assert row["dice"] == pytest.approx(dice(ratio >= chosen, case.labels == coronary))
