@@ -22,6 +22,8 @@ from .training import TrainingConfig, train
 from .inference import background_outside, choose_device, label_decision
 from .evaluation import task_confusion
 
+#: The row of a multi-class task's mean Dice over its classes.
+TASK_MEAN = "mean over classes"
 #: The table reports the mean Dice of the last validations: a single validation of a short run is noisy.
 LAST_VALIDATIONS = 3
 
@@ -113,11 +115,20 @@ def run_paper_experiments(data: Path, out: Path, architecture: str = "triplanar"
 def results_markdown(rows: list[dict]) -> str:
     """Validation Dice per class (rows) and experiment (columns), plus multi-task minus single-task.
 
-    Each cell is the mean over the last ``LAST_VALIDATIONS`` validations of the run.
+    Each cell is the mean over the last ``LAST_VALIDATIONS`` validations of the run; a task with
+    several classes gets one more row, its mean over them.
     """
     experiments = list(dict.fromkeys(row["experiment"] for row in rows))
-    classes = list(dict.fromkeys((row["task"], row["class"]) for row in rows))
     value = {(row["experiment"], row["task"], row["class"]): row["dice"] for row in rows}
+    classes = []
+    for task in dict.fromkeys(row["task"] for row in rows):
+        names = list(dict.fromkeys(row["class"] for row in rows if row["task"] == task))
+        classes += [(task, name) for name in names]
+        if len(names) > 1:  # a task's mean over its classes: the issue's "per task" comparison
+            for experiment in experiments:
+                if all((experiment, task, name) in value for name in names):
+                    value[(experiment, task, TASK_MEAN)] = float(np.mean([value[(experiment, task, n)] for n in names]))
+            classes.append((task, TASK_MEAN))
     single = {task: experiment_label(n) for n, tasks in EXPERIMENTS.items() if len(tasks) == 1 for task in tasks}
     lines = ["| task | class | " + " | ".join(experiments) + " | all three − single |",
              "|---" * (len(experiments) + 3) + "|"]

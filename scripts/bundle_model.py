@@ -14,7 +14,7 @@ from pathlib import Path
 from MultiTaskSegLib.datasets import prepare_case
 from MultiTaskSegLib.inference import choose_device
 from MultiTaskSegLib.model_files import BUNDLED_MODEL_DIR, load_model, save_model
-from MultiTaskSegLib.training import TrainingConfig, choose_operating_points, collect_cases
+from MultiTaskSegLib.training import TrainingConfig, collect_cases, validation_dice
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
         config = TrainingConfig(**json.loads((args.model.parent / "config.json").read_text(encoding="utf-8")))
         _, validation = collect_cases(config)
         cases = [prepare_case(files, model.label_space) for files in validation]
-        model.card["operating_points"] = choose_operating_points(model, cases, choose_device("cpu"))
+        model.card["operating_points"] = validation_dice(model, cases, choose_device("cpu"))[1]
     model.name = args.name
     path = save_model(model, BUNDLED_MODEL_DIR / args.name)
     assert model.weights_sha256 == before, "bundling must not change the weights"

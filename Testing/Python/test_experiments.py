@@ -33,3 +33,12 @@ def test_table_reports_all_three_minus_single_task():
     table = results_markdown(rows)
     assert "| breast_mri | Pectoral muscle | 0.800 | 0.790 | -0.010 |" in table
     assert "| 7: brain+breast+cardiac | breast_mri | 0.00010 | 0.00200 |" in table
+
+
+def test_table_adds_the_mean_over_a_multi_class_tasks_classes():
+    rows = [{"experiment": experiment_label(number), "task": "brain_t1_mri", "class": name, "dice": dice,
+             "task_confusion_percent": ""}
+            for number, values in (("1", (0.8, 0.6)), ("7", (0.9, 0.6)))
+            for name, dice in zip(("White matter", "Brain stem"), values)]
+    table = results_markdown(rows)
+    assert "| brain_t1_mri | mean over classes | 0.700 | 0.750 | +0.050 |" in table
