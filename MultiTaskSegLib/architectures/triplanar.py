@@ -255,9 +255,13 @@ class TriplanarArchitecture(Architecture):
     """
 
     name = "triplanar"
-    summary = (
-        "Moeskops 2017 multi-task triplanar CNN: 25 shared 3x3 conv layers on 51x51 axial/coronal/sagittal patches"
-    )
+
+    @property
+    def summary(self) -> str:
+        """What this network is, with its own sizes (the paper's: 25 layers, 32 kernels, 51x51)."""
+        stack, size = self.network.features, self.network.patch_size
+        return (f"Moeskops 2017 multi-task triplanar CNN: {stack.layers} shared 3x3 conv layers of "
+                f"{stack.channels} kernels on {size}x{size} axial/coronal/sagittal patches")
 
     def __init__(self, num_labels: int, task_names: Sequence[str], grid: int = 3, **arguments: Any) -> None:
         if int(grid) < 1:

@@ -76,6 +76,13 @@ def test_defaults_reproduce_the_paper_network():
     assert architecture.arguments == {"grid": 3}
 
 
+def test_model_card_line_names_the_networks_own_sizes():
+    paper = TriplanarArchitecture(9, ("brain_t1_mri",))
+    small = TriplanarArchitecture(9, ("brain_t1_mri",), layers=12, channels=16)
+    assert "25 shared 3x3 conv layers of 32 kernels on 51x51" in paper.summary
+    assert "12 shared 3x3 conv layers of 16 kernels on 25x25" in small.summary
+
+
 def test_building_blocks_work_on_any_input_size():
     stack = PlanarFeatureStack(layers=2, channels=5)
     assert stack(torch.zeros(3, 1, 9, 7)).shape == (3, 5, 5, 3)
