@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import find_cases, prepare_case, split_cases
+from .datasets import prepare_case
 from .learning_curve import LearningCurve, plot_curves
-from .tasks import PAPER_TASKS, get_task
-from .training import TrainingConfig, train
+from .tasks import PAPER_TASKS
+from .training import TrainingConfig, collect_cases, train
 from .inference import background_outside, choose_device, label_decision
 from .evaluation import task_confusion
 
@@ -51,10 +51,7 @@ def confusion_on_validation(model, config: TrainingConfig, device) -> dict[str, 
     threshold the breast and cardiac outputs) and the plain ``argmax`` of the softmax.
     """
     space = model.label_space
-    cases = []
-    for task in config.tasks:
-        cases += find_cases(get_task(task), config.data[task])
-    _, validation = split_cases(cases, config.validation_fraction, config.seed)
+    _, validation = collect_cases(config)
     model.architecture.network.eval()
     shares: dict[str, dict[str, list[float]]] = {task: {"labels": [], "argmax": []} for task in config.tasks}
     every_class = np.arange(len(space))
