@@ -4,6 +4,7 @@ Module metadata, a widget that only wires widgets to a parameter node, a logic t
 ``MultiTaskSegLib.mrml`` and ``MultiTaskSegLib.background``, and the self-test.
 """
 
+import importlib.util
 import logging
 import shutil
 import sys
@@ -33,6 +34,14 @@ if not (MODULE_DIR / "MultiTaskSegLib").is_dir() and (MODULE_DIR.parent / "Multi
 from MultiTaskSegSlicer.dependencies import ensure_dependencies  # noqa: E402
 from MultiTaskSegSlicer.model_card import model_card_html, task_names  # noqa: E402
 
+#: Slicer 5.10 is the first Slicer with Python 3.10+, which the library needs (Slicer 5.8 has Python 3.9).
+MINIMUM_PYTHON = (3, 10)
+UNSUPPORTED_MESSAGE = (
+    "MultiTaskSeg needs Slicer 5.10 or later (Python {needed}); this Slicer runs Python {found}. "
+    "Install a newer Slicer to use this module."
+).format(needed=".".join(map(str, MINIMUM_PYTHON)), found=".".join(map(str, sys.version_info[:3])))
+SUPPORTED = sys.version_info >= MINIMUM_PYTHON
+
 DEVICES = ["auto", "cpu", "cuda"]
 UNCERTAINTY_KINDS = ["entropy", "max_probability"]
 
@@ -58,7 +67,7 @@ class MultiTaskSeg(ScriptedLoadableModule):
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["MultiTaskSeg developers"]
-        self.parent.helpText = _(
+        self.parent.helpText = ("" if SUPPORTED else f"<p><b>{UNSUPPORTED_MESSAGE}</b></p>") + _(
             "Segments the selected volume with one multi-task deep network and writes one segment per class "
             "(name, colour, SNOMED CT terminology) into a segmentation, ready for correction in the Segment Editor."
             "<p><b>What the models can do:</b> each model segments the tasks listed on its model card (for example "
@@ -67,8 +76,9 @@ class MultiTaskSeg(ScriptedLoadableModule):
             "input's own grid. Only the segments this model made before are replaced; other segments are kept.</p>"
             "<p><b>What they cannot do:</b> they know only their tasks and modalities. Other anatomy, another "
             "modality (an MR model on CT), very different spacing, 2-D images or multi-channel volumes give warnings "
-            "or errors, not meaningful results. The bundled models are trained on synthetic phantoms: they "
-            "demonstrate the method and are <b>not for clinical use</b>; check every result.</p>"
+            "or errors, not meaningful results. The bundled brain model was trained on a few real FreeSurfer "
+            "subjects and synthetic images; the phantom models demonstrate the method. None is "
+            "<b>for clinical use</b>; check every result.</p>"
             "<p>Please cite: P. Moeskops et al., <i>Deep learning for multi-task medical image segmentation in "
             "multiple modalities</i>, MICCAI 2016; for the U-Net models also M. Avetisian, <i>Volumetric medical "
             "image segmentation with deep convolutional neural networks</i>, and A. Moseley, A. Wang, "
@@ -90,8 +100,8 @@ class MultiTaskSeg(ScriptedLoadableModule):
 class MultiTaskSegParameterNode:
     """The GUI state, saved with the scene.
 
-    model: a bundled model's folder/.zip path or name, or a user's model folder. tasks: the checked
-    tasks, comma-separated.
+    model: a bundled model's name (so a scene survives a Slicer update, whose install folder differs),
+    or a user's model folder. tasks: the checked tasks, comma-separated.
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
@@ -116,9 +126,15 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._pollTimer = None
+        self._tasksShownFor = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if not SUPPORTED:
+            label = qt.QLabel(UNSUPPORTED_MESSAGE)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            return
         uiWidget = slicer.util.loadUI(resourcePath("UI/MultiTaskSeg.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -138,19 +154,23 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.taskListWidget.connect("itemChanged(QListWidgetItem*)", self.onTasksChanged)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        slicer.app.connect("aboutToQuit()", self.onApplicationQuit)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        if self.logic is None:
+            return
         self.logic.cancel()
         self._pollTimer.stop()
         self.removeObservers()
 
+    def onApplicationQuit(self) -> None:
+        """No worker may outlive Slicer: stop it and remove its temporary files."""
+        self.logic.shutdown()
+
     def enter(self) -> None:
-        self.initializeParameterNode()
-        if not self.logic.dependenciesChecked:
-            with slicer.util.tryWithErrorDisplay(_("MultiTaskSeg's Python packages are not installed.")):
-                self.logic.installDependencies()
-            self._fillModels()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -159,6 +179,9 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self.logic.running:  # its volume is about to go: the result would have nowhere to land
+            self.logic.cancel()
+            self.ui.statusLabel.text = _("The scene was closed; the running segmentation was cancelled.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -186,7 +209,12 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _fillModels(self) -> None:
         if not self._parameterNode:
             return
-        models = self.logic.availableModels(self._parameterNode.model)
+        try:
+            models = self.logic.availableModels(self._parameterNode.model)
+        except Exception as error:  # never hide why the list is empty
+            logging.exception("MultiTaskSeg: cannot list the models")
+            self.ui.statusLabel.text = _("Cannot list the models: ") + str(error)
+            models = {}
         with _SignalsBlocked(self.ui.modelComboBox):
             self.ui.modelComboBox.clear()
             for name, source in models.items():
@@ -213,12 +241,16 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          _("No model selected: add a model folder or install the bundled models."))
         chosen = [name for name in parameters.tasks.split(",") if name]
         with _SignalsBlocked(self.ui.taskListWidget):
-            self.ui.taskListWidget.clear()
-            for name in task_names(card or {}):
-                item = qt.QListWidgetItem(name)
-                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-                item.setCheckState(qt.Qt.Checked if name in chosen else qt.Qt.Unchecked)
-                self.ui.taskListWidget.addItem(item)
+            if self._tasksShownFor != parameters.model:  # rebuilt only for another model, never inside itemChanged
+                self.ui.taskListWidget.clear()
+                for name in task_names(card or {}):
+                    item = qt.QListWidgetItem(name)
+                    item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                    self.ui.taskListWidget.addItem(item)
+                self._tasksShownFor = parameters.model
+            for row in range(self.ui.taskListWidget.count):
+                item = self.ui.taskListWidget.item(row)
+                item.setCheckState(qt.Qt.Checked if item.text() in chosen else qt.Qt.Unchecked)
         running = self.logic.running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = running or bool(parameters.inputVolume and card and self._checkedTasks())
@@ -259,7 +291,8 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ):
                 return
             self.logic.start(parameters.inputVolume, parameters.model, self._checkedTasks(), parameters.device,
-                             parameters.createUncertaintyVolume)
+                             parameters.outputSegmentation, parameters.createUncertaintyVolume,
+                             parameters.uncertaintyKind)
             self.ui.statusLabel.text = ""
             self.ui.progressBar.setVisible(True)
             self._pollTimer.start()
@@ -273,19 +306,22 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._pollTimer.stop()
         self.ui.progressBar.setVisible(False)
-        if status.state == "succeeded":
-            with slicer.util.tryWithErrorDisplay(_("The result could not be written."), waitCursor=True):
-                self._writeResult()
-        elif status.state == "cancelled":
-            self.ui.statusLabel.text = _("Cancelled; nothing was written.")
-        else:
-            slicer.util.errorDisplay(_("Segmentation failed: ") + status.error, windowTitle="MultiTaskSeg")
-        self._updateGUI()
+        try:
+            if status.state == "succeeded":
+                with slicer.util.tryWithErrorDisplay(_("The result could not be written."), waitCursor=True):
+                    self._writeResult()
+            elif status.state == "cancelled":
+                self.ui.statusLabel.text = _("Cancelled; nothing was written.")
+            else:
+                slicer.util.errorDisplay(_("Segmentation failed: ") + status.error, windowTitle="MultiTaskSeg")
+        finally:
+            self.logic.finishRun()
+            self._updateGUI()
 
     def _writeResult(self) -> None:
         parameters = self._parameterNode
         existing = "replace"
-        replaced = self.logic.segmentsReplaced(parameters.outputSegmentation)
+        replaced = self.logic.segmentsReplaced()
         if replaced:
             answer = qt.QMessageBox.question(
                 slicer.util.mainWindow(), "MultiTaskSeg",
@@ -297,9 +333,9 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Result discarded; nothing was written.")
                 return
             existing = "replace" if answer == qt.QMessageBox.Yes else "add"
-        written, warnings = self.logic.writeResult(parameters.inputVolume, parameters.outputSegmentation, existing,
-                                                   parameters.createUncertaintyVolume, parameters.uncertaintyKind)
-        parameters.outputSegmentation = written.segmentation_node
+        written, warnings = self.logic.writeResult(existing)
+        if parameters is not None:
+            parameters.outputSegmentation = written.segmentation_node
         self.ui.statusLabel.text = _("Wrote {count} segments.").format(count=len(written.segment_ids)) + "".join(
             "\n" + _("Warning: ") + warning for warning in warnings)
 
@@ -344,10 +380,8 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.dependenciesChecked = False
         self._models = {}
-        self._job = None
-        self._jobInput = None
+        self._run = None
         self._lastWrite = None
         self._lastUncertaintyNode = None
 
@@ -355,23 +389,26 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         return MultiTaskSegParameterNode(super().getParameterNode())
 
     def installDependencies(self, ask: bool = True) -> None:
-        """PyTorch through the PyTorch extension, the rest with pip; asks first."""
-        self.dependenciesChecked = True
+        """PyTorch through the PyTorch extension, the rest with pip; asks first, every time one is missing."""
         ensure_dependencies(ask)
 
     def availableModels(self, extra: str = "") -> dict:
-        """Display name -> model source: the bundled models, plus ``extra`` (a user's model folder)."""
-        try:
-            from MultiTaskSegLib.model_files import bundled_models
-        except ImportError:  # PyTorch or safetensors not installed yet
-            return {Path(extra).name: extra} if extra else {}
-        models = {name: str(path) for name, path in bundled_models().items()}
-        if extra and extra not in models.values():
+        """Display name -> model source: bundled models by name, plus ``extra`` (a user's model folder).
+
+        Reads only ``model.json`` files, so the list appears before PyTorch is installed.
+        """
+        from MultiTaskSegLib.model_catalog import bundled_models
+
+        models = {name: name for name in bundled_models()}
+        if extra and extra not in models:
+            stale = Path(extra).name.removesuffix(".zip")
+            if stale in models:  # a bundled model's path from an older Slicer: offer the bundled one
+                return models
             models[Path(extra).name] = extra
         return models
 
     def modelPath(self, source: str):
-        from MultiTaskSegLib.model_files import resolve_model_path
+        from MultiTaskSegLib.model_catalog import resolve_model_path
 
         try:
             return resolve_model_path(source)
@@ -383,7 +420,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         if not source:
             return {}
         try:
-            from MultiTaskSegLib.model_files import read_model_card
+            from MultiTaskSegLib.model_catalog import read_model_card
 
             return read_model_card(source)
         except Exception as error:
@@ -403,50 +440,45 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
         return mrml.input_warnings(volumeNode, self.loadModel(model), tasks or None)
 
-    def start(self, volumeNode, model: str, tasks, device: str = "auto", withProbabilities: bool = False) -> None:
-        """Start segmenting off the GUI thread: in a PythonSlicer process, or a worker thread without one."""
-        from MultiTaskSegLib import background, mrml
+    def start(self, volumeNode, model: str, tasks, device: str = "auto", segmentationNode=None,
+              withUncertainty: bool = False, uncertaintyKind: str = "entropy") -> None:
+        """Freeze the inputs and segment them off the GUI thread (a PythonSlicer process, else a thread)."""
+        from MultiTaskSegLib import mrml_run
 
-        image = mrml.image_from_volume_node(volumeNode)
-        loaded = self.loadModel(model)
         python = shutil.which("PythonSlicer")
-        if python:
-            self._job = background.SubprocessJob(loaded, image, tasks or None, device, withProbabilities,
-                                                 python=python, environment=slicer.util.startupEnvironment())
-        else:
-            self._job = background.segment_in_thread(loaded, image, tasks or None, device, withProbabilities)
-        self._jobInput = volumeNode
+        self._run = mrml_run.start_run(
+            volumeNode, self.loadModel(model), tasks or (), device, segmentationNode, withUncertainty, uncertaintyKind,
+            python=python, environment=slicer.util.startupEnvironment() if python else None,
+        )
 
     @property
     def running(self) -> bool:
-        return self._job is not None and not self._job.poll().finished
+        return self._run is not None and self._run.running
 
     def poll(self):
-        return self._job.poll()
+        return self._run.poll()
 
     def cancel(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        if self._run is not None:
+            self._run.cancel()
 
-    def segmentsReplaced(self, segmentationNode) -> list:
-        from MultiTaskSegLib import mrml
+    def shutdown(self) -> None:
+        """End every worker at once (application exit)."""
+        from MultiTaskSegLib import background
 
-        return mrml.segments_replaced_by(self._job.result, segmentationNode)
+        background.end_all_jobs()
 
-    def writeResult(self, volumeNode, segmentationNode=None, existing: str = "replace",
-                    withUncertainty: bool = False, uncertaintyKind: str = "entropy"):
-        """Write the finished job's result (GUI thread); returns the write (for undo) and the warnings."""
-        from MultiTaskSegLib import mrml
+    def finishRun(self) -> None:
+        """Forget the finished run (its result was written, discarded or never came)."""
+        self._run = None
 
-        result = self._job.result
-        self._lastWrite = mrml.write_segmentation(result, volumeNode, segmentationNode, existing)
-        self._lastUncertaintyNode = None
-        if withUncertainty:
-            self._lastUncertaintyNode = mrml.add_uncertainty_volume(result, volumeNode, uncertaintyKind)
-            self._lastWrite.segmentation_node.SetNodeReferenceID(
-                mrml.UNCERTAINTY_REFERENCE_ROLE, self._lastUncertaintyNode.GetID())
-        self._job = None
-        return self._lastWrite, result.warnings
+    def segmentsReplaced(self) -> list:
+        return self._run.segments_replaced()
+
+    def writeResult(self, existing: str = "replace"):
+        """Write the finished run onto the inputs frozen at its start; returns the write (for undo) and warnings."""
+        self._lastWrite, self._lastUncertaintyNode, warnings = self._run.write(existing)
+        return self._lastWrite, warnings
 
     @property
     def canUndo(self) -> bool:
@@ -483,6 +515,9 @@ class MultiTaskSegTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if importlib.util.find_spec("torch") is None:  # e.g. the Extensions Index build machines
+            self.delayDisplay("PyTorch is not installed: MultiTaskSeg's self-test is skipped")
+            return
         self.setUp()
         self.test_logic_segments_a_phantom()
         self.setUp()
@@ -490,7 +525,7 @@ class MultiTaskSegTest(ScriptedLoadableModuleTest):
 
     def _phantom(self):
         from MultiTaskSegLib import mrml
-        from MultiTaskSegLib.model_files import bundled_models, read_model_card
+        from MultiTaskSegLib.model_catalog import bundled_models, read_model_card
 
         models = bundled_models()
         if not models:

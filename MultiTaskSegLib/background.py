@@ -12,15 +12,22 @@ Two runners share that interface:
   computes). It needs nothing but this library; headless scripts and tests use it.
 * :class:`SubprocessJob` runs it in a separate Python process (``python -m
   MultiTaskSegLib.background``), which keeps the GUI fluid even where the embedding application
-  holds the GIL, and which a cancel ends at once. Slicer runs it with its ``PythonSlicer``.
+  holds the GIL. Slicer runs it with its ``PythonSlicer``, which is a launcher (CTK's app launcher)
+  that starts the real Python as its own child: terminating the launcher would leave that child
+  computing. So a cancel first asks the worker itself to stop (a file in the job's folder that
+  ``segment_image``'s ``cancelled`` check looks for before every block), then, if it has not ended
+  within :data:`CANCEL_GRACE_SECONDS`, kills the whole process group (tree on Windows). The job's
+  temporary folder goes when the worker has gone; jobs still running when Python exits are ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +42,8 @@ import SimpleITK as sitk
 from .errors import CancelledError, InputError
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
+#: Seconds a cancelled worker has to stop by itself before its process tree is killed.
+CANCEL_GRACE_SECONDS = 5.0
 #: Work done by a job: ``work(progress, cancelled)`` returns the result or raises.
 Work = Callable[[Callable[[float, str], None], Callable[[], bool]], Any]
 
@@ -165,6 +174,7 @@ def segment_in_thread(
 # Subprocess runner
 
 _RESULT_FILE = "result.json"
+_CANCEL_FILE = "cancel"
 _LABELS_FILE = "labels.nrrd"
 _PROBABILITIES_FILE = "probabilities.nrrd"
 
@@ -188,6 +198,7 @@ class SubprocessJob(BackgroundJob):
         with_probabilities: bool = False,
         python: str | os.PathLike | None = None,
         environment: dict[str, str] | None = None,
+        max_block_voxels: int | None = None,
     ) -> None:
         from .model_files import SegmentationModel, load_model
 
@@ -195,33 +206,60 @@ class SubprocessJob(BackgroundJob):
         self.model = model if isinstance(model, SegmentationModel) else load_model(model)
         if self.model.path is None:
             raise InputError("the model has not been saved to a folder or .zip; save it before segmenting in a subprocess")
-        self._folder = Path(tempfile.mkdtemp(prefix="multitaskseg-"))
-        sitk.WriteImage(image, str(self._folder / "input.nrrd"), useCompression=False)
+        self.folder = Path(tempfile.mkdtemp(prefix="multitaskseg-"))
+        #: The process id of the Python that computes (a launcher's child), once it has reported it.
+        self.worker_pid: int | None = None
+        sitk.WriteImage(image, str(self.folder / "input.nrrd"), useCompression=False)
         library_parent = str(Path(__file__).resolve().parent.parent)
         environment = dict(os.environ if environment is None else environment)
         environment["PYTHONPATH"] = os.pathsep.join(p for p in (library_parent, environment.get("PYTHONPATH", "")) if p)
+        environment["PYTHONIOENCODING"] = "utf-8"
         command = [str(python or sys.executable), "-m", "MultiTaskSegLib.background",
-                   "--model", str(self.model.path), "--image", str(self._folder / "input.nrrd"),
-                   "--output", str(self._folder), "--device", device]
+                   "--model", str(self.model.path), "--image", str(self.folder / "input.nrrd"),
+                   "--output", str(self.folder), "--device", device, "--cancel-file", str(self.folder / _CANCEL_FILE)]
         if tasks:
             command += ["--tasks", *tasks]
         if with_probabilities:
             command.append("--probabilities")
-        hidden_console = {}
-        if os.name == "nt":  # no console window flashing up beside Slicer
-            hidden_console["startupinfo"] = subprocess.STARTUPINFO(dwFlags=subprocess.STARTF_USESHOWWINDOW, wShowWindow=0)
+        if max_block_voxels:
+            command += ["--max-block-voxels", str(int(max_block_voxels))]
+        options: dict[str, Any] = {}
+        if os.name == "nt":  # no console window flashing up beside Slicer; a group taskkill /T can end
+            options["startupinfo"] = subprocess.STARTUPINFO(dwFlags=subprocess.STARTF_USESHOWWINDOW, wShowWindow=0)
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:  # its own process group, so the launcher's children can be ended together
+            options["start_new_session"] = True
         self._process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True, bufsize=1,
-            **hidden_console,
+            encoding="utf-8", errors="replace", **options,
         )
+        _LIVE_JOBS.add(self)
         self._stderr: list[str] = []
         self._reader = threading.Thread(target=self._read, name="MultiTaskSeg subprocess reader", daemon=True)
         self._reader.start()
 
     def cancel(self) -> None:
+        """Ask the worker to stop now; kill its process tree if it has not stopped after the grace time."""
         super().cancel()
-        if self._process.poll() is None:
-            self._process.terminate()
+        if self._process.poll() is not None:
+            return
+        try:
+            (self.folder / _CANCEL_FILE).touch()
+        except OSError:  # the folder is already gone: the worker has finished
+            return
+        timer = threading.Timer(CANCEL_GRACE_SECONDS, self._kill_if_running)
+        timer.daemon = True
+        timer.start()
+
+    def _kill_if_running(self) -> None:
+        if not self.poll().finished:
+            self.kill()
+
+    def kill(self) -> None:
+        """End the launcher and every process it started, at once."""
+        if self._process.poll() is None or self.worker_pid is not None:
+            self._cancel.set()
+            kill_process_tree(self._process)
 
     def wait(self, timeout: float | None = None) -> JobStatus:
         self._reader.join(timeout)
@@ -236,6 +274,8 @@ class SubprocessJob(BackgroundJob):
                 message = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if "pid" in message:
+                self.worker_pid = int(message["pid"])
             if "fraction" in message:
                 self._report(message["fraction"], message.get("stage", ""))
             error = message.get("error", error)
@@ -253,17 +293,18 @@ class SubprocessJob(BackgroundJob):
         except BaseException as problem:
             self._finish(FAILED, exception=problem)
         finally:
-            shutil.rmtree(self._folder, ignore_errors=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            _LIVE_JOBS.discard(self)
 
     def _load_result(self):
         from .inference import SegmentationResult
 
-        metadata = json.loads((self._folder / _RESULT_FILE).read_text(encoding="utf-8"))
+        metadata = json.loads((self.folder / _RESULT_FILE).read_text(encoding="utf-8"))
         probabilities = None
-        if (self._folder / _PROBABILITIES_FILE).is_file():
-            probabilities = sitk.ReadImage(str(self._folder / _PROBABILITIES_FILE))
+        if (self.folder / _PROBABILITIES_FILE).is_file():
+            probabilities = sitk.ReadImage(str(self.folder / _PROBABILITIES_FILE))
         return SegmentationResult(
-            labels=sitk.ReadImage(str(self._folder / _LABELS_FILE)),
+            labels=sitk.ReadImage(str(self.folder / _LABELS_FILE)),
             model=self.model,
             tasks=tuple(metadata["tasks"]),
             device=metadata["device"],
@@ -271,6 +312,30 @@ class SubprocessJob(BackgroundJob):
             warnings=list(metadata["warnings"]),
             created=metadata["created"],
         )
+
+
+#: Subprocess jobs whose worker may still run; ended when this Python exits (Slicer closing).
+_LIVE_JOBS: set[SubprocessJob] = set()
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """Kill a process started by :class:`SubprocessJob` and everything it started."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the group made by start_new_session
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@atexit.register
+def end_all_jobs() -> None:
+    """End every worker still running and remove its folder: no orphan keeps computing after exit."""
+    for job in list(_LIVE_JOBS):
+        job.kill()
+        shutil.rmtree(job.folder, ignore_errors=True)
+    _LIVE_JOBS.clear()
 
 
 def _emit(message: dict) -> None:
@@ -286,7 +351,11 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--probabilities", action="store_true")
+    parser.add_argument("--cancel-file", help="stop as soon as this file exists")
+    parser.add_argument("--max-block-voxels", type=int)
     args = parser.parse_args(argv)
+    cancel_file = Path(args.cancel_file) if args.cancel_file else None
+    _emit({"pid": os.getpid()})
     try:
         from .inference import segment_image
         from .model_files import load_model
@@ -295,7 +364,9 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         model = load_model(args.model)
         image = sitk.ReadImage(args.image)
         result = segment_image(model, image, args.tasks, args.device, args.probabilities,
-                               progress=lambda fraction, stage: _emit({"fraction": fraction, "stage": stage}))
+                               progress=lambda fraction, stage: _emit({"fraction": fraction, "stage": stage}),
+                               cancelled=(lambda: cancel_file.exists()) if cancel_file else None,
+                               max_block_voxels=args.max_block_voxels)
         output = Path(args.output)
         sitk.WriteImage(result.labels, str(output / _LABELS_FILE), useCompression=False)
         if result.probabilities is not None:
@@ -303,6 +374,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         metadata = {"tasks": list(result.tasks), "device": result.device, "warnings": result.warnings,
                     "created": result.created}
         (output / _RESULT_FILE).write_text(json.dumps(metadata), encoding="utf-8")
+    except CancelledError:
+        return 3
     except InputError as error:
         _emit({"error": str(error)})
         return 2

@@ -3,7 +3,8 @@
 A data folder for one task holds one sub-folder per case with an image and a label file, named as
 the task declares (``image.nii.gz`` + ``label.nii.gz`` for phantoms, the source's own names for real
 data). A data root holds one such folder per task: ``ROOT/TASK/CASE/...``, which is what
-``multitaskseg phantoms`` writes.
+``multitaskseg phantoms`` writes. Architectures that synthesise images from labels (SynthSeg) also
+take case folders that hold a label map only.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class CaseFiles:
 
     task: str
     name: str
-    image: Path
+    image: Path | None  # None: a label map only, whose images are synthesised in training
     label: Path | None = None
     mask: Path | None = None
 
@@ -42,8 +43,12 @@ def _first_match(folder: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def find_cases(task: Task, folder: str | Path, require_labels: bool = True) -> list[CaseFiles]:
-    """Cases of ``task`` under ``folder`` (a folder of case folders, or one case folder)."""
+def find_cases(task: Task, folder: str | Path, require_labels: bool = True,
+               label_maps_only: bool = False) -> list[CaseFiles]:
+    """Cases of ``task`` under ``folder`` (a folder of case folders, or one case folder).
+
+    With ``label_maps_only`` a case folder holding a label file and no image is a case too.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"data folder {folder} for task {task.name} does not exist")
@@ -52,6 +57,9 @@ def find_cases(task: Task, folder: str | Path, require_labels: bool = True) -> l
     for case_folder in candidates:
         image = _first_match(case_folder, task.image_files)
         if image is None:
+            label = _first_match(case_folder, task.label_files) if label_maps_only else None
+            if label is not None:
+                cases.append(CaseFiles(task.name, case_folder.name, None, label))
             continue
         label = _first_match(case_folder, task.label_files)
         if label is None and require_labels:
@@ -107,6 +115,7 @@ def prepare_image(image: sitk.Image, task: Task, spacing_mm: float, mask: sitk.I
     Returns (normalised float32 array (z, y, x), foreground bool array, working-grid image).
     """
     mask_array = sitk.GetArrayViewFromImage(mask) if mask is not None else None
+    check_working_grid_size(image, spacing_mm)
     normalised = sitk.GetImageFromArray(normalize(sitk.GetArrayViewFromImage(image), task, mask_array))
     normalised.CopyInformation(image)
     grid = working_grid(image, spacing_mm)
@@ -122,6 +131,8 @@ def prepare_case(files: CaseFiles, label_space: LabelSpace, spacing_mm: float | 
     """Read, check, normalise and resample one labelled case into the model's label space."""
     task = label_space.task(files.task)
     spacing = spacing_mm or task.working_spacing_mm
+    if files.image is None:
+        return prepare_label_map(files, label_space, spacing)
     image = read_image(files.image)
     mask = read_image(files.mask, check_values=False) if files.mask else None
     if mask is not None:
@@ -144,3 +155,34 @@ def prepare_case(files: CaseFiles, label_space: LabelSpace, spacing_mm: float | 
     return PreparedCase(task=task.name, name=files.name, image=working, labels=labels, foreground=foreground,
                         extra={"grid": grid, "files": files})
 
+
+
+def prepare_label_map(files: CaseFiles, label_space: LabelSpace, spacing_mm: float) -> PreparedCase:
+    """A case with a label map only: its source label values on the working grid (``extra``), for
+    images synthesised at every training step, and the model's labels. ``image`` is None."""
+    task = label_space.task(files.task)
+    source_labels = read_image(files.label, check_values=False)
+    check_working_grid_size(source_labels, spacing_mm)
+    grid = working_grid(source_labels, spacing_mm)
+    source = sitk.GetArrayFromImage(resample_onto(sitk.Cast(source_labels, sitk.sitkInt32), grid, is_label=True))
+    if source.max() > np.iinfo(np.int16).max or source.min() < 0:
+        raise InputError(f"label map {files.label} holds values outside 0..32767; give FreeSurfer-style label values")
+    labels = label_space.to_model_labels(task.name, task.map_labels(source))
+    return PreparedCase(task=task.name, name=files.name, image=None, labels=labels, foreground=source > 0,
+                        extra={"grid": grid, "files": files, "source_labels": source.astype(np.int16)})
+
+
+#: A working grid larger than this many voxels is refused before anything is allocated.
+MAX_WORKING_VOXELS = 600 * 600 * 600
+
+
+def check_working_grid_size(image: sitk.Image, spacing_mm: float) -> None:
+    """Refuse a resampling that would allocate an enormous grid (e.g. a 20 mm scan at 0.5 mm)."""
+    extent = np.asarray(image.GetSpacing(), float) * np.asarray(image.GetSize(), float)
+    voxels = float(np.prod(np.maximum(1, np.round(extent / spacing_mm))))
+    if voxels > MAX_WORKING_VOXELS:
+        raise InputError(
+            f"the image covers {' x '.join(f'{e:.0f}' for e in extent)} mm; at the working spacing of {spacing_mm} mm "
+            f"that is {voxels:.3g} voxels, more than {MAX_WORKING_VOXELS:.3g}; check the image spacing in its header, "
+            "or crop the image"
+        )

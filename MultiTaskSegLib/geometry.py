@@ -1,7 +1,9 @@
 """Resampling between a scan's own grid and a model's working grid, with SimpleITK.
 
-Going to the working grid keeps origin and direction and changes spacing (the paper resamples
-to isotropic voxels); coming back uses the source image itself as the reference, so the result
+Going to the working grid changes the spacing (the paper resamples to isotropic voxels) and
+reorders the axes into one anatomical orientation, LPS (array axes z, y, x = inferior-superior,
+anterior-posterior, right-left), whatever order the file stores them in, so that a network's
+planes are the anatomical planes (as MONAI's ``Orientationd``); a residual obliquity is kept; coming back uses the source image itself as the reference, so the result
 has the source's size, spacing, origin and direction exactly.
 """
 
@@ -13,8 +15,20 @@ import numpy as np
 import SimpleITK as sitk
 
 
+#: The orientation of every working grid (DICOM letters: the directions the axes x, y, z point to).
+WORKING_ORIENTATION = "LPS"
+
+
+def canonical_orientation(image: sitk.Image) -> sitk.Image:
+    """An empty image with ``image``'s physical extent, its axes permuted and flipped to LPS."""
+    blank = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    blank.CopyInformation(image)
+    return sitk.DICOMOrient(blank, WORKING_ORIENTATION)
+
+
 def working_grid(image: sitk.Image, spacing_mm: float | Sequence[float]) -> sitk.Image:
-    """An empty image covering the same physical extent as ``image`` at ``spacing_mm``."""
+    """An empty image covering the same physical extent as ``image`` at ``spacing_mm``, in LPS order."""
+    image = canonical_orientation(image)
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
     source_spacing = np.asarray(image.GetSpacing(), dtype=float)
     extent = source_spacing * np.asarray(image.GetSize(), dtype=float)

@@ -27,11 +27,16 @@ from .architectures.base import Architecture
 from .errors import InputError, ModelFileError
 from .tasks import LabelSpace
 
-FORMAT_VERSION = 1
-METADATA_FILE = "model.json"
-WEIGHTS_FILE = "weights.safetensors"
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
-MODEL_PATH_VARIABLE = "MULTITASKSEG_MODEL_PATH"
+from .model_catalog import (  # noqa: F401  (the catalogue is part of this module's interface)
+    FORMAT_VERSION,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    _read_metadata,
+    bundled_models,
+    model_folders,
+    read_model_card,
+    resolve_model_path,
+)
 
 
 @dataclass
@@ -111,21 +116,6 @@ def save_model(model: SegmentationModel, destination: str | os.PathLike) -> Path
     return destination
 
 
-def _read_metadata(folder: Path, where: str) -> dict[str, Any]:
-    try:
-        metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFileError(f"{where} is not a model: it has no {METADATA_FILE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{where}: {METADATA_FILE} is not valid JSON ({error})") from None
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{where} has model format {metadata.get('format_version')!r}; this MultiTaskSeg reads format "
-            f"{FORMAT_VERSION}: update MultiTaskSeg or re-export the model"
-        )
-    return metadata
-
-
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
     """Load a model folder, ``.zip`` archive, or the name of a bundled model."""
     path = resolve_model_path(source)
@@ -176,44 +166,3 @@ def _load_folder(folder: Path, where: str, origin: Path, device: str | torch.dev
         weights_sha256=actual,
         path=origin,
     )
-
-
-def model_folders() -> list[Path]:
-    """Where named models are looked up: the bundled folder, then ``$MULTITASKSEG_MODEL_PATH``."""
-    folders = [BUNDLED_MODEL_DIR]
-    folders += [Path(p) for p in os.environ.get(MODEL_PATH_VARIABLE, "").split(os.pathsep) if p]
-    return folders
-
-
-def bundled_models() -> dict[str, Path]:
-    """Named models: every model folder or archive in :func:`model_folders`."""
-    found: dict[str, Path] = {}
-    for folder in model_folders():
-        if not folder.is_dir():
-            continue
-        for entry in sorted(folder.iterdir()):
-            if (entry / METADATA_FILE).is_file() or entry.suffix == ".zip":
-                found.setdefault(entry.name.removesuffix(".zip"), entry)
-    return found
-
-
-def resolve_model_path(source: str | os.PathLike) -> Path:
-    path = Path(source)
-    if path.exists():
-        return path
-    named = bundled_models()
-    if str(source) in named:
-        return named[str(source)]
-    raise InputError(
-        f"no model at {source!r}: give a model folder or .zip, or one of the bundled models "
-        f"({', '.join(named) or 'none installed'}); `multitaskseg models` lists them"
-    )
-
-
-def read_model_card(source: str | os.PathLike) -> dict[str, Any]:
-    """The metadata without loading weights (for listings and the Slicer model card)."""
-    path = resolve_model_path(source)
-    if path.is_file():
-        with zipfile.ZipFile(path) as zipped:
-            return json.loads(zipped.read(METADATA_FILE))
-    return _read_metadata(path, f"model {path}")

@@ -9,7 +9,9 @@ Geometry: a volume node keeps its voxels in (k, j, i) order and its geometry in 
 matrix; SimpleITK images use LPS. :func:`image_from_volume_node` and :func:`volume_node_from_image`
 convert between the two exactly (oblique directions, anisotropic spacing, any scalar type), so the
 segmentation lands on the source volume's own grid voxel for voxel. A parent transform of the
-volume is not applied to the voxels: the segmentation is put under the same transform instead.
+volume is not applied to the voxels: the segmentation is put under the same transform instead, and
+labels go in and out in the volume's own frame (the frame of its IJK-to-RAS matrix), so the
+segments sit on the volume wherever the transform, linear or not, moves it.
 
 Writing never destroys the user's work: only segments tagged with the same model, task and class
 are replaced, every other segment is left as it was, and :meth:`SegmentationWrite.undo` restores
@@ -323,13 +325,45 @@ def _labelmap_node(labels: np.ndarray, volume_node):
     return node
 
 
+def _import_in_volume_frame(labelmap_node, volume_node, segmentation_node, segment_ids) -> None:
+    """Import labels expressed in the volume's own (untransformed) frame.
+
+    Slicer maps an imported labelmap from its node's frame into the segmentation's frame. The
+    labels share the volume's IJK-to-RAS matrix, so the labelmap node is put, for the import only,
+    under the volume's parent transform: the mapping is then the identity when the segmentation
+    sits under the same transform, and the right one when it sits elsewhere.
+    """
+    import slicer
+
+    scene = segmentation_node.GetScene()
+    transform_id = volume_node.GetTransformNodeID()
+    if transform_id and scene is not None:
+        labelmap_node.SetHideFromEditors(True)
+        scene.AddNode(labelmap_node)
+        labelmap_node.SetAndObserveTransformNodeID(transform_id)
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            labelmap_node, segmentation_node, segment_ids
+        ):
+            raise RuntimeError(f"Slicer could not import the labels into segmentation '{segmentation_node.GetName()}'")
+    finally:
+        if labelmap_node.GetScene() is not None:
+            labelmap_node.GetScene().RemoveNode(labelmap_node)
+
+
 def _check_labels_fit_volume(result: SegmentationResult, volume_node) -> None:
+    """The result must have been computed on this volume's grid: same size and IJK-to-RAS matrix."""
     size = tuple(reversed(volume_node.GetImageData().GetDimensions()))
     labels_size = tuple(reversed(result.labels.GetSize()))
     if size != labels_size:
         raise InputError(
             f"the result has {'x'.join(map(str, labels_size))} voxels but {_describe_node(volume_node)} has "
             f"{'x'.join(map(str, size))}; segment this volume again"
+        )
+    if not np.allclose(ijk_to_ras_of_image(result.labels), ijk_to_ras(volume_node), atol=1e-4):
+        raise InputError(
+            f"the result was computed on another grid (spacing, origin or orientation) than {_describe_node(volume_node)}; "
+            "segment this volume again"
         )
 
 
@@ -412,13 +446,31 @@ def _replace_segments(result, volume_node, segmentation_node, descriptions, exis
     ids = vtk.vtkStringArray()
     for segment_id in segment_ids:
         ids.InsertNextValue(segment_id)
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-        _labelmap_node(labels, volume_node), segmentation_node, ids
-    ):
-        raise RuntimeError(f"Slicer could not import the labels into segmentation '{segmentation_node.GetName()}'")
+    _import_in_volume_frame(_labelmap_node(labels, volume_node), volume_node, segmentation_node, ids)
     for segment_id, description in zip(segment_ids, descriptions):
         _apply_description(segmentation.GetSegment(segment_id), description)
     return segment_ids
+
+
+def _volume_to_segmentation_frame(volume_node, segmentation_node) -> np.ndarray:
+    """4x4 matrix from the volume's own frame to the segmentation's own frame (their parent transforms).
+
+    Identity when both sit under the same transform, as the segmentations made here do, whether
+    that transform is linear or not; a non-linear transform between different parents is refused.
+    """
+    import slicer
+    import vtk
+
+    source, target = volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode()
+    if source is target:
+        return np.eye(4)
+    matrix = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, matrix):
+        raise InputError(
+            f"segmentation '{segmentation_node.GetName()}' and {_describe_node(volume_node)} sit under different "
+            "transforms with a non-linear part between them; put both under the same transform, or harden it"
+        )
+    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
 
 
 def labels_from_segmentation(segmentation_node, volume_node, segment_ids: Sequence[str], label_values: Sequence[int] | None = None) -> np.ndarray:
@@ -430,7 +482,9 @@ def labels_from_segmentation(segmentation_node, volume_node, segment_ids: Sequen
     import vtk
     from vtk.util import numpy_support
 
-    geometry = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume_node)
+    geometry = slicer.vtkOrientedImageData()
+    geometry.SetExtent(volume_node.GetImageData().GetExtent())
+    geometry.SetImageToWorldMatrix(_vtk_matrix(_volume_to_segmentation_frame(volume_node, segmentation_node) @ ijk_to_ras(volume_node)))
     ids = vtk.vtkStringArray()
     values = vtk.vtkIntArray()
     for position, segment_id in enumerate(segment_ids):

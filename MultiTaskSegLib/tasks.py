@@ -12,7 +12,10 @@ one of the folders listed in the environment variable ``MULTITASKSEG_TASK_PATH``
 from __future__ import annotations
 
 import os
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (Slicer 5.10's): the same parser, as a package
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -28,7 +31,7 @@ TASK_PATH_VARIABLE = "MULTITASKSEG_TASK_PATH"
 PAPER_TASKS = ("brain_t1_mri", "breast_mri", "cardiac_cta")
 
 MODALITIES = ("MR", "CT")
-NORMALIZATIONS = ("ct_window", "mr_zscore", "none")
+NORMALIZATIONS = ("ct_window", "mr_zscore", "mr_percentile", "none")
 
 
 @dataclass(frozen=True)

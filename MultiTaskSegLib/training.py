@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .architectures import architecture_class
 from .architectures.base import PreparedCase
 from .datasets import CaseFiles, find_cases, prepare_case, split_cases
 from .errors import InputError
@@ -70,12 +71,16 @@ def set_seed(seed: int) -> None:
 
 
 def collect_cases(config: TrainingConfig) -> tuple[list[CaseFiles], list[CaseFiles]]:
+    """Training and validation cases; label-map-only cases train the architectures that synthesise
+    images from labels, and are never validation cases (they have no real image to judge)."""
+    label_maps = architecture_class(config.architecture).synthesises_images
     cases: list[CaseFiles] = []
     for task_name in config.tasks:
         if task_name not in config.data:
             raise InputError(f"no data folder given for task {task_name}")
-        cases += find_cases(get_task(task_name), config.data[task_name])
-    return split_cases(cases, config.validation_fraction, config.seed)
+        cases += find_cases(get_task(task_name), config.data[task_name], label_maps_only=label_maps)
+    train, validation = split_cases([c for c in cases if c.image is not None], config.validation_fraction, config.seed)
+    return train + [c for c in cases if c.image is None], validation
 
 
 def validation_dice(model: SegmentationModel, cases: Sequence[PreparedCase],

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from MultiTaskSegLib.datasets import prepare_case
 from MultiTaskSegLib.inference import choose_device
-from MultiTaskSegLib.model_files import BUNDLED_MODEL_DIR, load_model, save_model
+from MultiTaskSegLib.model_catalog import BUNDLED_MODEL_DIR
+from MultiTaskSegLib.model_files import load_model, save_model
 from MultiTaskSegLib.training import TrainingConfig, collect_cases, validation_dice
 
 

@@ -2,13 +2,15 @@
 
 PyTorch comes through the PyTorch extension (``PyTorchUtils``), which picks the build that fits the
 computer's GPU; the other packages come through ``slicer.util.pip_install``. Nothing is installed
-without asking, and without a network connection the message says how to install offline.
+without asking; the question comes on every Apply while something is missing, so declining once is
+no dead end. There is no connectivity probe of our own (a proxy or mirror that pip can use would
+fail it): when pip fails, the message says how to install offline.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import socket
+import sys
 
 #: Python module name -> pip requirement, for what the library needs besides PyTorch.
 REQUIREMENTS = {
@@ -16,7 +18,8 @@ REQUIREMENTS = {
     "SimpleITK": "SimpleITK>=2.3",
     "numpy": "numpy>=1.24",
 }
-PYPI_HOST = ("pypi.org", 443)
+if sys.version_info < (3, 11):
+    REQUIREMENTS["tomli"] = "tomli>=2.0"
 
 
 class DependencyError(RuntimeError):
@@ -32,19 +35,11 @@ def torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def online(timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection(PYPI_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _offline_message(packages: list[str]) -> str:
     return (
-        f"MultiTaskSeg needs {', '.join(packages)}, but this computer cannot reach pypi.org. Connect to the "
-        "internet and press Apply again, or install offline: download the wheels on a connected computer "
-        "and run  PythonSlicer -m pip install <wheel files>  (PyTorch: from download.pytorch.org)."
+        f"MultiTaskSeg needs {', '.join(packages)}, and installing them failed (no connection to the package "
+        "index, or a proxy pip is not set up for?). Connect and press Apply again, or install offline: download "
+        "the wheels on a connected computer and run  PythonSlicer -m pip install <wheel files>."
     )
 
 
@@ -75,15 +70,13 @@ def ensure_dependencies(ask: bool = True) -> None:
     )
     if ask and not slicer.util.confirmOkCancelDisplay(question, windowTitle="MultiTaskSeg"):
         raise DependencyError(f"{', '.join(packages)} not installed; MultiTaskSeg cannot segment without them.")
-    if not online():
-        raise DependencyError(_offline_message(packages))
     if not torch_installed():
         _install_torch()
     for requirement in missing:
         try:
             slicer.util.pip_install(requirement)
         except Exception as error:  # pip reports failures as CalledProcessError and friends
-            raise DependencyError(f"installing {requirement} failed ({error}); see the Python console") from None
+            raise DependencyError(f"{_offline_message(packages)} ({error}; see the Python console)") from None
     still_missing = missing_requirements() + ([] if torch_installed() else ["PyTorch"])
     if still_missing:
         raise DependencyError(f"{', '.join(still_missing)} still cannot be imported; restart Slicer and try again.")

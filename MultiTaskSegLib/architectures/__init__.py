@@ -14,6 +14,7 @@ _ARCHITECTURES = {
     "cmunet": "MultiTaskSegLib.architectures.unet2d:CMUNetArchitecture",
     "unet2d": "MultiTaskSegLib.architectures.unet2d:UNet2DArchitecture",
     "unet2d_pretrained": "MultiTaskSegLib.architectures.unet2d:PretrainedEncoderUNet2DArchitecture",
+    "unet2d_multiplanar": "MultiTaskSegLib.architectures.multiplanar:MultiplanarUNet2DArchitecture",
 }
 
 

@@ -28,14 +28,15 @@ CancelCheck = Callable[[], bool]
 class PreparedCase:
     """One training/validation volume on the model's working grid.
 
-    ``image`` is float32 (z, y, x), already normalised for its task; ``labels`` are label-space
-    indices (0 = shared background); ``foreground`` marks voxels that may be sampled (intensity
-    above zero, or inside the case's mask).
+    ``image`` is float32 (z, y, x), already normalised for its task, or None for a label map whose
+    images are synthesised (``extra["source_labels"]``, see :attr:`Architecture.synthesises_images`);
+    ``labels`` are label-space indices (0 = shared background); ``foreground`` marks voxels that may
+    be sampled (intensity above zero, or inside the case's mask).
     """
 
     task: str
     name: str
-    image: np.ndarray
+    image: np.ndarray | None
     labels: np.ndarray
     foreground: np.ndarray
     extra: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +61,8 @@ class Architecture(ABC):
     name: ClassVar[str]
     #: One line for ``multitaskseg models`` and the model card.
     summary: ClassVar[str]
+    #: Whether training can use cases that have a label map and no image (images drawn from labels).
+    synthesises_images: ClassVar[bool] = False
 
     def __init__(self, num_labels: int, task_names: Sequence[str], **arguments: Any) -> None:
         self.num_labels = num_labels

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -116,7 +118,7 @@ def test_thread_job_loads_a_model_given_by_path(model, image):
 
 def test_subprocess_job_gives_the_same_labels_and_cleans_up(model, image):
     job = background.SubprocessJob(model, image, device="cpu", with_probabilities=True)
-    folder = job._folder
+    folder = job.folder
     seen = wait_polling(job)
     assert seen[-1].state == background.SUCCEEDED, seen[-1].error
     expected = segment_image(model, image, device="cpu")
@@ -143,3 +145,60 @@ def test_subprocess_input_errors_come_back_as_input_errors(model, image):
     assert "does not segment task" in status.error
     with pytest.raises(InputError):
         job.result
+
+
+@pytest.fixture
+def launcher(tmp_path) -> Path:
+    """A stand-in for PythonSlicer: a launcher that starts the real Python as its child and waits."""
+    script = tmp_path / "PythonLauncher"
+    script.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nexit $?\n', encoding="utf-8")
+    script.chmod(0o755)
+    return script
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def slow_job(model, launcher) -> background.SubprocessJob:
+    """A subprocess job through the launcher, caught while its worker is predicting."""
+    z, y, x = np.mgrid[:72, :72, :72]
+    large = sitk.GetImageFromArray((200 + 80 * np.sin(x / 3.0) + 60 * np.cos(y / 2.5) * z / 30).astype(np.float32))
+    job = background.SubprocessJob(model, large, device="cpu", python=launcher, max_block_voxels=512)
+    deadline = time.monotonic() + TIMEOUT
+    while job.worker_pid is None or job.poll().fraction < 0.1:
+        assert not job.poll().finished, job.poll().error
+        assert time.monotonic() < deadline, "the worker never started predicting"
+        time.sleep(0.02)
+    return job
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the launcher stand-in is a POSIX shell script")
+def test_cancel_stops_the_worker_behind_a_launcher_within_seconds_and_removes_its_files(model, launcher):
+    job = slow_job(model, launcher)
+    worker, folder = job.worker_pid, job.folder
+    assert worker != job._process.pid, "the worker should be the launcher's child"
+    cancelled_at = time.monotonic()
+    job.cancel()
+    status = job.wait(TIMEOUT)
+    assert status.state == background.CANCELLED
+    assert time.monotonic() - cancelled_at < background.CANCEL_GRACE_SECONDS
+    assert not alive(worker)
+    assert not folder.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the launcher stand-in is a POSIX shell script")
+def test_killing_a_job_ends_the_launcher_and_its_worker(model, launcher):
+    job = slow_job(model, launcher)
+    worker = job.worker_pid
+    job.kill()
+    assert job.wait(TIMEOUT).state == background.CANCELLED
+    deadline = time.monotonic() + 5
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker)
+    assert not job.folder.exists()

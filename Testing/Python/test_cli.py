@@ -10,7 +10,8 @@ from conftest import make_tiny_model
 
 from MultiTaskSegLib.cli import main
 from MultiTaskSegLib.geometry import same_geometry
-from MultiTaskSegLib.model_files import MODEL_PATH_VARIABLE, save_model
+from MultiTaskSegLib.model_catalog import MODEL_PATH_VARIABLE
+from MultiTaskSegLib.model_files import save_model
 
 TASKS = ["breast_mri", "cardiac_cta"]
 

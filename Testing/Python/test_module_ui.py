@@ -158,3 +158,18 @@ def test_dependency_check_finds_nothing_missing_in_a_complete_environment(helper
     dependencies, _ = helpers
     assert dependencies.missing_requirements() == []
     assert dependencies.torch_installed()
+
+
+def test_the_module_refuses_an_older_slicer_itself_and_the_library_supports_the_newer_ones(module_tree):
+    """Slicer 5.8 has Python 3.9: the module must say it needs Slicer 5.10, not fail on an import."""
+    constants = {node.targets[0].id: node.value for node in module_tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    minimum = ast.literal_eval(constants["MINIMUM_PYTHON"])
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'requires-python = ">={minimum[0]}.{minimum[1]}"' in pyproject
+    assert "Slicer 5.10" in ast.literal_eval(constants["UNSUPPORTED_MESSAGE"].func.value)
+    setup = next(node for node in ast.walk(module_tree) if isinstance(node, ast.FunctionDef) and node.name == "setup")
+    guard = next(node for node in setup.body if isinstance(node, ast.If))
+    assert ast.unparse(guard.test) == "not SUPPORTED" and isinstance(guard.body[-1], ast.Return)
+    tasks_source = (ROOT / "MultiTaskSegLib" / "tasks.py").read_text(encoding="utf-8")
+    assert "import tomli as tomllib" in tasks_source and "tomli" in pyproject  # tomllib is Python 3.11+

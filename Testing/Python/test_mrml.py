@@ -371,11 +371,74 @@ def test_input_that_does_not_fit_the_model_card_gives_warnings(scene, model):
     assert any("spacing" in w for w in warnings)
 
 
-def test_segmentation_follows_the_volume_parent_transform(scene, volume, model):
-    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+def shifted_and_rotated(scene):
+    """A 50 mm / 15 degree linear transform, as a registration would give."""
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    matrix = vtk.vtkTransform()
+    matrix.Translate(50.0, -20.0, 10.0)
+    matrix.RotateWXYZ(15.0, 0.3, 0.2, 0.9)
+    transform.SetMatrixTransformToParent(matrix.GetMatrix())
+    return transform
+
+
+def warping(scene):
+    """A smooth non-linear (grid) transform of a few millimetres."""
+    grid = vtk.vtkImageData()
+    grid.SetOrigin(-80.0, -80.0, -80.0)
+    grid.SetSpacing(20.0, 20.0, 20.0)
+    grid.SetDimensions(9, 9, 9)
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    from vtk.util import numpy_support
+
+    displacement = numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())
+    displacement[:] = 4.0 * np.sin(np.arange(displacement.size).reshape(displacement.shape) / 7.0)
+    grid_transform = vtk.vtkGridTransform()
+    grid_transform.SetDisplacementGridData(grid)
+    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    transform.SetAndObserveTransformToParent(grid_transform)
+    return transform
+
+
+def labels_exported_by_slicer(segmentation_node, segment_ids, volume) -> np.ndarray:
+    """The segments on the volume's grid, as Slicer's own export makes them (it resolves transforms)."""
+    from vtk.util import numpy_support
+
+    labelmap = segmentation_node.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentation_node, segment_ids, labelmap, volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    data = labelmap.GetImageData()
+    return numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(tuple(reversed(data.GetDimensions())))
+
+
+@pytest.mark.parametrize("make_transform", [shifted_and_rotated, warping])
+def test_segments_of_a_transformed_volume_coincide_with_the_labels_of_its_file(scene, volume, oblique_file, model,
+                                                                               make_transform):
+    transform = make_transform(scene)
     volume.SetAndObserveTransformNodeID(transform.GetID())
     segmentation_node = mrml.segment_volume_node(volume, model, device="cpu")
     assert segmentation_node.GetTransformNodeID() == transform.GetID()
+    expected = segment_image(model, read_image(oblique_file), device="cpu")
+    descriptions = describe_segments(expected)
+    lookup = np.zeros(256, np.uint8)
+    for position, description in enumerate(descriptions, start=1):
+        lookup[description.label] = position
+    expected_labels = lookup[sitk.GetArrayViewFromImage(expected.labels)]
+    ids = segment_ids(segmentation_node)
+    exported = labels_exported_by_slicer(segmentation_node, ids, volume)
+    assert exported.shape == expected_labels.shape
+    for position in range(1, len(descriptions) + 1):
+        mine, theirs = exported == position, expected_labels == position
+        if theirs.any():
+            dice = 2 * np.count_nonzero(mine & theirs) / (np.count_nonzero(mine) + np.count_nonzero(theirs))
+            assert dice >= 0.99, f"segment {descriptions[position - 1].name} is off the volume: Dice {dice:.3f}"
+    assert np.array_equal(mrml.labels_from_segmentation(segmentation_node, volume, ids), exported)
+
+
+def test_labels_are_refused_across_a_non_linear_transform_between_volume_and_segmentation(scene, volume, model):
+    segmentation_node = mrml.segment_volume_node(volume, model, device="cpu")
+    volume.SetAndObserveTransformNodeID(warping(scene).GetID())
+    with pytest.raises(InputError, match="non-linear"):
+        mrml.labels_from_segmentation(segmentation_node, volume, segment_ids(segmentation_node))
 
 
 def test_undo_is_refused_once_the_result_was_corrected_by_hand(scene, volume, model):

@@ -1,0 +1,211 @@
+"""A 2-D U-Net that reads all three anatomical planes, in the spirit of FastSurfer (Henschel et al. 2020).
+
+FastSurfer segments the brain with three 2-D networks, one per plane, and averages their
+probabilities. Here one network learns all three planes (one third of its training slices each,
+so it costs a third of three networks to train) and at inference the probabilities of axial,
+coronal and sagittal passes are averaged, which smooths the slice-to-slice jitter of any single
+plane. The working grid is in LPS order (see :mod:`~MultiTaskSegLib.geometry`), so array axes
+0, 1, 2 are the axial, coronal and sagittal directions whatever the file's orientation.
+
+Training slices are changed at every step (:mod:`~MultiTaskSegLib.augmentation`), and cases that
+hold a label map only get images synthesised from their labels (SynthSeg), so the network sees
+many contrasts, resolutions, poses and fields of view (whole head or skull-stripped). The loss is
+soft Dice plus cross-entropy, the usual pair since nnU-Net. Inference runs inside the bounding
+box of the non-zero voxels only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..augmentation import SliceAugmentation, augment_slices, synthesize_slices
+from ..errors import InputError
+from ..losses import soft_dice_loss
+from .base import CancelCheck, ProgressCallback, TrainingStep
+from .unet2d import CMUNET_CHANNELS, _SliceUNetArchitecture
+from .unet_windows import check_volume, crop_centred
+
+if TYPE_CHECKING:
+    from ..sampling import BalancedVoxelSampler
+
+#: Slice axes of the (z, y, x) working grid: axial, coronal, sagittal.
+PLANE_NAMES = ("axial", "coronal", "sagittal")
+#: The sagittal plane has no left-right axis to flip.
+SAGITTAL = 2
+
+
+class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
+    """One 2-D U-Net over axial, coronal and sagittal slices, probabilities of the planes averaged.
+
+    Args (network): channels, negative_slope, as :class:`~MultiTaskSegLib.networks.cmunet.CMUNet`.
+    Args (training):
+        patch_size: (rows, columns) of a slice crop (multiples of ``2 ** (len(channels) - 1)``);
+            160 mm at 1 mm holds most of a brain slice, the context that tells cortex from scalp.
+        planes: slice axes used in training and averaged at inference (0 axial, 1 coronal, 2 sagittal).
+        learning_rate: Adam's initial learning rate.
+        restart_epochs, steps_per_epoch: cosine schedule (``restart_epochs * steps_per_epoch`` steps
+            per cycle; one cycle over the whole run anneals to zero at its end).
+        cross_entropy_weight: weight of cross-entropy beside the soft Dice loss.
+        mixed_precision: train under bfloat16 autocast where the processor has bfloat16 arithmetic
+            (CUDA, or CPUs with AVX-512 BF16/AMX: about 2.5x faster here); losses stay float32.
+        augmentation: settings of :class:`~MultiTaskSegLib.augmentation.SliceAugmentation`
+            (defaults when left out; ``{"probability": 0, "low_resolution_probability": 0}`` turns it off).
+    Args (inference):
+        inference_margin, inference_block_voxels: windows within each slice, as the other 2-D U-Nets.
+        crop_margin: voxels kept around the non-zero bounding box.
+    """
+
+    name: ClassVar[str] = "unet2d_multiplanar"
+    summary: ClassVar[str] = (
+        "2-D U-Net on axial, coronal and sagittal slices, probabilities averaged over the three planes "
+        "(FastSurfer-style), trained with augmentation and label-synthesised images (SynthSeg-style)"
+    )
+    presence_head: ClassVar[bool] = False
+    synthesises_images: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_labels: int,
+        task_names: Sequence[str],
+        *,
+        channels: Sequence[int] = CMUNET_CHANNELS,
+        negative_slope: float = 0.2,
+        patch_size: Sequence[int] = (160, 160),
+        planes: Sequence[int] = (0, 1, 2),
+        learning_rate: float = 1e-3,
+        restart_epochs: int = 1,
+        steps_per_epoch: int = 10_000,
+        cross_entropy_weight: float = 1.0,
+        mixed_precision: bool = True,
+        augmentation: Mapping[str, Any] | None = None,
+        inference_margin: int = 16,
+        inference_block_voxels: int = 2**20,
+        crop_margin: int = 8,
+    ) -> None:
+        planes = sorted({int(plane) for plane in planes})
+        if not planes or any(plane not in (0, 1, 2) for plane in planes):
+            raise InputError(f"planes must be a non-empty subset of 0 (axial), 1 (coronal), 2 (sagittal), got {planes}")
+        settings = SliceAugmentation.from_arguments(augmentation)
+        if float(cross_entropy_weight) < 0 or int(crop_margin) < 0:
+            raise InputError("cross_entropy_weight and crop_margin must be zero or more")
+        super().__init__(
+            num_labels,
+            task_names,
+            channels=channels,
+            negative_slope=negative_slope,
+            patch_size=patch_size,
+            slice_axis=planes[0],
+            learning_rate=learning_rate,
+            restart_epochs=restart_epochs,
+            steps_per_epoch=steps_per_epoch,
+            inference_margin=inference_margin,
+            inference_block_voxels=inference_block_voxels,
+            planes=planes,
+            cross_entropy_weight=float(cross_entropy_weight),
+            mixed_precision=bool(mixed_precision),
+            augmentation=settings.to_arguments(),
+            crop_margin=int(crop_margin),
+        )
+        self.arguments.pop("slice_axis")
+        self.planes = tuple(planes)
+        self.cross_entropy_weight = float(cross_entropy_weight)
+        self.mixed_precision = bool(mixed_precision)
+        self.augmentation = settings
+        self.crop_margin = int(crop_margin)
+
+    def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        numbers, positions = sampler.sample(batch_size, rng)
+        axes = rng.choice(self.planes, size=len(numbers))
+        images = np.zeros((len(numbers), *self.patch_size), np.float32)
+        labels, inside, synthetic = [], [], []
+        for item, (number, position, axis) in enumerate(zip(numbers, positions, axes)):
+            case = sampler.cases[number]
+            centre = np.delete(position, axis)
+            label_slice = np.take(case.labels, position[axis], axis=axis)
+            label, valid = crop_centred(label_slice, centre, self.patch_size)
+            labels.append(label.astype(np.int64))
+            inside.append(valid)
+            if case.image is None:
+                source = np.take(case.extra["source_labels"], position[axis], axis=axis)
+                synthetic.append((item, crop_centred(source, centre, self.patch_size)[0]))
+            else:
+                image_slice = np.take(case.image, position[axis], axis=axis)
+                images[item] = crop_centred(image_slice.astype(np.float32, copy=False), centre, self.patch_size)[0]
+        if synthetic:
+            items = [item for item, _ in synthetic]
+            images[items] = synthesize_slices(np.stack([source for _, source in synthetic]), rng,
+                                              self.augmentation.synthesis_blur_max_voxels)
+        image_tensor, label_tensor, valid_tensor = augment_slices(
+            torch.from_numpy(images[:, None]), torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(inside)),
+            rng, self.augmentation, flippable=axes != SAGITTAL,
+        )
+        return {"image": image_tensor, "labels": label_tensor, "valid": valid_tensor}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
+        image, labels, valid = (batch[key].to(device, non_blocking=True) for key in ("image", "labels", "valid"))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.mixed_precision and bfloat16_ready(device)):
+            logits = self.network(image)
+        logits = logits.float()
+        dice = soft_dice_loss(torch.softmax(logits, dim=1), labels, valid)
+        weight = valid.to(logits.dtype)
+        cross_entropy = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
+        loss = dice + self.cross_entropy_weight * cross_entropy
+        return TrainingStep(loss, {"dice_loss": float(dice.detach()), "cross_entropy": float(cross_entropy.detach())})
+
+    def predict_probabilities(
+        self,
+        image: np.ndarray,
+        device: torch.device,
+        progress: ProgressCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        max_block_voxels: int | None = None,
+        requested_labels: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """The mean of the per-plane probabilities inside the non-zero bounding box; background outside."""
+        image = check_volume(image)
+        result = np.zeros((self.num_labels, *image.shape), np.float32)
+        result[0] = 1.0
+        box = nonzero_box(image, self.crop_margin)
+        if box is None:
+            return result
+        cropped = np.ascontiguousarray(image[box])
+        summed = None
+        for number, axis in enumerate(self.planes):
+
+            def plane_progress(fraction: float, stage: str, number=number, axis=axis) -> None:
+                if progress is not None:
+                    progress((number + fraction) / len(self.planes), f"{stage} ({PLANE_NAMES[axis]})")
+
+            self.slice_axis = axis
+            try:
+                plane = super().predict_probabilities(cropped, device, plane_progress, cancelled, max_block_voxels)
+            finally:
+                self.slice_axis = self.planes[0]
+            summed = plane if summed is None else summed + plane
+        result[(slice(None), *box)] = summed / len(self.planes)
+        return result
+
+
+def bfloat16_ready(device: torch.device) -> bool:
+    """Whether bfloat16 autocast is fast on ``device`` (emulated bfloat16 would be slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+def nonzero_box(image: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The bounding box of the non-zero voxels grown by ``margin`` (clipped to the volume); None if none."""
+    box = []
+    for axis in range(image.ndim):
+        other = tuple(a for a in range(image.ndim) if a != axis)
+        occupied = np.flatnonzero(np.any(image != 0, axis=other))
+        if occupied.size == 0:
+            return None
+        box.append(slice(max(0, int(occupied[0]) - margin), min(image.shape[axis], int(occupied[-1]) + 1 + margin)))
+    return tuple(box)

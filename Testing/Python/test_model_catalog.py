@@ -1,0 +1,38 @@
+"""Models are listed and their cards read without PyTorch, and found by name after a Slicer update."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from MultiTaskSegLib.model_catalog import BUNDLED_MODEL_DIR, bundled_models, read_model_card, resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_models_and_their_cards_are_listed_where_torch_cannot_be_imported():
+    script = (
+        "import sys, json; sys.modules['torch'] = None; sys.modules['safetensors'] = None\n"
+        "from MultiTaskSegLib.model_catalog import bundled_models, read_model_card\n"
+        "print(json.dumps({name: [t['name'] for t in read_model_card(path)['tasks']] "
+        "for name, path in bundled_models().items()}))\n"
+    )
+    listed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    cards = json.loads(listed.stdout)
+    assert set(cards) == set(bundled_models()) and cards
+    assert all(tasks for tasks in cards.values())
+
+
+def test_a_stale_path_to_a_bundled_model_from_an_older_slicer_gives_the_bundled_model():
+    name = next(iter(bundled_models()))
+    stale = Path("/Applications/Slicer-5.8.1.app/Contents/lib/Slicer-5.8/qt-scripted-modules/Resources/Models") / name
+    assert not stale.exists()
+    assert resolve_model_path(stale) == bundled_models()[name]
+    assert read_model_card(str(stale))["name"] == read_model_card(name)["name"]
+
+
+def test_bundled_models_are_found_by_name():
+    for name, path in bundled_models().items():
+        assert resolve_model_path(name) == path
