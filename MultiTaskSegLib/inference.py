@@ -20,6 +20,7 @@ from .errors import InputError
 from .geometry import resample_probabilities_onto
 from .imageio import check_image
 from .model_files import SegmentationModel
+from .plausibility import CARD_KEY, implausible_volumes
 from .tasks import Task
 
 #: Working spacing further than this factor from the input's spacing triggers a warning.
@@ -143,6 +144,7 @@ def segment_image(
     labels = sitk.GetImageFromArray(kept[label_decision(source_probabilities, kept, model)].astype(np.uint8))
     labels.CopyInformation(image)
     result.labels = labels
+    warnings += implausible_volumes(labels, model.label_space, tasks, model.card.get(CARD_KEY, {}))
     if with_probabilities:
         vector = sitk.GetImageFromArray(np.moveaxis(source_probabilities, 0, -1).astype(np.float32), isVector=True)
         vector.CopyInformation(image)

@@ -4,7 +4,9 @@
 
 The weights are unchanged (same SHA-256); the model's name in ``model.json`` is set and, for a
 model whose card lacks them (trained before the trainer chose them), the binary tasks' operating
-points are chosen on the run's validation cases, as the trainer now does at the end of a run.
+points are chosen on the run's validation cases and the training volume ranges (for the
+implausible-result warning) are measured on its training cases, as the trainer now does at the end
+of a run. ``--card FILE.json`` merges more card fields (intended input, cross-validated results).
 """
 
 import argparse
@@ -15,6 +17,7 @@ from MultiTaskSegLib.datasets import prepare_case
 from MultiTaskSegLib.inference import choose_device
 from MultiTaskSegLib.model_catalog import BUNDLED_MODEL_DIR
 from MultiTaskSegLib.model_files import load_model, save_model
+from MultiTaskSegLib.plausibility import CARD_KEY, training_volume_ranges
 from MultiTaskSegLib.training import TrainingConfig, collect_cases, validation_dice
 
 
@@ -22,12 +25,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="a trained model folder, RUN/model, beside RUN/config.json")
     parser.add_argument("name", help="the bundled model's name")
+    parser.add_argument("--card", type=Path, help="JSON file of card fields to add or replace")
     args = parser.parse_args()
     model = load_model(args.model)
     before = model.weights_sha256
+    config = TrainingConfig(**json.loads((args.model.parent / "config.json").read_text(encoding="utf-8")))
+    training, validation = collect_cases(config)
+    if CARD_KEY not in model.card:
+        spacing = {task.name: task.working_spacing_mm for task in model.label_space.tasks}
+        prepared = (prepare_case(files, model.label_space) for files in training)
+        model.card[CARD_KEY] = training_volume_ranges(prepared, model.label_space, spacing)
+    if args.card:
+        model.card.update(json.loads(args.card.read_text(encoding="utf-8")))
     if "operating_points" not in model.card:
-        config = TrainingConfig(**json.loads((args.model.parent / "config.json").read_text(encoding="utf-8")))
-        _, validation = collect_cases(config)
         cases = [prepare_case(files, model.label_space) for files in validation]
         model.card["operating_points"] = validation_dice(model, cases, choose_device("cpu"))[1]
     model.name = args.name

@@ -204,14 +204,20 @@ class _SliceUNetArchitecture(Architecture):
         volume = np.moveaxis(check_volume(image), self.slice_axis, 0)
         multiple = self.network.size_multiple
         plane = volume.shape[1:]
-        padded_plane = tuple(round_up(max(side, patch), multiple) for side, patch in zip(plane, self.patch_size))
+        window_size = self.inference_window(plane)
+        padded_plane = tuple(round_up(max(side, patch), multiple) for side, patch in zip(plane, window_size))
         limit = max_block_voxels or self.inference_block_voxels
         # Windows keep at least 2x2 bottleneck voxels: instance norm needs more than one.
-        window = fit_window(self.patch_size, limit, multiple, smallest=2 * multiple)
+        window = fit_window(window_size, limit, multiple, smallest=2 * multiple)
         plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_plane, window)]
         padded = np.zeros((volume.shape[0], *padded_plane), np.float32)
         padded[:, : plane[0], : plane[1]] = volume
         return padded, plans, max(1, limit // math.prod(window))
+
+    def inference_window(self, plane: Sequence[int]) -> tuple[int, ...]:
+        """The in-plane window of inference for slices of size ``plane``: the training crop, as instance
+        norm saw crops of that size in training."""
+        return tuple(self.patch_size)
 
     @staticmethod
     def _window_batches(padded: np.ndarray, plans: Sequence[AxisWindows], batch_windows: int):
