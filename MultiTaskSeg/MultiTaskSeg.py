@@ -323,16 +323,21 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         existing = "replace"
         replaced = self.logic.segmentsReplaced()
         if replaced:
+            edited = self.logic.editedSegments()
+            question = _("Replace the segments this model made before ({names})? No keeps them and adds new ones.").format(
+                names=", ".join(replaced))
+            if edited:
+                question += "\n\n" + _("Corrected by hand since: {names}. Yes discards those corrections.").format(
+                    names=", ".join(edited))
             answer = qt.QMessageBox.question(
                 slicer.util.mainWindow(), "MultiTaskSeg",
-                _("Replace the segments this model made before ({names})? No keeps them and adds new ones.").format(
-                    names=", ".join(replaced)),
+                question,
                 qt.QMessageBox.Yes | qt.QMessageBox.No | qt.QMessageBox.Cancel,
             )
             if answer == qt.QMessageBox.Cancel:
                 self.ui.statusLabel.text = _("Result discarded; nothing was written.")
                 return
-            existing = "replace" if answer == qt.QMessageBox.Yes else "add"
+            existing = "replace_edited" if answer == qt.QMessageBox.Yes else "add"  # the user chose
         written, warnings = self.logic.writeResult(existing)
         if parameters is not None:
             parameters.outputSegmentation = written.segmentation_node
@@ -474,6 +479,9 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
     def segmentsReplaced(self) -> list:
         return self._run.segments_replaced()
+
+    def editedSegments(self) -> list:
+        return self._run.edited_segments()
 
     def writeResult(self, existing: str = "replace"):
         """Write the finished run onto the inputs frozen at its start; returns the write (for undo) and warnings."""

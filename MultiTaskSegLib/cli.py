@@ -78,8 +78,9 @@ def command_segment(args) -> int:
     from .imageio import read_image
     from .inference import segment_image
     from .model_files import load_model
-    from .segments import write_result
+    from .segments import check_outputs, write_result
 
+    check_outputs([args.input], args.output, args.probabilities)
     model = load_model(args.model)
     image = read_image(args.input, channel=args.channel)
     result = segment_image(model, image, tasks=args.tasks, device=args.device,

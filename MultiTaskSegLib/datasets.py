@@ -52,7 +52,8 @@ def find_cases(task: Task, folder: str | Path, require_labels: bool = True,
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"data folder {folder} for task {task.name} does not exist")
-    candidates = [folder] if _first_match(folder, task.image_files) else sorted(p for p in folder.iterdir() if p.is_dir())
+    is_case = _first_match(folder, task.image_files) or (label_maps_only and _first_match(folder, task.label_files))
+    candidates = [folder] if is_case else sorted(p for p in folder.iterdir() if p.is_dir())
     cases = []
     for case_folder in candidates:
         image = _first_match(case_folder, task.image_files)

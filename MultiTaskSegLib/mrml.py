@@ -14,7 +14,9 @@ labels go in and out in the volume's own frame (the frame of its IJK-to-RAS matr
 segments sit on the volume wherever the transform, linear or not, moves it.
 
 Writing never destroys the user's work: only segments tagged with the same model, task and class
-are replaced, every other segment is left as it was, and :meth:`SegmentationWrite.undo` restores
+are replaced, and only while their voxels are as written (a segment corrected by hand is refused
+unless the caller says ``existing="replace_edited"``, as the module does once the user agreed);
+every other segment is left as it was, and :meth:`SegmentationWrite.undo` restores
 the segmentation as it was before the write (the scene's own undo stack is fed as well when the
 scene has undo switched on).
 """
@@ -42,6 +44,10 @@ if TYPE_CHECKING:
 UNCERTAINTY_REFERENCE_ROLE = "MultiTaskSegUncertainty"
 #: Segment tags that identify what produced a segment; a new result replaces segments that match all three.
 IDENTITY_TAGS = (f"{TAG_PREFIX}Model", f"{TAG_PREFIX}Task", f"{TAG_PREFIX}Class")
+#: Segment tag: a digest of the voxels as written, so later hand edits are recognised.
+VOXELS_TAG = f"{TAG_PREFIX}VoxelDigest"
+#: How an existing node's earlier segments of the same model, task and class are treated.
+EXISTING_MODES = ("replace", "replace_edited", "add")
 #: Node attribute holding the warnings of the run that last wrote into a segmentation node.
 WARNINGS_ATTRIBUTE = f"{TAG_PREFIX}Warnings"
 UNCERTAINTY_KINDS = ("entropy", "max_probability")
@@ -376,15 +382,25 @@ def write_segmentation(
     """Write ``result`` (computed from ``volume_node``) as one segment per class.
 
     ``segmentation_node`` None makes a new node. In an existing node, segments made earlier by the
-    same model for the same task and class are replaced (``existing="replace"``) or kept next to the
-    new ones (``existing="add"``); all other segments stay untouched. Any failure restores the node.
+    same model for the same task and class are replaced (``existing="replace"``) unless they were
+    edited since they were written, which raises :class:`InputError` naming them
+    (``existing="replace_edited"`` replaces them anyway), or kept next to the new ones
+    (``existing="add"``); all other segments stay untouched. Any failure restores the node.
     """
     import slicer
 
-    if existing not in ("replace", "add"):
-        raise InputError(f"existing must be 'replace' or 'add', got {existing!r}")
+    if existing not in EXISTING_MODES:
+        raise InputError(f"existing must be one of {', '.join(EXISTING_MODES)}, got {existing!r}")
     ensure_segmentation_converters()
     _check_labels_fit_volume(result, volume_node)
+    if existing == "replace" and segmentation_node is not None:
+        edited = edited_segments_replaced_by(result, segmentation_node)
+        if edited:
+            raise InputError(
+                f"segment(s) {', '.join(edited)} of '{segmentation_node.GetName()}' were edited by hand after "
+                "MultiTaskSeg wrote them; nothing was written. Use existing='add' to keep them beside the new "
+                "result, or existing='replace_edited' to replace them anyway"
+            )
     descriptions = describe_segments(result)
     created = segmentation_node is None
     if created:
@@ -399,7 +415,7 @@ def write_segmentation(
     if scene is not None and scene.GetUndoFlag():
         segmentation_node.SetUndoEnabled(True)
         scene.SaveStateForUndo()
-    replaced_names = segments_replaced_by(result, segmentation_node) if existing == "replace" else []
+    replaced_names = segments_replaced_by(result, segmentation_node) if existing != "add" else []
     try:
         segment_ids = _replace_segments(result, volume_node, segmentation_node, descriptions, existing)
         segmentation_node.SetAttribute(WARNINGS_ATTRIBUTE, "\n".join(result.warnings))
@@ -425,7 +441,7 @@ def _replace_segments(result, volume_node, segmentation_node, descriptions, exis
             old_ids.setdefault(identity, segment_id)
     segment_ids, label_lookup = [], np.zeros(256, dtype=np.uint8)
     for position, description in enumerate(descriptions, start=1):
-        old_id = old_ids.get(_description_identity(description)) if existing == "replace" else None
+        old_id = old_ids.get(_description_identity(description)) if existing != "add" else None
         if old_id is not None:  # the new segment takes the old one's place and ID
             current = _segment_ids(segmentation)
             following = current[current.index(old_id) + 1:]
@@ -449,7 +465,40 @@ def _replace_segments(result, volume_node, segmentation_node, descriptions, exis
     _import_in_volume_frame(_labelmap_node(labels, volume_node), volume_node, segmentation_node, ids)
     for segment_id, description in zip(segment_ids, descriptions):
         _apply_description(segmentation.GetSegment(segment_id), description)
+        segmentation.GetSegment(segment_id).SetTag(VOXELS_TAG, segment_digest(segmentation_node, segment_id))
     return segment_ids
+
+
+def segment_digest(segmentation_node, segment_id: str) -> str:
+    """A digest of one segment's voxels (extent and mask)."""
+    import hashlib
+
+    import slicer
+    from vtk.util import numpy_support
+
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    scalars = labelmap.GetPointData().GetScalars()
+    mask = numpy_support.vtk_to_numpy(scalars) > 0 if scalars is not None else np.zeros(0, bool)
+    digest = hashlib.sha256(np.asarray(labelmap.GetExtent(), np.int64).tobytes())
+    digest.update(np.packbits(mask).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def edited_segments_replaced_by(result: SegmentationResult, segmentation_node) -> list[str]:
+    """Names of the segments that ``result`` would replace but whose voxels changed since they were
+    written (or whose writing is unknown: no digest)."""
+    segmentation = segmentation_node.GetSegmentation()
+    produced = {_description_identity(d) for d in describe_segments(result)}
+    edited = []
+    for segment_id in _segment_ids(segmentation):
+        segment = segmentation.GetSegment(segment_id)
+        if _identity(segment) not in produced:
+            continue
+        found, written = _get_tag(segment, VOXELS_TAG)
+        if not found or written != segment_digest(segmentation_node, segment_id):
+            edited.append(segment.GetName())
+    return edited
 
 
 def _volume_to_segmentation_frame(volume_node, segmentation_node) -> np.ndarray:

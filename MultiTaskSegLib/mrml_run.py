@@ -75,6 +75,11 @@ class SegmentationRun:
         """Names of segments of the chosen segmentation that this result would replace."""
         return mrml.segments_replaced_by(self.job.result, self._live_segmentation_node())
 
+    def edited_segments(self) -> list[str]:
+        """Names of those segments that were corrected by hand since they were written."""
+        node = self._live_segmentation_node()
+        return mrml.edited_segments_replaced_by(self.job.result, node) if node is not None else []
+
     def write(self, existing: str = "replace") -> tuple[mrml.SegmentationWrite, object, list[str]]:
         """Write the finished result onto the volume chosen at start; returns the write (for undo),
         the uncertainty volume node (or None) and the warnings."""

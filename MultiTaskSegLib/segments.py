@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -109,13 +110,33 @@ def write_seg_nrrd(result: SegmentationResult, path: Path) -> Path:
     return path
 
 
+OUTPUT_SUFFIXES = (".seg.nrrd", ".nii", ".nii.gz", ".nrrd", ".mha")
+
+
+def check_outputs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
+                  probabilities: str | os.PathLike | None = None) -> None:
+    """Refuse, before any work, output names that would overwrite an input or each other, or that no
+    writer knows: the user's scan must never be replaced by a label map."""
+    targets = {"--output": Path(output)}
+    if probabilities is not None:
+        targets["--probabilities"] = Path(probabilities)
+    for option, target in targets.items():
+        if not any(target.name.lower().endswith(suffix) for suffix in OUTPUT_SUFFIXES):
+            raise InputError(f"{option} {target}: use a .seg.nrrd, .nii.gz, .nii, .nrrd or .mha file name")
+        for source in inputs:
+            if Path(source).exists() and target.exists() and Path(source).resolve() == target.resolve():
+                raise InputError(f"{option} {target} is the input scan; choose another file name so the scan is kept")
+    if probabilities is not None and Path(output).resolve() == Path(probabilities).resolve():
+        raise InputError("--output and --probabilities name the same file; give them different names")
+
+
 def write_result(result: SegmentationResult, output: str | os.PathLike, probabilities: str | os.PathLike | None = None) -> Path:
     """``.seg.nrrd`` keeps names and colours; other formats (NIfTI, NRRD, MHA) get the plain label map."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.name.endswith(".seg.nrrd"):
         write_seg_nrrd(result, output)
-    elif any(output.name.endswith(s) for s in (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")):
+    elif any(output.name.endswith(s) for s in OUTPUT_SUFFIXES):
         write_image(result.labels, output)
     else:
         raise InputError(f"cannot write {output}: use a .seg.nrrd, .nii.gz, .nrrd or .mha file name")

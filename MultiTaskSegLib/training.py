@@ -160,6 +160,31 @@ def _load_checkpoint(run: Path, config: TrainingConfig, device: torch.device):
     return model, tensors, rng, int(state["step"])
 
 
+def check_run_folder(run: Path, config: TrainingConfig) -> None:
+    """Refuse a run folder whose contents training would overwrite: a folder that is not a run, a run
+    with other settings, or a finished run (its model) that has no checkpoint left to resume from."""
+    if not run.exists():
+        return
+    if not run.is_dir():
+        raise InputError(f"--out {run} is a file; give a folder for the run")
+    if not any(run.iterdir()):
+        return
+    stored_config = run / "config.json"
+    if not stored_config.is_file():
+        raise InputError(f"--out {run} already holds files and is not a training run; give a new or empty folder")
+    if (run / CHECKPOINT_DIR).exists():
+        return  # resumed; _load_checkpoint compares the settings
+    try:
+        stored = TrainingConfig(**json.loads(stored_config.read_text(encoding="utf-8"))).identity()
+    except (json.JSONDecodeError, TypeError) as error:
+        raise InputError(f"{stored_config} is not a training configuration ({error}); give another --out") from None
+    if stored != json.loads(json.dumps(config.identity())):
+        raise InputError(f"{run} holds a run with different settings; use another --out folder")
+    if (run / "model").exists():
+        raise InputError(f"{run} holds a finished run whose checkpoint is gone, so it cannot be resumed; "
+                         "use another --out folder (the model there is kept)")
+
+
 def train(
     config: TrainingConfig,
     run: str | os.PathLike,
@@ -186,6 +211,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     """The loop of :func:`train`, inside its process group (a process group of one when alone)."""
     main = context.is_main_process
     if main:
+        check_run_folder(run, config)
         run.mkdir(parents=True, exist_ok=True)
     device = context.device
     if config.batch_size < context.world_size:

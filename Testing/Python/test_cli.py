@@ -96,3 +96,55 @@ def test_tasks_and_phantoms_commands(tmp_path, capsys):
     assert main(["phantoms", "--out", str(tmp_path), "--cases", "1", "--tasks", "breast_mri"]) == 0
     assert (tmp_path / "breast_mri" / "case_000" / "image.nii.gz").exists()
     assert main(["phantoms", "--out", str(tmp_path), "--tasks", "lungs"]) == 2
+
+
+@pytest.mark.parametrize("option", ["--output", "--probabilities"])
+def test_segment_never_writes_over_the_input_scan(tmp_path, model_path, scan, capsys, option):
+    path, _ = scan
+    before = path.read_bytes()
+    outputs = {"--output": str(tmp_path / "labels.nrrd"), "--probabilities": str(tmp_path / "p.nrrd")}
+    outputs[option] = str(path)
+    arguments = ["segment", "--model", str(model_path), "--input", str(path), "--device", "cpu"]
+    for name, value in outputs.items():
+        arguments += [name, value]
+    assert main(arguments) == 2
+    assert "is the input scan" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_an_output_name_no_writer_knows_is_refused_before_segmenting(tmp_path, model_path, scan, capsys):
+    path, _ = scan
+    assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / "l.mhd"),
+                 "--device", "cpu"]) == 2
+    assert ".seg.nrrd" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.mhd")) and not list(tmp_path.glob(".*"))
+
+
+def test_train_refuses_a_folder_that_is_not_a_run_and_keeps_its_files(tmp_path, tiny_dataset, capsys):
+    out = tmp_path / "my_results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    (out / "model").mkdir()
+    arguments = ["train", "--tasks", "breast_mri", "--data", str(tiny_dataset), "--out", str(out), "--steps", "2",
+                 "--arg", "layers=2", "--arg", "channels=4", "--arg", "hidden_features=8", "--batch-size", "4",
+                 "--validate-every", "2", "--device", "cpu"]
+    assert main(arguments) == 2
+    assert "is not a training run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["model", "notes.txt"]
+
+
+def test_train_refuses_to_redo_a_finished_run_whose_checkpoint_is_gone(tmp_path, tiny_dataset, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    arguments = ["train", "--tasks", "breast_mri", "--data", str(tiny_dataset), "--out", str(out), "--steps", "2",
+                 "--arg", "layers=2", "--arg", "channels=4", "--arg", "hidden_features=8", "--batch-size", "4",
+                 "--validate-every", "2", "--device", "cpu"]
+    assert main(arguments) == 0
+    shutil.rmtree(out / "checkpoint")
+    weights = (out / "model" / "weights.safetensors").read_bytes()
+    assert main(arguments[:-2] + ["--seed", "3", "--device", "cpu"]) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert main(arguments) == 2
+    assert "finished run" in capsys.readouterr().err
+    assert (out / "model" / "weights.safetensors").read_bytes() == weights

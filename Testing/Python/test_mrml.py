@@ -233,6 +233,37 @@ def test_add_mode_keeps_the_previous_result_beside_the_new_one(scene, volume, mo
     assert written.replaced_names == []
 
 
+def paint(segmentation_node, volume, segment_id, box) -> np.ndarray:
+    """The user's correction: voxels of ``box`` flipped in one segment; returns the corrected mask."""
+    mask = mrml.labels_from_segmentation(segmentation_node, volume, [segment_id]).astype(np.uint8)
+    mask[box] = 1 - mask[box]
+    image = mrml.volume_node_from_image(sitk.GetImageFromArray(mask), volume.GetScene(), "painted")
+    image.SetIJKToRASMatrix(mrml._vtk_matrix(mrml.ijk_to_ras(volume)))
+    labelmap = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(image)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    volume.GetScene().RemoveNode(image)
+    return mask
+
+
+def test_a_segment_corrected_by_hand_is_not_replaced_without_being_asked(scene, volume, model):
+    segmentation_node = mrml.segment_volume_node(volume, model, tasks=["breast_mri"], device="cpu")
+    mrml.segment_volume_node(volume, model, tasks=["breast_mri"], device="cpu", segmentation_node=segmentation_node)
+    (pectoral,) = segment_ids(segmentation_node)
+    corrected = paint(segmentation_node, volume, pectoral, (slice(0, 6),))
+    with pytest.raises(InputError, match="edited by hand.*existing='add'"):
+        mrml.segment_volume_node(volume, model, tasks=["breast_mri"], device="cpu", segmentation_node=segmentation_node)
+    assert segment_ids(segmentation_node) == [pectoral]
+    assert np.array_equal(mrml.labels_from_segmentation(segmentation_node, volume, [pectoral]), corrected)
+    mrml.segment_volume_node(volume, model, tasks=["breast_mri"], device="cpu", segmentation_node=segmentation_node,
+                             existing="add")
+    assert len(segment_ids(segmentation_node)) == 2
+    assert np.array_equal(mrml.labels_from_segmentation(segmentation_node, volume, [pectoral]), corrected)
+    result = segment_image(model, mrml.image_from_volume_node(volume), ["breast_mri"], device="cpu")
+    mrml.write_segmentation(result, volume, segmentation_node, existing="replace_edited")
+    assert not np.array_equal(mrml.labels_from_segmentation(segmentation_node, volume, [pectoral]), corrected)
+
+
 def test_undo_restores_the_segmentation_as_it_was(scene, volume, model):
     segmentation_node = mrml.new_segmentation_node(volume, "user work")
     hand = add_user_segment(segmentation_node, volume, "By hand", (slice(2, 8), slice(2, 8), slice(2, 8)))
