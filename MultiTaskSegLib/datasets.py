@@ -149,13 +149,30 @@ def prepare_case(files: CaseFiles, label_space: LabelSpace, spacing_mm: float | 
                 "resample the label onto the image first"
             )
         source_labels.CopyInformation(image)  # drop header rounding below the tolerance
-        task_labels = sitk.GetImageFromArray(task.map_labels(sitk.GetArrayViewFromImage(source_labels)))
+        source_values = sitk.GetArrayViewFromImage(source_labels)
+        mapped = task.map_labels(source_values)
+        if not mapped.any() and source_values.any():
+            found = np.unique(source_values)[:8]
+            raise InputError(
+                f"label {files.label} holds the values {', '.join(map(str, found))} but none of them is a class of task "
+                f"{task.name} (it expects {task_label_summary(task)}); relabel the file or declare the values in the task"
+            )
+        task_labels = sitk.GetImageFromArray(mapped)
         task_labels.CopyInformation(image)
         resampled = sitk.GetArrayFromImage(resample_onto(task_labels, grid, is_label=True))
         labels = label_space.to_model_labels(task.name, resampled)
     return PreparedCase(task=task.name, name=files.name, image=working, labels=labels, foreground=foreground,
                         extra={"grid": grid, "files": files})
 
+
+
+def task_label_summary(task: Task) -> str:
+    """The source label values each class of ``task`` reads, for messages."""
+    parts = []
+    for name, values in zip(task.class_names, task.label_values):
+        shown = sorted(values)[:4]
+        parts.append(f"{name}: {', '.join(map(str, shown))}{'…' if len(values) > 4 else ''}")
+    return "; ".join(parts)
 
 
 def prepare_label_map(files: CaseFiles, label_space: LabelSpace, spacing_mm: float) -> PreparedCase:

@@ -60,6 +60,20 @@ class TrainingConfig:
     model_name: str = "multitaskseg-model"
     data: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.tasks:
+            problems.append("give at least one task")
+        if self.steps < 1 or self.batch_size < 1 or self.validate_every < 1:
+            problems.append(f"steps, batch size and validate-every must be at least 1 (got {self.steps}, "
+                            f"{self.batch_size}, {self.validate_every})")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            problems.append(f"the validation fraction must lie in 0..1 (1 excluded), got {self.validation_fraction}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            problems.append(f"the learning rate must be positive, got {self.learning_rate}")
+        if problems:
+            raise InputError("training settings: " + "; ".join(problems))
+
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the interrupted one."""
         keys = ("tasks", "architecture", "arguments", "batch_size", "learning_rate", "validation_fraction", "seed", "data")

@@ -97,3 +97,33 @@ def test_binary_tasks_are_scored_at_the_operating_point_with_the_best_dice_over_
     for case, ratio in zip(cardiac, ratios):
         row = next(r for r in rows if r["case"] == case.name and r["task"] == "cardiac_cta")
         assert row["dice"] == pytest.approx(dice(ratio >= chosen, case.labels == coronary))
+
+
+def test_binary_labels_stored_as_255_are_refused_with_the_values_the_task_reads(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MultiTaskSegLib.datasets import find_cases, prepare_case
+    from MultiTaskSegLib.errors import InputError
+    from MultiTaskSegLib.tasks import LabelSpace, get_task
+
+    folder = tmp_path / "breast_mri" / "case"
+    folder.mkdir(parents=True)
+    image = np.random.default_rng(0).random((8, 10, 12)).astype(np.float32) + 1
+    label = np.zeros(image.shape, np.uint8)
+    label[2:5, 3:6, 4:8] = 255
+    for array, name in ((image, "image.nii.gz"), (label, "label.nii.gz")):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / name))
+    (case,) = find_cases(get_task("breast_mri"), tmp_path / "breast_mri")
+    with pytest.raises(InputError, match="holds the values 0, 255.*Pectoral muscle: 1"):
+        prepare_case(case, LabelSpace.from_names(["breast_mri"]))
+
+
+@pytest.mark.parametrize("settings", [{"validation_fraction": 1.5}, {"steps": -5}, {"batch_size": 0},
+                                      {"validate_every": 0}, {"learning_rate": -1.0}])
+def test_impossible_training_settings_are_refused(settings):
+    from MultiTaskSegLib.errors import InputError
+    from MultiTaskSegLib.training import TrainingConfig
+
+    with pytest.raises(InputError, match="training settings"):
+        TrainingConfig(tasks=["breast_mri"], **settings)
