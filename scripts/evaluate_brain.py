@@ -12,7 +12,8 @@ For every held-out subject (a folder with ``t1.nii.gz``, ``aseg.nii.gz`` and, wh
   1.1 mm; shifted by half a voxel with another bias field and noise): the coefficient of variation of
   each tissue's volume over the three scans measures consistency (a proxy: these are not real repeat scans).
 
-Dice and HD95 per class go to ``OUT/per_case.csv``, means to ``OUT/summary.md``.
+Dice and HD95 per class go to ``OUT/per_case.csv``, means to ``OUT/summary.md``, and a picture of
+each whole-head result beside its reference to ``OUT/SUBJECT_whole_head.png``.
 
     .venv/bin/python scripts/evaluate_brain.py --model runs/brain/fold1/run/model \\
         --subjects runs/brain/fold1/held_out --out runs/brain/fold1/evaluation
@@ -33,6 +34,7 @@ from MultiTaskSegLib.evaluation import evaluate_labels
 from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.inference import segment_image
 from MultiTaskSegLib.model_files import load_model
+from MultiTaskSegLib.overlay import class_colors, save_overlay_png
 from MultiTaskSegLib.tasks import get_task
 
 TASK = "brain_t1_mri"
@@ -137,6 +139,11 @@ def main() -> None:
         for variant, (image, truth) in variants.items():
             metrics, predicted, warnings, seconds = score(model, image, truth, args.device)
             volumes[variant] = class_volumes(predicted, len(names))
+            if variant == "whole head":
+                reference_classes = sitk.GetImageFromArray(get_task(TASK).map_labels(sitk.GetArrayFromImage(truth)))
+                reference_classes.CopyInformation(truth)
+                save_overlay_png(image, predicted, class_colors(get_task(TASK)), args.out / f"{subject.name}_whole_head.png",
+                                 title=f"{subject.name}, whole head (held out)", reference=reference_classes)
             for label, values in metrics.items():
                 rows.append({"subject": subject.name, "input": variant, "class": names[label - 1],
                              "dice": round(values["dice"], 4), "hd95_mm": round(values["hd95_mm"], 2),

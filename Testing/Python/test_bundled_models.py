@@ -46,3 +46,38 @@ def test_the_presence_head_tells_which_requested_structures_are_absent():
     warnings = segment_image(model, image, tasks=None, device="cpu").warnings
     absent = {warning.split(" (")[0] for warning in warnings if "seems absent" in warning}
     assert absent == set(get_task("brain_t1_mri").class_names) | {"Coronary artery"}
+
+
+BRAIN_MODEL = "brain-t1"
+
+
+def test_the_default_brain_model_card_states_its_data_intended_input_and_cross_validated_results():
+    card = read_model_card(bundled_models()[BRAIN_MODEL])
+    assert [task["name"] for task in card["tasks"]] == ["brain_t1_mri"]
+    details = card["card"]
+    assert "not for clinical use" in details["description"].lower()
+    assert "whole head" in details["intended_input"]["brain_t1_mri"] and "3 mm" in details["intended_input"]["brain_t1_mri"]
+    assert set(details["cross_validated_dice"]) >= {"skull-stripped", "whole head", "3 mm"}
+    assert details["class_volumes_ml"]["brain_t1_mri"]["White matter"][0] > 100
+
+
+def test_the_brain_model_warns_when_the_scan_is_not_a_brain():
+    model = load_model(bundled_models()[BRAIN_MODEL])
+    image, _ = generate_case("breast_mri", seed=HELD_OUT_SEED, size="small")
+    warnings = segment_image(model, image, tasks=["brain_t1_mri"], device="cpu").warnings
+    assert any("does not look like the training data" in warning for warning in warnings), warnings
+
+
+@pytest.mark.slow
+def test_the_brain_model_segments_a_real_subject_it_never_saw(shared_data):
+    """bert (FreeSurfer's sample subject) was held out of the bundled model's training (fold 1)."""
+    from MultiTaskSegLib.imageio import read_image
+
+    model = load_model(bundled_models()[BRAIN_MODEL])
+    assert "brain_t1_mri/bert" not in model.provenance["training_cases"]
+    folder = shared_data / "brain_aseg" / "bert"
+    result = segment_image(model, read_image(folder / "t1.nii.gz"), tasks=["brain_t1_mri"], device="cpu")
+    reference = get_task("brain_t1_mri").map_labels(sitk.GetArrayFromImage(read_image(folder / "aseg.nii.gz", check_values=False)))
+    scores = dice_per_class(sitk.GetArrayViewFromImage(result.labels), reference, range(1, 7))
+    assert np.mean(list(scores.values())) > 0.8, scores
+    assert not any("does not look like the training data" in warning for warning in result.warnings)
