@@ -102,16 +102,24 @@ def command_batch(args) -> int:
 
 
 def command_models(args) -> int:
-    from .model_files import bundled_models, read_model_card
+    """One line per model; a broken model is reported on its own line and the others still listed."""
+    from .model_catalog import bundled_models, read_model_card
 
     models = bundled_models()
     if not models:
         print("no bundled models found", file=sys.stderr)
+    broken = 0
     for name, path in models.items():
-        card = read_model_card(path)
-        tasks = ",".join(task["name"] for task in card["tasks"])
-        print(f"{name}\tarchitecture={card['architecture']['name']}\ttasks={tasks}\tversion={card.get('version')}\t{path}")
-    return 0
+        try:
+            card = read_model_card(path)
+            tasks = ",".join(task["name"] for task in card["tasks"])
+            architecture = card["architecture"]["name"]
+        except Exception as error:  # a malformed model.json must not hide the other models
+            broken += 1
+            print(f"{name}\tunreadable: {error}\t{path}", file=sys.stderr)
+            continue
+        print(f"{name}\tarchitecture={architecture}\ttasks={tasks}\tversion={card.get('version')}\t{path}")
+    return 2 if broken else 0
 
 
 def command_evaluate(args) -> int:

@@ -31,6 +31,11 @@ def _read_metadata(folder: Path, where: str) -> dict[str, Any]:
         raise ModelFileError(f"{where} is not a model: it has no {METADATA_FILE}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFileError(f"{where}: {METADATA_FILE} is not valid JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"{where}: {METADATA_FILE} must hold a JSON object, not {type(metadata).__name__}")
+    missing = [key for key in ("name", "architecture", "tasks") if key not in metadata]
+    if missing and metadata.get("format_version") == FORMAT_VERSION:
+        raise ModelFileError(f"{where}: {METADATA_FILE} lacks {', '.join(missing)}; the model file is incomplete")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(
             f"{where} has model format {metadata.get('format_version')!r}; this MultiTaskSeg reads format "

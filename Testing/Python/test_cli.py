@@ -148,3 +148,17 @@ def test_train_refuses_to_redo_a_finished_run_whose_checkpoint_is_gone(tmp_path,
     assert main(arguments) == 2
     assert "finished run" in capsys.readouterr().err
     assert (out / "model" / "weights.safetensors").read_bytes() == weights
+
+
+def test_models_lists_the_good_models_when_one_on_the_model_path_is_broken(tmp_path, model_path, monkeypatch, capsys):
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(model_path, folder / "good")
+    (folder / "broken").mkdir()
+    (folder / "broken" / "model.json").write_text("[1, 2]", encoding="utf-8")
+    monkeypatch.setenv(MODEL_PATH_VARIABLE, str(folder))
+    assert main(["models"]) == 2
+    captured = capsys.readouterr()
+    assert "good\tarchitecture=triplanar" in captured.out
+    assert "broken\tunreadable" in captured.err

@@ -36,3 +36,14 @@ def test_a_stale_path_to_a_bundled_model_from_an_older_slicer_gives_the_bundled_
 def test_bundled_models_are_found_by_name():
     for name, path in bundled_models().items():
         assert resolve_model_path(name) == path
+
+
+def test_a_model_json_that_is_not_a_complete_object_is_refused_clearly(tmp_path):
+    import pytest
+
+    from MultiTaskSegLib.errors import ModelFileError
+
+    for text, message in (("[1, 2]", "JSON object"), ('{"format_version": 1, "tasks": []}', "lacks name, architecture")):
+        (tmp_path / "model.json").write_text(text, encoding="utf-8")
+        with pytest.raises(ModelFileError, match=message):
+            read_model_card(tmp_path)
