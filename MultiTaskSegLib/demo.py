@@ -28,6 +28,9 @@ from .tasks import LabelSpace, get_task
 DEMO_SEED = 1000
 DEMO_CASES = 2
 
+#: Models trained on phantoms carry this suffix; the demo segments phantoms with those only.
+PHANTOM_MODEL_SUFFIX = "-phantoms"
+
 
 def _colors(space: LabelSpace) -> dict[int, tuple[float, float, float]]:
     return {entry.index: entry.class_spec.color for entry in space.entries[1:]}
@@ -53,6 +56,10 @@ def run_demo(out: Path, device: str = "auto", cases: int = DEMO_CASES) -> int:
         return 0
     rows = []
     for model_name, path in models.items():
+        if not model_name.endswith(PHANTOM_MODEL_SUFFIX):
+            print(f"{model_name}: a model for real scans, not run here: the small phantoms are miniature, "
+                  "scaled-down anatomy (its results on real subjects are in the README)")
+            continue
         model = load_model(path)
         for case in all_cases:
             if case.task not in model.label_space.task_names:

@@ -93,6 +93,7 @@ def save_model(model: SegmentationModel, destination: str | os.PathLike) -> Path
         save_file(state, str(staging / WEIGHTS_FILE))
         model.weights_sha256 = sha256_of(staging / WEIGHTS_FILE)
         (staging / METADATA_FILE).write_text(json.dumps(model.metadata(), indent=2), encoding="utf-8")
+        _usual_permissions(staging)
         if destination.suffix == ".zip":
             archive = staging.with_suffix(".zip")
             with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
@@ -114,6 +115,16 @@ def save_model(model: SegmentationModel, destination: str | os.PathLike) -> Path
         raise
     model.path = destination
     return destination
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp and safetensors make private files; a model is shared like any other file (umask applies),
+    so others on a cluster can read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for entry in folder.iterdir():
+        entry.chmod(0o666 & ~mask)
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:

@@ -113,3 +113,20 @@ def test_newer_format_is_refused_with_advice(tmp_path, model):
     (path / METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(ModelFileError, match="update MultiTaskSeg"):
         load_model(path)
+
+
+def test_a_saved_model_is_readable_by_others_as_the_umask_allows(tmp_path):
+    import os
+    import stat
+
+    from conftest import make_tiny_model
+
+    from MultiTaskSegLib.model_files import save_model
+
+    previous = os.umask(0o022)
+    try:
+        folder = save_model(make_tiny_model(["breast_mri"]), tmp_path / "shared-model")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
