@@ -417,11 +417,33 @@ def summary_path(folder: Path, index: int, count: int) -> Path:
     return folder / ("batch_summary.json" if count == 1 else f"batch_summary.shard-{index}-of-{count}.json")
 
 
+#: Written into the output folder by the first run: what its results were made with.
+BATCH_IDENTITY_FILE = ".multitaskseg-batch.json"
+
+
 def check_output_folder(folder: Path, cases: Sequence[BatchCase]) -> None:
-    inside = [case for case in cases if case.image.absolute().parent == folder.absolute()]
+    """The output folder must not hold the inputs, under any name (a symbolic link included)."""
+    inside = [case for case in cases if case.image.resolve().parent == folder.resolve()]
     if inside:
         raise InputError(f"the output folder {folder} holds input scans ({inside[0].image.name}, ...); "
                          "choose another --output so outputs are never taken for inputs")
+
+
+def check_same_batch(folder: Path, model: SegmentationModel, tasks: Sequence[str], output_format: str) -> None:
+    """A rerun into a folder resumes only the same batch: the same weights, tasks and format. Otherwise
+    the earlier results would be counted as done and the summary would name a model that made none."""
+    identity = {"model": model.name, "weights_sha256": model.weights_sha256, "tasks": list(tasks), "format": output_format}
+    path = folder / BATCH_IDENTITY_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != identity:
+            raise InputError(
+                f"the output folder {folder} holds results of another batch (model {stored.get('model')}, tasks "
+                f"{', '.join(stored.get('tasks', []))}, format {stored.get('format')}); use another --output, or the "
+                "same model, tasks and format to resume it"
+            )
+    else:
+        write_text_atomically(path, json.dumps(identity, indent=2))
 
 
 def run_batch(
@@ -451,6 +473,7 @@ def run_batch(
     model = load_model(model_source)
     tasks = resolve_tasks(model, tasks)
     folder.mkdir(parents=True, exist_ok=True)
+    check_same_batch(folder, model, tasks, output_format)
 
     summary = BatchSummary(cases=len(cases))
     for case in cases:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import signal
@@ -18,6 +19,7 @@ import slicerio
 from conftest import make_tiny_model, write_tiny_dataset
 
 from MultiTaskSegLib.batch import (
+    BATCH_IDENTITY_FILE,
     BatchCase,
     list_cases,
     parse_shard,
@@ -196,7 +198,7 @@ def test_a_killed_run_leaves_only_whole_files_and_a_rerun_finishes_it(model_path
     assert record["skipped"] == [path.name.removesuffix(".seg.nrrd") for path in finished]
     assert record["segmented"] == unfinished
     assert all(path.stat().st_mtime_ns == time_ns for path, time_ns in written.items())  # not written again
-    assert [path.name for path in output.iterdir() if path.name.startswith(".")] == []
+    assert [path.name for path in output.iterdir() if path.name.startswith(".")] == [BATCH_IDENTITY_FILE]
     assert len(segmentations_in(output)) == 6
     assert all(whole_segmentation(path) for path in segmentations_in(output))
 
@@ -251,3 +253,25 @@ def test_the_output_folder_may_not_hold_the_inputs(model_path, scans, tmp_path):
     shutil.copytree(scans / "scans", folder)
     with pytest.raises(InputError, match="holds input scans"):
         run_batch(model_path, folder, folder)
+
+
+def test_an_output_folder_that_links_to_the_input_folder_is_refused(model_path, scans, tmp_path):
+    link = tmp_path / "results"
+    link.symlink_to(scans / "scans", target_is_directory=True)
+    with pytest.raises(InputError, match="holds input scans"):
+        run_batch(model_path, scans / "scans", link)
+
+
+def test_a_rerun_with_another_model_or_tasks_does_not_take_the_earlier_results_as_its_own(model_path, scans, tmp_path):
+    folder = tmp_path / "out"
+    quiet = io.StringIO()
+    run_batch(model_path, scans / "scans", folder, tasks=["breast_mri"], device="cpu", stream=quiet)
+    written = {path: path.read_bytes() for path in segmentations_in(folder)}
+    with pytest.raises(InputError, match="holds results of another batch"):
+        run_batch(model_path, scans / "scans", folder, tasks=["cardiac_cta"], device="cpu", stream=quiet)
+    other = save_model(make_tiny_model(TASKS, seed=9, name="other"), tmp_path / "other")
+    with pytest.raises(InputError, match="model tiny"):
+        run_batch(other, scans / "scans", folder, tasks=["breast_mri"], device="cpu", stream=quiet)
+    assert {path: path.read_bytes() for path in segmentations_in(folder)} == written
+    summary = run_batch(model_path, scans / "scans", folder, tasks=["breast_mri"], device="cpu", stream=quiet)
+    assert len(summary.skipped) == len(written) and not summary.segmented
