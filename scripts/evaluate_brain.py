@@ -6,6 +6,9 @@ For every held-out subject (a folder with ``t1.nii.gz``, ``aseg.nii.gz`` and, wh
 
 - ``skull-stripped``: the FreeSurfer brain;
 - ``whole head``: the whole-head scan (skull, eyes, neck), scored against the same aseg;
+- ``scanner-like head``: the whole-head scan with Rician noise in the air and everywhere (3 % of the
+  bright tissue), a smooth bias field and another intensity scale, as an unprocessed scan has them
+  (FreeSurfer's ``T1.mgz`` has a zero background and normalised white matter);
 - ``3 mm``: the whole-head scan (else the brain) with 3 mm slices along the inferior-superior axis
   (Gaussian slice profile, then sampled every 3 mm), scored against the aseg on that grid;
 - ``repeat``: two more "acquisitions" of the whole head (rotated by a few degrees and resampled at
@@ -64,6 +67,17 @@ def thick_slices(image: sitk.Image, labels: sitk.Image, thickness: float = 3.0) 
     return resampled, sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
 
 
+def scanner_like(image: sitk.Image, rng: np.random.Generator) -> sitk.Image:
+    """Rician noise everywhere (air included), a bias field and an intensity scale of 3.7."""
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    sigma = 0.03 * np.percentile(values[values > 0], 99)
+    noisy = np.sqrt((values + rng.normal(0, sigma, values.shape)) ** 2 + rng.normal(0, sigma, values.shape) ** 2)
+    z, _, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in values.shape], indexing="ij")
+    result = sitk.GetImageFromArray((3.7 * noisy * np.exp(0.25 * z - 0.15 * x)).astype(np.float32))
+    result.CopyInformation(image)
+    return result
+
+
 def repeat_scan(image: sitk.Image, rng: np.random.Generator, rotate: bool) -> sitk.Image:
     """Another "acquisition": rotated and resampled at 1.1 mm, or shifted half a voxel; new bias and noise."""
     centre = image.TransformContinuousIndexToPhysicalPoint([s / 2 for s in image.GetSize()])
@@ -120,6 +134,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-repeats", action="store_true")
+    parser.add_argument("--scanner-like", action="store_true", help="also judge the noisy, biased whole-head variant")
     args = parser.parse_args()
     model = load_model(args.model)
     names = get_task(TASK).class_names
@@ -134,6 +149,8 @@ def main() -> None:
         variants = {"skull-stripped": (read_image(subject / "t1.nii.gz"), reference)}
         if head is not None:
             variants["whole head"] = (head, reference)
+            if args.scanner_like:
+                variants["scanner-like head"] = (scanner_like(head, rng), reference)
         variants["3 mm"] = thick_slices(head if head is not None else variants["skull-stripped"][0], reference)
         volumes = {}
         for variant, (image, truth) in variants.items():
