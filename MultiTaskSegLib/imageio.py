@@ -7,8 +7,11 @@ with a message that says what to do.
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +49,10 @@ def _check_size(size: tuple[int, ...], components: int, where: str) -> None:
 
 def _check_shape(dimension: int, components: int, size: tuple[int, ...], where: str, channel: int | None) -> None:
     if dimension < 3 or (dimension == 3 and size[2] == 1):
+        kind = "a single voxel" if dimension == 3 and max(size) == 1 else (
+            "a single slice, a 2-D image," if dimension == 3 else "a 2-D image")
         raise InputError(
-            f"{where} is a 2-D image ({'x'.join(map(str, size))}); the models segment 3-D volumes, "
+            f"{where} is {kind} ({'x'.join(map(str, size))}); the models segment 3-D volumes, "
             "give the whole series or volume"
         )
     if dimension > 3 and channel is None:
@@ -84,8 +89,51 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
     size = reader.GetSize()
     _check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), size, where, channel)
     _check_size(size[:3], 1, where)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_voxels(path, where, check_values)
     image = reader.Execute()
     return check_image(_pick_channel(image, channel, where), where, check_values)
+
+
+#: NIfTI-1 data types whose NaN and infinite values the reader would silently turn into 0.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _check_nifti_voxels(path: Path, where: str, check_values: bool) -> None:
+    """Refuse a NIfTI-1 file whose voxel data is cut short, or holds NaN/Inf voxels.
+
+    ITK's NIfTI reader fills a truncated file's missing voxels with zeros and reads NaN as 0, so a
+    damaged scan would be segmented without a word; the raw bytes tell.
+    """
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, OSError, zlib.error):
+        raise InputError(f"{where} is truncated or its compression is damaged; copy or export the file again") from None
+    if len(data) < 348:
+        raise InputError(f"{where} is truncated: it is shorter than a NIfTI header; copy or export the file again")
+    for order in ("<", ">"):
+        if struct.unpack(order + "i", data[:4])[0] == 348:
+            break
+    else:
+        return  # NIfTI-2 or another variant: left to the reader
+    dims = struct.unpack(order + "8h", data[40:56])
+    datatype, bits = struct.unpack(order + "2h", data[70:74])
+    offset = int(struct.unpack(order + "f", data[108:112])[0])
+    count = 1
+    for side in dims[1:max(1, min(7, dims[0])) + 1]:
+        count *= max(1, side)
+    expected = offset + count * max(bits, 8) // 8
+    if len(data) < expected:
+        raise InputError(
+            f"{where} is truncated: it holds {len(data) - offset} bytes of voxels where its header announces "
+            f"{expected - offset}; copy or export the file again"
+        )
+    if check_values and datatype in _NIFTI_FLOATS:
+        values = np.frombuffer(data, dtype=order + _NIFTI_FLOATS[datatype], count=count, offset=offset)
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise InputError(f"{where} has {bad} NaN or infinite voxels; fix or mask them before segmenting")
 
 
 def _read_dicom_series(folder: Path, channel: int | None, check_values: bool) -> sitk.Image:

@@ -54,9 +54,15 @@ def test_two_dimensional_image_is_refused(tmp_path):
         read_image(path)
 
 
-def test_single_slice_volume_is_refused_as_two_dimensional(tmp_path):
+def test_single_slice_volume_is_refused_as_a_single_slice(tmp_path):
     path = write_image(sitk.GetImageFromArray(np.arange(64, dtype=np.float32).reshape(1, 8, 8)), tmp_path / "one.nrrd")
-    with pytest.raises(InputError, match="2-D image"):
+    with pytest.raises(InputError, match="a single slice, a 2-D image, .*segment 3-D volumes"):
+        read_image(path)
+
+
+def test_a_single_voxel_is_called_what_it_is(tmp_path):
+    path = write_image(sitk.GetImageFromArray(np.ones((1, 1, 1), np.float32)), tmp_path / "voxel.nii.gz")
+    with pytest.raises(InputError, match="a single voxel"):
         read_image(path)
 
 
@@ -129,3 +135,39 @@ def test_write_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
         write_image(volume((3, 3, 3)), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("kept", [0.1, 0.5, 0.9, 0.999])
+def test_a_nifti_file_cut_short_is_refused_not_read_with_zeros(tmp_path, suffix, kept):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MultiTaskSegLib.errors import InputError
+    from MultiTaskSegLib.imageio import read_image
+
+    image = sitk.GetImageFromArray((np.random.default_rng(1).random((12, 14, 16)) * 100 + 1).astype(np.float32))
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(image, str(whole), useCompression=suffix.endswith(".gz"))
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: max(1, int(len(data) * kept))])
+    with pytest.raises(InputError, match="truncated|not an image"):
+        read_image(cut)
+    assert read_image(whole).GetSize() == image.GetSize()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_infinite_voxels_in_a_nifti_file_are_refused(tmp_path, bad):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MultiTaskSegLib.errors import InputError
+    from MultiTaskSegLib.imageio import read_image
+
+    values = np.ones((6, 7, 8), np.float32)
+    values[2, 3, 4] = bad
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    with pytest.raises(InputError, match="1 NaN or infinite voxels"):
+        read_image(path)
