@@ -8,6 +8,7 @@ code from the file (safetensors, not pickle) and refuses weights whose checksum 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -117,6 +118,48 @@ def save_model(model: SegmentationModel, destination: str | os.PathLike) -> Path
     return destination
 
 
+def _stored_shapes(weights: Path, where: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as stored:
+            return {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
+    except Exception as error:  # safetensors raises its own error type for a file that is not one
+        raise ModelFileError(f"{where}: the weights do not fit the architecture: {WEIGHTS_FILE} is not a "
+                             f"safetensors file ({error})") from None
+
+
+@contextlib.contextmanager
+def _module_budget(limit: int, where: str):
+    """Stop building a network once it registers more than ``limit`` sub-modules."""
+    count = 0
+
+    def hook(module, name, submodule):
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise ModelFileError(f"{where}: the architecture in {METADATA_FILE} is far larger than the stored "
+                                 "weights; the file was edited or damaged: copy the model again")
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_weights_fit(probe: Architecture, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """The tensors the architecture of ``model.json`` builds must be those stored in the weights file."""
+    built = {name: tuple(tensor.shape) for name, tensor in probe.network.state_dict().items()}
+    if built != shapes:
+        differing = sorted(set(built) ^ set(shapes)) or sorted(n for n in built if built[n] != shapes[n])
+        raise ModelFileError(
+            f"{where}: the architecture in {METADATA_FILE} does not match the stored weights ({', '.join(differing[:3])}…); "
+            "the file was edited or damaged: copy the model again"
+        )
+
+
 def _usual_permissions(folder: Path) -> None:
     """mkdtemp and safetensors make private files; a model is shared like any other file (umask applies),
     so others on a cluster can read it."""
@@ -158,8 +201,17 @@ def _load_folder(folder: Path, where: str, origin: Path, device: str | torch.dev
     try:
         label_space = LabelSpace.from_json(metadata["tasks"])
         arch = metadata["architecture"]
-        architecture = architecture_class(arch["name"])(len(label_space), label_space.task_names, **arch["arguments"])
-    except (KeyError, TypeError) as error:
+        build = architecture_class(arch["name"])
+        shapes = _stored_shapes(weights, where)
+        # Sizes only, and a bounded number of modules: arguments edited to channels=1e6 or layers=1e7
+        # must neither allocate memory nor build modules for minutes before the mismatch shows.
+        with torch.device("meta"), _module_budget(4 * len(shapes) + 64, where):
+            probe = build(len(label_space), label_space.task_names, **arch["arguments"])
+        _check_weights_fit(probe, shapes, where)
+        architecture = build(len(label_space), label_space.task_names, **arch["arguments"])
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as error:
+        if isinstance(error, ModelFileError):
+            raise
         raise ModelFileError(f"{where}: {METADATA_FILE} is incomplete or inconsistent ({error})") from None
     try:
         state = load_file(str(weights), device="cpu")

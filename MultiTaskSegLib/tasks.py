@@ -203,6 +203,10 @@ class LabelSpace:
 # Declarative task files
 
 
+#: Source label values are at most this (FreeSurfer's largest is 14175); a larger range would only eat memory.
+MAX_LABEL_VALUE = 65535
+
+
 def _parse_label_values(values: Sequence[int | str], where: str) -> frozenset[int]:
     """Accept integers and inclusive ranges written as "1000-1035"."""
     parsed: set[int] = set()
@@ -210,6 +214,8 @@ def _parse_label_values(values: Sequence[int | str], where: str) -> frozenset[in
         if isinstance(value, bool):
             raise InputError(f"{where}: label value {value!r} is not an integer or a range 'A-B'")
         if isinstance(value, int):
+            if not 0 <= value <= MAX_LABEL_VALUE:
+                raise InputError(f"{where}: label value {value} must lie within 0..{MAX_LABEL_VALUE}")
             parsed.add(value)
             continue
         if isinstance(value, str) and value.count("-") == 1:
@@ -220,6 +226,8 @@ def _parse_label_values(values: Sequence[int | str], where: str) -> frozenset[in
                 raise InputError(f"{where}: label range {value!r} must look like '1000-1035'") from None
             if high < low:
                 raise InputError(f"{where}: label range {value!r} ends before it starts")
+            if low < 0 or high > MAX_LABEL_VALUE:
+                raise InputError(f"{where}: label range {value!r} must lie within 0..{MAX_LABEL_VALUE}")
             parsed.update(range(low, high + 1))
             continue
         raise InputError(f"{where}: label value {value!r} is not an integer or a range 'A-B'")

@@ -130,3 +130,22 @@ def test_a_saved_model_is_readable_by_others_as_the_umask_allows(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("change", [{"channels": 1_000_000}, {"layers": 10_000_000}])
+def test_architecture_arguments_edited_in_model_json_are_refused_before_allocating(tmp_path, model, change):
+    path = save_model(model, tmp_path / "m")
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    metadata["architecture"]["arguments"].update(change)
+    (path / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ModelFileError, match="does not match the stored weights|far larger than the stored weights"):
+        load_model(path)
+
+
+def test_a_label_range_that_would_exhaust_memory_is_refused():
+    from MultiTaskSegLib.errors import InputError
+    from MultiTaskSegLib.tasks import task_from_dict
+
+    definition = {"name": "huge", "modality": "MR", "classes": [{"name": "A", "color": [1, 0, 0], "labels": ["0-3000000000"]}]}
+    with pytest.raises(InputError, match="within 0..65535"):
+        task_from_dict(definition, "huge.toml")
