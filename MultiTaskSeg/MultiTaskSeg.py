@@ -405,10 +405,9 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         from MultiTaskSegLib.model_catalog import bundled_models
 
         models = {name: name for name in bundled_models()}
-        if extra and extra not in models:
-            stale = Path(extra).name.removesuffix(".zip")
-            if stale in models:  # a bundled model's path from an older Slicer: offer the bundled one
-                return models
+        # A bundled model's path from an older Slicer no longer exists: its name above stands for it.
+        stale = not Path(extra).exists() and Path(extra).name.removesuffix(".zip") in models
+        if extra and extra not in models and not stale:
             models[Path(extra).name] = extra
         return models
 

@@ -256,10 +256,9 @@ class SubprocessJob(BackgroundJob):
             self.kill()
 
     def kill(self) -> None:
-        """End the launcher and every process it started, at once."""
-        if self._process.poll() is None or self.worker_pid is not None:
-            self._cancel.set()
-            kill_process_tree(self._process)
+        """End the launcher and every process it started, at once (the worker may outlive its launcher)."""
+        self._cancel.set()
+        kill_process_tree(self._process)
 
     def wait(self, timeout: float | None = None) -> JobStatus:
         self._reader.join(timeout)

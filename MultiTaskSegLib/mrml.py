@@ -357,6 +357,13 @@ def _import_in_volume_frame(labelmap_node, volume_node, segmentation_node, segme
             labelmap_node.GetScene().RemoveNode(labelmap_node)
 
 
+def on_volume_grid(image: sitk.Image, volume_node) -> bool:
+    """Whether ``image`` lies on ``volume_node``'s voxels: same dimensions and IJK-to-RAS matrix."""
+    data = volume_node.GetImageData()
+    return (data is not None and tuple(data.GetDimensions()) == tuple(image.GetSize())
+            and np.allclose(ijk_to_ras_of_image(image), ijk_to_ras(volume_node), atol=1e-4))
+
+
 def _check_labels_fit_volume(result: SegmentationResult, volume_node) -> None:
     """The result must have been computed on this volume's grid: same size and IJK-to-RAS matrix."""
     size = tuple(reversed(volume_node.GetImageData().GetDimensions()))
@@ -366,7 +373,7 @@ def _check_labels_fit_volume(result: SegmentationResult, volume_node) -> None:
             f"the result has {'x'.join(map(str, labels_size))} voxels but {_describe_node(volume_node)} has "
             f"{'x'.join(map(str, size))}; segment this volume again"
         )
-    if not np.allclose(ijk_to_ras_of_image(result.labels), ijk_to_ras(volume_node), atol=1e-4):
+    if not on_volume_grid(result.labels, volume_node):
         raise InputError(
             f"the result was computed on another grid (spacing, origin or orientation) than {_describe_node(volume_node)}; "
             "segment this volume again"

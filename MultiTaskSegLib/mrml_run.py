@@ -2,9 +2,9 @@
 
 A segmentation takes seconds to minutes; meanwhile the user may select another series, tick the
 uncertainty box or close the scene. The result must still land on the volume it was computed from,
-with the settings chosen at Apply, or not at all: :class:`SegmentationRun` keeps those inputs and
-the volume's full geometry (dimensions and IJK-to-RAS matrix) from the start, and writes only when
-that volume is still in the scene with the same geometry. Needs only MRML, so it is tested headless.
+with the settings chosen at Apply, or not at all: :class:`SegmentationRun` keeps those inputs, and
+writes only when that volume is still in the scene and the result (computed on its grid at the
+start) still lies on its voxels. Needs only MRML, so it is tested headless.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Sequence
-
-import numpy as np
 
 from . import background, mrml
 from .errors import InputError
@@ -32,13 +30,6 @@ class RunInputs:
     uncertainty_kind: str = "entropy"
 
 
-def volume_geometry(volume_node) -> tuple[tuple[int, ...], np.ndarray]:
-    """The dimensions and IJK-to-RAS matrix that place a volume's voxels."""
-    image_data = volume_node.GetImageData()
-    dimensions = tuple(image_data.GetDimensions()) if image_data is not None else ()
-    return dimensions, mrml.ijk_to_ras(volume_node)
-
-
 class SegmentationRun:
     """A segmentation of frozen inputs, computed off the GUI thread and written on request.
 
@@ -49,7 +40,6 @@ class SegmentationRun:
     def __init__(self, inputs: RunInputs, python: str | os.PathLike | None = None,
                  environment: dict[str, str] | None = None) -> None:
         self.inputs = inputs
-        self._geometry = volume_geometry(inputs.volume_node)
         image = mrml.image_from_volume_node(inputs.volume_node)
         tasks = list(inputs.tasks) or None
         if python:
@@ -87,8 +77,7 @@ class SegmentationRun:
         volume = self.inputs.volume_node
         if volume.GetScene() is None:
             raise InputError(f"volume '{volume.GetName()}' was removed from the scene during the run; nothing was written")
-        dimensions, matrix = volume_geometry(volume)
-        if dimensions != self._geometry[0] or not np.allclose(matrix, self._geometry[1], atol=1e-6):
+        if not mrml.on_volume_grid(result.labels, volume):
             raise InputError(
                 f"volume '{volume.GetName()}' changed its size, spacing, origin or orientation during the run; "
                 "the result no longer fits it, nothing was written: press Apply again"

@@ -20,14 +20,12 @@ HIGH_FACTOR = 1.5
 CARD_KEY = "class_volumes_ml"
 
 
-def training_volume_ranges(cases, label_space, spacing_mm: Mapping[str, float]) -> dict[str, dict[str, list[float]]]:
-    """Per task and class, the [smallest, largest] volume in mL over the training cases of that task.
-
-    ``spacing_mm`` gives each task's working spacing (the cases' voxels are that size).
-    """
+def training_volume_ranges(cases, label_space) -> dict[str, dict[str, list[float]]]:
+    """Per task and class, the [smallest, largest] volume in mL over the training cases of that task
+    (prepared cases, whose voxels have their task's working spacing)."""
     ranges: dict[str, dict[str, list[float]]] = {}
     for case in cases:
-        voxel_ml = float(spacing_mm[case.task]) ** 3 / 1000.0
+        voxel_ml = float(label_space.task(case.task).working_spacing_mm) ** 3 / 1000.0
         counts = np.bincount(case.labels.ravel().astype(np.int64), minlength=len(label_space))
         for index in label_space.indices_for_task(case.task):
             name = label_space.entries[index].class_spec.name

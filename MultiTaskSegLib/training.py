@@ -294,8 +294,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     if main:
         model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
         model.card = model_card(model, curve)
-        model.card[CARD_KEY] = training_volume_ranges(
-            train_cases, label_space, {task.name: task.working_spacing_mm for task in label_space.tasks})
+        model.card[CARD_KEY] = training_volume_ranges(train_cases, label_space)
         if validation_cases:
             if operating_points is None:  # resumed after the last step: no validation ran in this call
                 operating_points = validation_dice(model, validation_cases, device)[1]

@@ -32,9 +32,8 @@ def main() -> None:
     config = TrainingConfig(**json.loads((args.model.parent / "config.json").read_text(encoding="utf-8")))
     training, validation = collect_cases(config)
     if CARD_KEY not in model.card:
-        spacing = {task.name: task.working_spacing_mm for task in model.label_space.tasks}
         prepared = (prepare_case(files, model.label_space) for files in training)
-        model.card[CARD_KEY] = training_volume_ranges(prepared, model.label_space, spacing)
+        model.card[CARD_KEY] = training_volume_ranges(prepared, model.label_space)
     if args.card:
         model.card.update(json.loads(args.card.read_text(encoding="utf-8")))
     if "operating_points" not in model.card:

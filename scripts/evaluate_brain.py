@@ -105,20 +105,25 @@ def repeat_scan(image: sitk.Image, rng: np.random.Generator, rotate: bool) -> si
     return result
 
 
+def segment_classes(model, image: sitk.Image, device: str):
+    """The brain task's class indices (1..6) segmented on ``image``'s grid, and the result's warnings."""
+    result = segment_image(model, image, [TASK], device)
+    labels = sitk.GetArrayFromImage(result.labels).astype(np.int16)
+    classes = sitk.GetImageFromArray(np.where(labels > 0, labels - model.label_space.offset(TASK), 0).astype(np.int16))
+    classes.CopyInformation(image)
+    return classes, result.warnings
+
+
 def score(model, image: sitk.Image, reference: sitk.Image, device: str) -> tuple[dict, sitk.Image, list[str], float]:
     task = get_task(TASK)
     started = time.perf_counter()
-    result = segment_image(model, image, [TASK], device)
+    predicted_image, warnings = segment_classes(model, image, device)
     seconds = time.perf_counter() - started
-    offset = model.label_space.offset(TASK)
-    predicted = sitk.GetArrayFromImage(result.labels).astype(np.int16)
-    predicted = np.where(predicted > 0, predicted - offset, 0)
-    truth = task.map_labels(sitk.GetArrayFromImage(reference))
-    predicted_image, truth_image = sitk.GetImageFromArray(predicted), sitk.GetImageFromArray(truth.astype(np.int16))
-    predicted_image.CopyInformation(reference)
+    truth_image = sitk.GetImageFromArray(task.map_labels(sitk.GetArrayFromImage(reference)).astype(np.int16))
     truth_image.CopyInformation(reference)
+    predicted_image.CopyInformation(reference)
     metrics = evaluate_labels(predicted_image, truth_image, range(1, len(task.class_names) + 1))
-    return metrics, predicted_image, result.warnings, seconds
+    return metrics, predicted_image, warnings, seconds
 
 
 def class_volumes(labels: sitk.Image, count: int) -> np.ndarray:
@@ -171,13 +176,8 @@ def main() -> None:
             base = head if head is not None else variants["skull-stripped"][0]
             scans = [volumes["whole head" if head is not None else "skull-stripped"]]
             for rotate in (True, False):
-                repeat = repeat_scan(base, rng, rotate)
-                result = segment_image(model, repeat, [TASK], args.device)
-                labels = sitk.GetArrayFromImage(result.labels).astype(np.int16)
-                labels = np.where(labels > 0, labels - model.label_space.offset(TASK), 0)
-                image = sitk.GetImageFromArray(labels)
-                image.CopyInformation(repeat)
-                scans.append(class_volumes(image, len(names)))
+                classes, _ = segment_classes(model, repeat_scan(base, rng, rotate), args.device)
+                scans.append(class_volumes(classes, len(names)))
             scans = np.stack(scans)
             variation = 100 * scans.std(axis=0, ddof=1) / np.maximum(scans.mean(axis=0), 1e-6)
             consistency.append({"subject": subject.name, **{n: round(float(v), 2) for n, v in zip(names, variation)}})

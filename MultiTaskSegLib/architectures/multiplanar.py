@@ -16,6 +16,7 @@ box of the non-zero voxels only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -203,14 +204,23 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
                     plane = super().predict_probabilities(cropped, device, plane_progress, cancelled, max_block_voxels)
             finally:
                 self.slice_axis = self.planes[0]
-            summed = plane if summed is None else summed + plane
+            if summed is None:
+                summed = plane
+            else:
+                summed += plane
         result[(slice(None), *box)] = summed / len(self.planes)
         return result
 
 
 def bfloat16_ready(device: torch.device) -> bool:
     """Whether bfloat16 autocast is fast on ``device`` (emulated bfloat16 would be slower than float32)."""
-    if device.type == "cuda":
+    return _bfloat16_ready(torch.device(device).type)
+
+
+@functools.cache
+def _bfloat16_ready(device_type: str) -> bool:
+    """Asked once per device type, not at every training step."""
+    if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
@@ -218,10 +228,11 @@ def bfloat16_ready(device: torch.device) -> bool:
 
 def nonzero_box(image: np.ndarray, margin: int) -> tuple[slice, ...] | None:
     """The bounding box of the non-zero voxels grown by ``margin`` (clipped to the volume); None if none."""
+    nonzero = image != 0
     box = []
     for axis in range(image.ndim):
         other = tuple(a for a in range(image.ndim) if a != axis)
-        occupied = np.flatnonzero(np.any(image != 0, axis=other))
+        occupied = np.flatnonzero(np.any(nonzero, axis=other))
         if occupied.size == 0:
             return None
         box.append(slice(max(0, int(occupied[0]) - margin), min(image.shape[axis], int(occupied[-1]) + 1 + margin)))
