@@ -28,7 +28,7 @@ from ..augmentation import SliceAugmentation, augment_slices, synthesize_slices
 from ..errors import InputError
 from ..losses import soft_dice_loss
 from .base import CancelCheck, ProgressCallback, TrainingStep
-from .unet2d import CMUNET_CHANNELS, _SliceUNetArchitecture
+from .unet2d import CMUNET_CHANNELS, WINDOW_OVERLAP, _SliceUNetArchitecture
 from .unet_windows import check_volume, crop_centred
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         augmentation: settings of :class:`~MultiTaskSegLib.augmentation.SliceAugmentation`
             (defaults when left out; ``{"probability": 0, "low_resolution_probability": 0}`` turns it off).
     Args (inference):
-        inference_margin, inference_block_voxels: windows within each slice, as the other 2-D U-Nets.
+        inference_margin, inference_block_voxels, window_overlap: windows within each slice, as the
+            other 2-D U-Nets.
         whole_slice_inference: one window per (cropped) slice instead of overlapping training-size
             windows: several times less work for a head, at the price of instance-norm statistics taken
             over more context than in training (measured on held-out subjects before it was made the default).
@@ -89,6 +90,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         augmentation: Mapping[str, Any] | None = None,
         inference_margin: int = 16,
         inference_block_voxels: int = 2**20,
+        window_overlap: float | None = WINDOW_OVERLAP,
         whole_slice_inference: bool = False,
         crop_margin: int = 8,
     ) -> None:
@@ -110,6 +112,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             steps_per_epoch=steps_per_epoch,
             inference_margin=inference_margin,
             inference_block_voxels=inference_block_voxels,
+            window_overlap=window_overlap,
             planes=planes,
             cross_entropy_weight=float(cross_entropy_weight),
             mixed_precision=bool(mixed_precision),

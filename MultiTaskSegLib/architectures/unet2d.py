@@ -15,12 +15,15 @@ autocast; on the CPU it runs in float32 without autocast. ``progress(fraction, s
 after every batch; ``cancelled()`` is checked before every batch and raises
 :class:`~MultiTaskSegLib.errors.CancelledError`.
 
-CMU-Net uses its presence head at inference: a slice (or, for slices larger than ``patch_size``,
-a window of it) where no requested class reaches ``presence_threshold`` is not decoded and is
-background; ``predict_probabilities(..., requested_labels=[...])`` names the label-space indices the
-user asked for (default: all). The head is trained on what the crop shows (see
-:func:`presence_targets`), so the decision is made per window, which is the slice whenever the slice
-fits in one patch.
+Windows larger than a slice's side overlap by ``window_overlap`` and are blended with Gaussian
+weights, so the output has no window edges (instance norm makes every window see its own
+statistics).
+
+CMU-Net uses its presence head at inference: a slice where no requested class reaches
+``presence_threshold`` in any of its windows is not decoded and is background;
+``predict_probabilities(..., requested_labels=[...])`` names the label-space indices the user asked
+for (default: all). The decision is made per slice, as in the paper, never per window: a window
+blanked beside a decoded neighbour would leave a straight-edged hole.
 
 Optional hooks for the trainer and the application (not part of :class:`Architecture`):
 
@@ -59,6 +62,7 @@ from .unet_windows import (
     fit_window,
     inference_context,
     plan_axis_windows,
+    plan_gaussian_windows,
     raise_if_cancelled,
     report_progress,
     round_up,
@@ -86,6 +90,9 @@ def presence_targets(labels: np.ndarray, inside: np.ndarray, num_labels: int, mi
 # CMU-Net paper: 2-D U-Nets on slices
 
 CMUNET_CHANNELS = (16, 32, 64, 128, 256)
+#: Share of a window's side its neighbours overlap at inference (Gaussian blending, see
+#: :func:`~.unet_windows.plan_gaussian_windows`); ``None`` in a model file: the older margin scheme.
+WINDOW_OVERLAP = 0.5
 
 
 class _SliceUNetArchitecture(Architecture):
@@ -113,6 +120,7 @@ class _SliceUNetArchitecture(Architecture):
         steps_per_epoch: int,
         inference_margin: int,
         inference_block_voxels: int,
+        window_overlap: float | None,
         **method_arguments: Any,
     ) -> None:
         channels = [int(count) for count in channels]
@@ -124,6 +132,8 @@ class _SliceUNetArchitecture(Architecture):
                 f"(2^{len(channels) - 1} for {len(channels)} encoder blocks) and at least {2 * multiple}, "
                 "so instance norm at the bottleneck sees more than one voxel"
             )
+        if window_overlap is not None and not 0.0 <= float(window_overlap) < 1.0:
+            raise InputError(f"window_overlap must lie in 0..1 (1 excluded), or be null for margin blending; got {window_overlap}")
         if slice_axis not in (0, 1, 2):
             raise InputError(f"slice_axis must be 0 (axial), 1 (coronal) or 2 (sagittal), got {slice_axis}")
         super().__init__(
@@ -138,6 +148,7 @@ class _SliceUNetArchitecture(Architecture):
             steps_per_epoch=int(steps_per_epoch),
             inference_margin=int(inference_margin),
             inference_block_voxels=int(inference_block_voxels),
+            window_overlap=None if window_overlap is None else float(window_overlap),
             **method_arguments,
         )
         self.patch_size = tuple(patch_size)
@@ -148,6 +159,7 @@ class _SliceUNetArchitecture(Architecture):
         self.presence_min_voxels = int(self.arguments.get("presence_min_voxels", 1))
         self.inference_margin = int(inference_margin)
         self.inference_block_voxels = int(inference_block_voxels)
+        self.window_overlap = self.arguments["window_overlap"]
 
     def build_network(self, num_labels: int, **arguments: Any) -> CMUNet:
         return CMUNet(
@@ -209,10 +221,15 @@ class _SliceUNetArchitecture(Architecture):
         limit = max_block_voxels or self.inference_block_voxels
         # Windows keep at least 2x2 bottleneck voxels: instance norm needs more than one.
         window = fit_window(window_size, limit, multiple, smallest=2 * multiple)
-        plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_plane, window)]
+        if self.window_overlap is None:
+            plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_plane, window)]
+        else:
+            plans = [plan_gaussian_windows(length, side, self.window_overlap, multiple) for length, side in zip(padded_plane, window)]
         padded = np.zeros((volume.shape[0], *padded_plane), np.float32)
         padded[:, : plane[0], : plane[1]] = volume
-        return padded, plans, max(1, limit // math.prod(window))
+        per_slice = math.prod(len(plan.starts) for plan in plans)
+        # Whole slices per batch, so that a presence decision can be taken per slice.
+        return padded, plans, max(1, limit // math.prod(window) // per_slice) * per_slice
 
     def inference_window(self, plane: Sequence[int]) -> tuple[int, ...]:
         """The in-plane window of inference for slices of size ``plane``: the training crop, as instance
@@ -260,6 +277,9 @@ class _SliceUNetArchitecture(Architecture):
                 raise_if_cancelled(cancelled)
                 features = self.network.encode(self._batch_tensor(padded, plans, items, device))
                 skipped = self._skip_mask(features, requested_labels)
+                if skipped is not None:  # a slice is skipped only when all its windows are
+                    per_slice = math.prod(len(plan.starts) for plan in plans)
+                    skipped = skipped.view(-1, per_slice).all(dim=1).repeat_interleave(per_slice)
                 kept = torch.ones(len(items), dtype=torch.bool, device=device) if skipped is None else ~skipped
                 probabilities = torch.zeros((len(items), self.num_labels, *features[0].shape[2:]), device=device)
                 probabilities[:, 0] = 1
@@ -302,10 +322,12 @@ class CMUNetArchitecture(_SliceUNetArchitecture):
         steps_per_epoch: training steps that make one epoch for the schedule (paper: 1,664 slices
             per epoch; 277 steps at CMU-Net's batch size 6, 166 at the baselines' 10).
     Args (inference):
-        presence_threshold: windows where every requested class has presence probability below
-            this are not decoded and get background; ``None`` decodes everything.
+        presence_threshold: slices where every requested class has presence probability below this
+            in every window are not decoded and get background; ``None`` decodes everything.
         inference_margin, inference_block_voxels: as for the 3-D U-Net, within the slice plane;
             windows are ``patch_size`` unless that exceeds the voxel limit.
+        window_overlap: share of a window's side that its neighbours overlap, blended with Gaussian
+            weights; ``None`` (older model files) uses ``inference_margin`` and linear blending.
     """
 
     name: ClassVar[str] = "cmunet"
@@ -332,6 +354,7 @@ class CMUNetArchitecture(_SliceUNetArchitecture):
         presence_threshold: float | None = 0.5,
         inference_margin: int = 16,
         inference_block_voxels: int = 2**20,
+        window_overlap: float | None = WINDOW_OVERLAP,
     ) -> None:
         super().__init__(
             num_labels,
@@ -345,6 +368,7 @@ class CMUNetArchitecture(_SliceUNetArchitecture):
             steps_per_epoch=steps_per_epoch,
             inference_margin=inference_margin,
             inference_block_voxels=inference_block_voxels,
+            window_overlap=window_overlap,
             presence_min_voxels=int(presence_min_voxels),
             segmentation_weight=float(segmentation_weight),
             classification_weight=float(classification_weight),
@@ -432,6 +456,7 @@ class UNet2DArchitecture(_SliceUNetArchitecture):
         steps_per_epoch: int = 166,
         inference_margin: int = 16,
         inference_block_voxels: int = 2**20,
+        window_overlap: float | None = WINDOW_OVERLAP,
     ) -> None:
         super().__init__(
             num_labels,
@@ -445,6 +470,7 @@ class UNet2DArchitecture(_SliceUNetArchitecture):
             steps_per_epoch=steps_per_epoch,
             inference_margin=inference_margin,
             inference_block_voxels=inference_block_voxels,
+            window_overlap=window_overlap,
         )
 
     def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
@@ -490,6 +516,7 @@ class PretrainedEncoderUNet2DArchitecture(_SliceUNetArchitecture):
         steps_per_epoch: int = 166,
         inference_margin: int = 16,
         inference_block_voxels: int = 2**20,
+        window_overlap: float | None = WINDOW_OVERLAP,
     ) -> None:
         if int(pretrain_steps) < 0:
             raise InputError(f"pretrain_steps must be zero or more, got {pretrain_steps}")
@@ -505,6 +532,7 @@ class PretrainedEncoderUNet2DArchitecture(_SliceUNetArchitecture):
             steps_per_epoch=steps_per_epoch,
             inference_margin=inference_margin,
             inference_block_voxels=inference_block_voxels,
+            window_overlap=window_overlap,
             presence_min_voxels=int(presence_min_voxels),
             pretrain_steps=int(pretrain_steps),
             focal_weights=_check_focal_weights(focal_weights),

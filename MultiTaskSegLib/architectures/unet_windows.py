@@ -5,6 +5,11 @@ A volume is padded up to a multiple of the network's pooling factor (removing th
 outermost ``margin`` voxels towards a neighbour only give context, and where the inner parts of two
 windows overlap their probabilities are blended with linear weights. With a margin at least the
 network's receptive radius this equals one pass over the whole volume.
+
+Networks with instance norm (the 2-D U-Nets) normalise each window by its own statistics, so two
+windows disagree where they meet whatever the margin: their windows overlap by a fraction instead
+and are blended with Gaussian importance weights (nnU-Net; MONAI's ``sliding_window_inference`` with
+``mode="gaussian"``), which leaves no edge where one window's say stops.
 """
 
 from __future__ import annotations
@@ -81,6 +86,23 @@ def plan_axis_windows(length: int, size: int, margin: int, multiple: int) -> Axi
             distance = np.minimum(distance, size - 1 - positions)
         weights.append(np.clip((distance - margin + 1) / (overlap + 1), CONTEXT_WEIGHT, 1.0).astype(np.float32))
     return AxisWindows(starts, size, tuple(weights))
+
+
+def plan_gaussian_windows(length: int, size: int, overlap: float, multiple: int) -> AxisWindows:
+    """Windows of ``size`` over ``length`` sharing about ``overlap`` of their side with each
+    neighbour, starting on multiples of ``multiple``; weights fall off as a Gaussian of standard
+    deviation ``size / 8`` from the window's centre (floored at 1e-3, so every voxel has weight)."""
+    if size >= length:
+        return AxisWindows((0,), length, (np.ones(length, np.float32),))
+    if not 0.0 <= overlap < 1.0:
+        raise InputError(f"window overlap must lie in 0..1 (1 excluded), got {overlap}")
+    step = max(multiple, int(size * (1.0 - overlap)) // multiple * multiple)
+    starts = (*range(0, length - size, step), length - size)
+    positions = np.arange(size, dtype=np.float64)
+    sigma = size / 8.0
+    weight = np.exp(-0.5 * ((positions - (size - 1) / 2) / sigma) ** 2)
+    weight = np.clip(weight / weight.max(), 1e-3, 1.0).astype(np.float32)
+    return AxisWindows(starts, size, tuple(weight for _ in starts))
 
 
 def fit_window(shape: Sequence[int], max_voxels: int, multiple: int, smallest: int | None = None) -> tuple[int, ...]:

@@ -392,3 +392,54 @@ def test_2d_windows_smaller_than_the_patch_keep_instance_norm_working():
     probabilities = architecture.predict_probabilities(image, CPU, max_block_voxels=10)
     assert probabilities.shape == (NUM_LABELS, 2, 40, 40)
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
+
+
+# -- seam-free windows ---------------------------------------------------------------------------
+
+
+def column_jumps(probabilities: np.ndarray) -> np.ndarray:
+    """Mean absolute change of the probabilities from one column (last axis) to the next."""
+    return np.abs(np.diff(probabilities, axis=-1)).mean(axis=(0, 1, 2))
+
+
+def test_overlapping_gaussian_windows_leave_no_edges_where_margin_windows_do():
+    """Instance norm gives each window its own statistics: on a scan whose brightness drifts across
+    the field of view, windows that merely meet disagree along their borders (the straight edges
+    seen on real scans); Gaussian-blended overlapping windows change no faster there than elsewhere."""
+    z, y, x = np.meshgrid(*[np.linspace(0, 1, n) for n in (2, 40, 200)], indexing="ij")
+    image = (4 * x + 0.3 * np.sin(5 * y + 2 * z)).astype(np.float32)
+    margin = 4
+    seams = np.array(plan_axis_windows(200, 32, margin, multiple=4).starts[1:-1]) + margin
+    old = make_architecture(UNet2DArchitecture, window_overlap=None, inference_margin=margin)
+    new = make_architecture(UNet2DArchitecture)
+    assert new.window_overlap == 0.5
+    for architecture, seam_ratio in ((old, lambda r: r > 1.5), (new, lambda r: r < 1.2)):
+        jumps = column_jumps(architecture.predict_probabilities(image, CPU))
+        typical = np.median(jumps[8:-8])
+        assert seam_ratio(jumps[seams].mean() / typical), architecture.window_overlap
+    assert jumps[8:-8].max() < 1.8 * typical  # the blended result has no edge anywhere inside
+
+
+def test_cmunet_presence_decides_per_slice_never_per_window():
+    """A slice where one window sees the class present is decoded in all its windows (no blanked
+    block beside a decoded one); a slice where no window does is skipped."""
+    architecture = make_architecture(CMUNetArchitecture)
+    image = np.zeros((2, 32, 96), np.float32)
+    image[0, :, 70:90] = 5.0  # bright only in the right part of slice 0
+    network = architecture.network
+    seen = {}
+    encode, classify = network.encode, network.classify
+
+    def encode_and_remember(batch):
+        seen["windows"] = batch
+        return encode(batch)
+
+    def present_where_bright(feature):  # class 1 present in bright windows only, class 2 never
+        logits = classify(feature)
+        bright = seen["windows"].amax(dim=(1, 2, 3)) > 1
+        return torch.stack([torch.where(bright, 10.0, -10.0), torch.full_like(logits[:, 1], -10.0)], dim=1)
+
+    network.encode, network.classify = encode_and_remember, present_where_bright
+    probabilities = architecture.predict_probabilities(image, CPU, requested_labels=[1])
+    assert not np.any(np.all(np.isclose(probabilities[0, 0, :, :32], 1.0), axis=0))  # left windows decoded too
+    np.testing.assert_array_equal(probabilities[0, 1], 1.0)  # slice 1: absent in every window, skipped
