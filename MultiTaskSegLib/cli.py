@@ -241,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as error:
         print(f"multitaskseg {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a read-only folder, a vanished network share
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"multitaskseg {args.command}: error: {error.strerror or error}{where}; check that the folder exists, "
+              "is writable and has free space (finished files are kept)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nmultitaskseg {args.command}: interrupted; finished files are kept, nothing half-written", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ with a message that says what to do.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import struct
@@ -84,15 +85,90 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
         reader.ReadImageInformation()
     except RuntimeError:
         raise InputError(
-            f"{where} is not an image SimpleITK can read; give a NIfTI, NRRD, MHA file or a DICOM series folder"
+            f"{where} is not an image SimpleITK can read (another format, or a damaged header); give a NIfTI, "
+            "NRRD, MHA file or a DICOM series folder, or copy or export the file again"
         ) from None
     size = reader.GetSize()
     _check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), size, where, channel)
     _check_size(size[:3], 1, where)
+    _check_header_geometry(reader.GetSpacing(), reader.GetDirection(), reader.GetDimension(), where)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_voxels(path, where, check_values)
-    image = reader.Execute()
+    else:
+        _check_stored_bytes(path, reader, where)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "")
+        detail = "" if reason.startswith("Reason:") or not reason else f" ({reason})"
+        raise InputError(f"{where} could not be read{detail}; the file is damaged or cut short: copy or export it again") from None
     return check_image(_pick_channel(image, channel, where), where, check_values)
+
+
+def _check_header_geometry(spacing, direction, dimension: int, where: str) -> None:
+    """Zero, negative or NaN spacing and a singular direction matrix describe no real grid."""
+    spacing = np.asarray(spacing[:3], dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{where} has voxel spacing {tuple(spacing.tolist())} mm; every spacing must be a positive number: fix the header")
+    matrix = np.asarray(direction, dtype=float).reshape(dimension, dimension)[:3, :3]
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
+        raise InputError(f"{where} has a singular direction matrix {np.round(matrix, 3).tolist()} (axes that are "
+                         "parallel or zero); fix the header's space directions")
+
+
+#: The most gzip/zlib can compress (a stream of one repeated byte), with room to spare.
+_MAX_COMPRESSION_RATIO = 1100
+
+
+def _check_stored_bytes(path: Path, reader: sitk.ImageFileReader, where: str) -> None:
+    """Refuse an NRRD or MetaImage file holding fewer bytes than its header announces, before the
+    reader allocates what the header asks for (a 900-cubed header over 1 kB would take gigabytes)."""
+    header = _header_fields(path)
+    if header is None:
+        return
+    data_file, header_bytes, compressed = header
+    if not data_file.exists():
+        raise InputError(f"{where} names a data file '{data_file}' that does not exist; keep header and data together")
+    stored = data_file.stat().st_size - (header_bytes if data_file == path else 0)
+    pixel = sitk.Image([1] * 3, reader.GetPixelID(), max(reader.GetNumberOfComponents(), 1))
+    announced = int(np.prod(reader.GetSize(), dtype=np.int64)) * pixel.GetSizeOfPixelComponent() * max(reader.GetNumberOfComponents(), 1)
+    if stored * (_MAX_COMPRESSION_RATIO if compressed else 1) < announced:
+        raise InputError(f"{where} is truncated: it holds {stored} bytes of voxel data where its header announces "
+                         f"{announced}{' (uncompressed)' if compressed else ''}; copy or export the file again")
+
+
+def _header_fields(path: Path) -> tuple[Path, int, bool] | None:
+    """(data file, header length in bytes, compressed) of an NRRD or MetaImage header; None for others."""
+    name = path.name.lower()
+    with open(path, "rb") as handle:
+        head = handle.read(65536)
+    if name.endswith((".nrrd", ".nhdr")) and head.startswith(b"NRRD"):
+        end = head.find(b"\n\n")
+        text = head[: end if end >= 0 else len(head)].decode("latin-1")
+        fields = dict(line.split(":", 1) for line in text.splitlines()[1:] if ":" in line and not line.startswith("#"))
+        fields = {key.strip().lower(): value.strip() for key, value in fields.items()}
+        data = fields.get("data file", fields.get("datafile"))
+        if data is not None and (" " in data or data.upper().startswith("LIST")):
+            return None  # a list of data files: left to the reader
+        compressed = fields.get("encoding", "raw").lower() not in ("raw", "text", "txt", "ascii")
+        if fields.get("encoding", "raw").lower() in ("text", "txt", "ascii"):
+            return None
+        return (path.parent / data if data else path), end + 2, compressed
+    if name.endswith((".mha", ".mhd")):
+        marker = head.find(b"ElementDataFile")
+        if marker < 0:
+            return None
+        line_end = head.find(b"\n", marker)
+        text = head[: line_end if line_end >= 0 else len(head)].decode("latin-1")
+        fields = {key.strip(): value.strip() for key, value in (line.split("=", 1) for line in text.splitlines() if "=" in line)}
+        data = fields.get("ElementDataFile", "LOCAL")
+        compressed = fields.get("CompressedData", "False").lower() == "true"
+        if data.upper() == "LOCAL":
+            return path, line_end + 1, compressed
+        if data.upper().startswith("LIST") or "%" in data:
+            return None
+        return path.parent / data, 0, compressed
+    return None
 
 
 #: NIfTI-1 data types whose NaN and infinite values the reader would silently turn into 0.
@@ -119,6 +195,10 @@ def _check_nifti_voxels(path: Path, where: str, check_values: bool) -> None:
         return  # NIfTI-2 or another variant: left to the reader
     dims = struct.unpack(order + "8h", data[40:56])
     datatype, bits = struct.unpack(order + "2h", data[70:74])
+    pixdim = struct.unpack(order + "8f", data[76:108])[1 : min(3, max(dims[0], 1)) + 1]
+    if not all(np.isfinite(pixdim)) or min(pixdim) <= 0:  # the reader would quietly make such spacings 1 mm
+        raise InputError(f"{where} has voxel spacing {tuple(round(float(v), 4) for v in pixdim)} mm in its header; "
+                         "every spacing must be a positive number: fix the header")
     offset = int(struct.unpack(order + "f", data[108:112])[0])
     count = 1
     for side in dims[1:max(1, min(7, dims[0])) + 1]:
@@ -211,7 +291,11 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        sitk.WriteImage(image, temporary, useCompression=compress)
+        try:
+            sitk.WriteImage(image, temporary, useCompression=compress)
+        except RuntimeError as error:  # ITK says "disk full" or "permission denied" as a RuntimeError
+            reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "write failed")
+            raise OSError(errno.EIO, f"could not write the image ({reason})", str(path)) from None
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(temporary, path)
     except BaseException:

@@ -41,6 +41,12 @@ def _read_metadata(folder: Path, where: str) -> dict[str, Any]:
             f"{where} has model format {metadata.get('format_version')!r}; this MultiTaskSeg reads format "
             f"{FORMAT_VERSION}: update MultiTaskSeg or re-export the model"
         )
+    card = metadata.get("card", {})
+    points = card.get("operating_points", {}) if isinstance(card, dict) else None
+    if not isinstance(card, dict) or not isinstance(points, dict) or not all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0 for value in points.values()):
+        raise ModelFileError(f"{where}: {METADATA_FILE} has a card whose operating_points are not numbers between 0 "
+                             f"and 1 ({points!r}); fix the model card or re-export the model")
     return metadata
 
 

@@ -55,7 +55,14 @@ class SegmentationModel:
 
     @classmethod
     def create(cls, name: str, architecture_name: str, label_space: LabelSpace, **arguments: Any) -> "SegmentationModel":
-        architecture = architecture_class(architecture_name)(len(label_space), label_space.task_names, **arguments)
+        build = architecture_class(architecture_name)
+        try:
+            architecture = build(len(label_space), label_space.task_names, **arguments)
+        except (TypeError, ValueError, OverflowError) as error:  # a value of the wrong kind, e.g. --arg patch_size=7
+            raise InputError(
+                f"architecture {architecture_name}: bad argument ({error}); give values as JSON "
+                "(--arg patch_size=[128,128] --arg learning_rate=0.001), names as in the architecture's docstring"
+            ) from None
         return cls(name=name, architecture=architecture, label_space=label_space)
 
     def spacing_mm(self, task_name: str) -> float:

@@ -168,7 +168,13 @@ def _load_checkpoint(run: Path, config: TrainingConfig, device: torch.device):
             "use another --out folder, or the same settings to resume"
         )
     model = load_model(folder / "model", device=device)
-    tensors = torch.load(folder / STATE_TENSORS, map_location="cpu", weights_only=True)
+    try:  # weights_only: a tampered file cannot run code, but must not end in a traceback either
+        tensors = torch.load(folder / STATE_TENSORS, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch raise several types for a damaged or foreign file
+        raise InputError(
+            f"{folder / STATE_TENSORS} is damaged or not a training state this library wrote ({type(error).__name__}); "
+            f"move the checkpoint folder away to start the run afresh, or use another --out folder"
+        ) from None
     rng = np.random.default_rng()
     rng.bit_generator.state = state["numpy_rng"]
     return model, tensors, rng, int(state["step"])

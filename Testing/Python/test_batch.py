@@ -275,3 +275,22 @@ def test_a_rerun_with_another_model_or_tasks_does_not_take_the_earlier_results_a
     assert {path: path.read_bytes() for path in segmentations_in(folder)} == written
     summary = run_batch(model_path, scans / "scans", folder, tasks=["breast_mri"], device="cpu", stream=quiet)
     assert len(summary.skipped) == len(written) and not summary.segmented
+
+
+def test_a_full_disk_when_the_batch_summary_is_written_is_an_error_and_keeps_the_results(model_path, scans, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import errno
+
+    from MultiTaskSegLib import batch
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(batch, "write_summary", disk_full)
+    output = tmp_path / "out"
+    code = main(["batch", "--model", str(model_path), "--input", str(scans / "scans"), "--output", str(output),
+                 "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "No space left on device" in error and "batch_summary" in error and "Traceback" not in error
+    assert segmentations_in(output)  # what was segmented before is kept

@@ -162,3 +162,62 @@ def test_models_lists_the_good_models_when_one_on_the_model_path_is_broken(tmp_p
     captured = capsys.readouterr()
     assert "good\tarchitecture=triplanar" in captured.out
     assert "broken\tunreadable" in captured.err
+
+
+def test_a_bad_architecture_argument_value_is_an_error_not_a_traceback(tmp_path, tiny_dataset, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--tasks", "breast_mri", "--data", str(tiny_dataset), "--out", str(out), "--steps", "1",
+                 "--arch", "cmunet", "--arg", "patch_size=7", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "bad argument" in error and "patch_size=[128,128]" in error and "Traceback" not in error
+
+
+def test_a_full_disk_while_writing_the_segmentation_is_an_error_and_keeps_the_input(tmp_path, model_path, scan,
+                                                                                     monkeypatch, capsys):
+    path, _ = scan
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("ITK ERROR: ImageIO: No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", disk_full)
+    output = tmp_path / "labels.nii.gz"
+    code = main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(output), "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "No space left on device" in error and "free space" in error and "Traceback" not in error
+    assert not output.exists() and not list(tmp_path.glob(".labels*"))
+    assert path.read_bytes() == before
+
+
+def test_a_model_card_with_an_operating_point_that_is_not_a_number_is_refused(tmp_path, model_path, scan, capsys):
+    import json
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(model_path, copy)
+    metadata = json.loads((copy / "model.json").read_text())
+    metadata["card"]["operating_points"] = {"cardiac_cta": "0.5"}
+    (copy / "model.json").write_text(json.dumps(metadata))
+    code = main(["segment", "--model", str(copy), "--input", str(scan[0]), "--output", str(tmp_path / "l.nii.gz"),
+                 "--device", "cpu"])
+    assert code == 2
+    assert "operating_points are not numbers" in capsys.readouterr().err
+
+
+def test_a_damaged_training_state_is_an_error_that_says_how_to_start_afresh(tmp_path, tiny_dataset, capsys):
+    import pickle
+
+    out = tmp_path / "run"
+    arguments = ["train", "--tasks", "breast_mri", "--data", str(tiny_dataset), "--out", str(out), "--steps", "2",
+                 "--arg", "layers=2", "--arg", "channels=4", "--arg", "hidden_features=8", "--batch-size", "4",
+                 "--validate-every", "2", "--device", "cpu"]
+    assert main(arguments) == 0  # a run with a checkpoint that a second call resumes from
+    capsys.readouterr()
+    state = out / "checkpoint" / "training_state.pt"
+    assert state.exists()
+    state.write_bytes(pickle.dumps(print))  # a pickle that would call a function if unpickled unsafely
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "damaged or not a training state" in error and "Traceback" not in error

@@ -131,7 +131,7 @@ def test_write_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(sitk, "WriteImage", crash)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(OSError, match="disk full"):
         write_image(volume((3, 3, 3)), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
