@@ -177,6 +177,10 @@ def _usual_permissions(folder: Path) -> None:
         entry.chmod(0o666 & ~mask)
 
 
+#: The most a model archive's members may unpack to (a zip bomb stops here, before extraction).
+ARCHIVE_MEMBER_LIMITS = {METADATA_FILE: 16 * 2**20, WEIGHTS_FILE: 4 * 2**30}
+
+
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
     """Load a model folder, ``.zip`` archive, or the name of a bundled model."""
     path = resolve_model_path(source)
@@ -188,6 +192,10 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") ->
             for name in (METADATA_FILE, WEIGHTS_FILE):
                 if name not in zipped.namelist():
                     raise ModelFileError(f"{where} is not a model archive: it has no {name}")
+                size = zipped.getinfo(name).file_size  # zipfile never extracts more than this
+                if size > ARCHIVE_MEMBER_LIMITS[name]:
+                    raise ModelFileError(f"{where}: its {name} would unpack to {size / 2**20:.0f} MiB, more than a model "
+                                         f"holds ({ARCHIVE_MEMBER_LIMITS[name] / 2**20:.0f} MiB); the archive is damaged or not a model")
                 zipped.extract(name, unpacked)
             return _load_folder(Path(unpacked), where, path, device)
     return _load_folder(path, where, path, device)

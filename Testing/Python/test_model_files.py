@@ -106,6 +106,18 @@ def test_archive_without_metadata_and_unknown_names_are_refused(tmp_path):
         load_model("nonexistent")
 
 
+def test_an_archive_whose_members_would_unpack_to_gigabytes_is_refused_before_extracting(tmp_path, monkeypatch):
+    from MultiTaskSegLib import model_files
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("model.json", "{}")
+        zipped.writestr("weights.safetensors", b"\0" * 3_000_000)  # compresses to a few kB
+    monkeypatch.setitem(model_files.ARCHIVE_MEMBER_LIMITS, "weights.safetensors", 1_000_000)
+    with pytest.raises(ModelFileError, match="would unpack to 3 MiB"):
+        load_model(archive)
+
+
 def test_newer_format_is_refused_with_advice(tmp_path, model):
     path = save_model(model, tmp_path / "m")
     metadata = json.loads((path / METADATA_FILE).read_text())
