@@ -32,7 +32,7 @@ if not (MODULE_DIR / "MultiTaskSegLib").is_dir() and (MODULE_DIR.parent / "Multi
     sys.path.insert(0, str(MODULE_DIR.parent))
 
 from MultiTaskSegSlicer.dependencies import ensure_dependencies  # noqa: E402
-from MultiTaskSegSlicer.model_card import model_card_html, task_names  # noqa: E402
+from MultiTaskSegSlicer.model_card import further_channels, model_card_html, task_names  # noqa: E402
 
 #: Slicer 5.10 is the first Slicer with Python 3.10+, which the library needs (Slicer 5.8 has Python 3.9).
 MINIMUM_PYTHON = (3, 10)
@@ -127,6 +127,7 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._pollTimer = None
         self._tasksShownFor = None
+        self._channelSelectors = []  # one volume selector per further channel of the model's tasks
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -248,14 +249,43 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
                     self.ui.taskListWidget.addItem(item)
                 self._tasksShownFor = parameters.model
+                self._showChannelSelectors(further_channels(card or {}))
             for row in range(self.ui.taskListWidget.count):
                 item = self.ui.taskListWidget.item(row)
                 item.setCheckState(qt.Qt.Checked if item.text() in chosen else qt.Qt.Unchecked)
         running = self.logic.running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.enabled = running or bool(parameters.inputVolume and card and self._checkedTasks())
+        channelsChosen = all(selector.currentNode() for _, selector in self._channelSelectors)
+        self.ui.applyButton.enabled = running or bool(parameters.inputVolume and card and self._checkedTasks()
+                                                      and channelsChosen)
         self.ui.segmentEditorButton.enabled = bool(parameters.outputSegmentation) and not running
         self.ui.undoButton.enabled = self.logic.canUndo and not running
+
+    def _showChannelSelectors(self, channels: list) -> None:
+        """One volume selector per channel the model reads after the input volume (e.g. FLAIR)."""
+        form = self.ui.inputVolumeSelector.parentWidget().layout()
+        for label, selector in self._channelSelectors:
+            form.removeWidget(label)
+            form.removeWidget(selector)
+            label.deleteLater()
+            selector.deleteLater()
+        self._channelSelectors = []
+        row = form.getWidgetPosition(self.ui.inputVolumeSelector)[0] + 1
+        for offset, channel in enumerate(channels):
+            label = qt.QLabel(_("{channel} volume:").format(channel=channel))
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.noneEnabled = True
+            selector.addEnabled = selector.removeEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.setCurrentNode(None)
+            selector.toolTip = _("The {channel} image of the same patient and study (a registration transform is followed)").format(channel=channel)
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self._updateGUI())
+            form.insertRow(row + offset, label, selector)
+            self._channelSelectors.append((label, selector))
+
+    def _channelNodes(self) -> list:
+        return [selector.currentNode() for _, selector in self._channelSelectors]
 
     def _checkedTasks(self) -> list:
         widget = self.ui.taskListWidget
@@ -292,7 +322,7 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.logic.start(parameters.inputVolume, parameters.model, self._checkedTasks(), parameters.device,
                              parameters.outputSegmentation, parameters.createUncertaintyVolume,
-                             parameters.uncertaintyKind)
+                             parameters.uncertaintyKind, self._channelNodes())
             self.ui.statusLabel.text = ""
             self.ui.progressBar.setVisible(True)
             self._pollTimer.start()
@@ -445,7 +475,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         return mrml.input_warnings(volumeNode, self.loadModel(model), tasks or None)
 
     def start(self, volumeNode, model: str, tasks, device: str = "auto", segmentationNode=None,
-              withUncertainty: bool = False, uncertaintyKind: str = "entropy") -> None:
+              withUncertainty: bool = False, uncertaintyKind: str = "entropy", channelNodes=()) -> None:
         """Freeze the inputs and segment them off the GUI thread (a PythonSlicer process, else a thread)."""
         from MultiTaskSegLib import mrml_run
 
@@ -453,6 +483,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         self._run = mrml_run.start_run(
             volumeNode, self.loadModel(model), tasks or (), device, segmentationNode, withUncertainty, uncertaintyKind,
             python=python, environment=slicer.util.startupEnvironment() if python else None,
+            channel_nodes=channelNodes,
         )
 
     @property
@@ -500,12 +531,13 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         self._lastWrite = self._lastUncertaintyNode = None
 
     def process(self, volumeNode, model: str, tasks=None, device: str = "auto", segmentationNode=None,
-                withProbabilities: bool = False):
-        """Segment synchronously (Python console, scripts, tests); returns the segmentation node."""
+                withProbabilities: bool = False, channelNodes=()):
+        """Segment synchronously (Python console, scripts, tests); returns the segmentation node.
+        ``channelNodes``: the further channels of a multi-channel task (e.g. FLAIR), in its order."""
         from MultiTaskSegLib import mrml
 
         return mrml.segment_volume_node(volumeNode, self.loadModel(model), tasks, device, segmentationNode,
-                                        withProbabilities)
+                                        withProbabilities, channel_nodes=channelNodes)
 
 
 #

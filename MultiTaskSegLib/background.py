@@ -146,13 +146,13 @@ class ThreadJob(BackgroundJob):
 
 def segment_in_thread(
     model,
-    image: sitk.Image,
+    image: sitk.Image | Sequence[sitk.Image],
     tasks: Sequence[str] | None = None,
     device: str = "auto",
     with_probabilities: bool = False,
     max_block_voxels: int | None = None,
 ) -> ThreadJob:
-    """Start ``segment_image`` on a copy-independent image in a worker thread.
+    """Start ``segment_image`` on a copy-independent image (or one per channel) in a worker thread.
 
     ``model`` is a loaded :class:`~MultiTaskSegLib.model_files.SegmentationModel` or anything
     :func:`~MultiTaskSegLib.model_files.load_model` accepts (then it is loaded in the worker).
@@ -192,7 +192,7 @@ class SubprocessJob(BackgroundJob):
     def __init__(
         self,
         model,
-        image: sitk.Image,
+        image: sitk.Image | Sequence[sitk.Image],
         tasks: Sequence[str] | None = None,
         device: str = "auto",
         with_probabilities: bool = False,
@@ -209,13 +209,16 @@ class SubprocessJob(BackgroundJob):
         self.folder = Path(tempfile.mkdtemp(prefix="multitaskseg-"))
         #: The process id of the Python that computes (a launcher's child), once it has reported it.
         self.worker_pid: int | None = None
-        sitk.WriteImage(image, str(self.folder / "input.nrrd"), useCompression=False)
+        inputs = []
+        for number, channel in enumerate([image] if isinstance(image, sitk.Image) else image):
+            inputs.append(str(self.folder / f"input{number}.nrrd"))
+            sitk.WriteImage(channel, inputs[-1], useCompression=False)
         library_parent = str(Path(__file__).resolve().parent.parent)
         environment = dict(os.environ if environment is None else environment)
         environment["PYTHONPATH"] = os.pathsep.join(p for p in (library_parent, environment.get("PYTHONPATH", "")) if p)
         environment["PYTHONIOENCODING"] = "utf-8"
         command = [str(python or sys.executable), "-m", "MultiTaskSegLib.background",
-                   "--model", str(self.model.path), "--image", str(self.folder / "input.nrrd"),
+                   "--model", str(self.model.path), "--image", *inputs,
                    "--output", str(self.folder), "--device", device, "--cancel-file", str(self.folder / _CANCEL_FILE)]
         if tasks:
             command += ["--tasks", *tasks]
@@ -345,7 +348,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     """The child side of :class:`SubprocessJob`."""
     parser = argparse.ArgumentParser(description="MultiTaskSeg segmentation worker (used by the Slicer module)")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--image", required=True)
+    parser.add_argument("--image", required=True, nargs="+", help="one image per channel of the task")
     parser.add_argument("--output", required=True)
     parser.add_argument("--tasks", nargs="+")
     parser.add_argument("--device", default="auto")
@@ -361,8 +364,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
         _emit({"fraction": 0.0, "stage": "loading the model"})
         model = load_model(args.model)
-        image = sitk.ReadImage(args.image)
-        result = segment_image(model, image, args.tasks, args.device, args.probabilities,
+        images = [sitk.ReadImage(path) for path in args.image]
+        result = segment_image(model, images, args.tasks, args.device, args.probabilities,
                                progress=lambda fraction, stage: _emit({"fraction": fraction, "stage": stage}),
                                cancelled=(lambda: cancel_file.exists()) if cancel_file else None,
                                max_block_voxels=args.max_block_voxels)

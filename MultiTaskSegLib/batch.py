@@ -2,7 +2,9 @@
 
 **Inputs** are a folder (its image files and its sub-folders holding one DICOM series each), a glob
 pattern (``'scans/**/*.nii.gz'``), or a CSV file with an ``image`` column and optional ``reference``
-and ``case`` columns (relative paths are relative to the CSV file). Every input is a *case*, named
+and ``case`` columns (relative paths are relative to the CSV file). A multi-channel task (e.g.
+``brats_glioma_t1c_flair``) takes its first channel from ``image`` and each further one from the
+column named after it (``FLAIR``). Every input is a *case*, named
 by the CSV's ``case`` column or after its file (``scans/p01.nii.gz`` -> ``p01``); when two files
 share a name, by their path below the inputs' common folder (``a/scan.nii.gz`` -> ``a_scan``). A
 case's output is ``OUTPUT/<case>.seg.nrrd`` (names, colours, terminology) or ``OUTPUT/<case>.nii.gz``
@@ -69,6 +71,7 @@ class BatchCase:
     name: str
     image: Path
     reference: Path | None = None
+    channels: tuple[tuple[str, Path], ...] = ()  # further channels of a multi-channel task: (column, file)
 
 
 @dataclass
@@ -159,8 +162,10 @@ def cases_from_csv(table: Path) -> list[BatchCase]:
             raise InputError(f"{table}, line {line}: the 'image' cell is empty")
     images = [table.parent / row["image"] for row in rows]
     derived = case_names(images)
+    extra = [column for column in columns if column not in ("image", "reference", "case")]
     return [
-        BatchCase(row.get("case") or name, image, table.parent / row["reference"] if row.get("reference") else None)
+        BatchCase(row.get("case") or name, image, table.parent / row["reference"] if row.get("reference") else None,
+                  tuple((column, table.parent / row[column]) for column in extra if row.get(column)))
         for row, image, name in zip(rows, images, derived)
     ]
 
@@ -337,13 +342,27 @@ def write_metrics_table(folder: Path, cases: Sequence[BatchCase]) -> Path | None
 def process_case(model: SegmentationModel, case: BatchCase, folder: Path, output_format: str,
                  tasks: Sequence[str], device: str, channel: int | None) -> list[str]:
     """Segment one case and write its files (metrics first, output last); returns the warnings."""
-    image = read_image(case.image, channel=channel)
-    result = segment_image(model, image, tasks=tasks, device=device)
+    images = [read_image(path, channel=channel) for path in channel_files(model, case, tasks)]
+    result = segment_image(model, images, tasks=tasks, device=device)
     if case.reference is not None:
         metrics = json.dumps(case_metrics(case.name, case.reference, result), indent=1)
         write_text_atomically(metrics_path(folder, case), metrics)
     write_result(result, output_path(folder, case, output_format))
     return result.warnings
+
+
+def channel_files(model: SegmentationModel, case: BatchCase, tasks: Sequence[str]) -> list[Path]:
+    """The case's image, then one file per further channel of the task, from the CSV columns named
+    after the channels (case-insensitive)."""
+    task_names = tasks or model.label_space.task_names
+    channels = model.label_space.task(task_names[0]).channels
+    columns = {column.lower(): path for column, path in case.channels}
+    missing = [name for name in channels[1:] if name.lower() not in columns]
+    if missing:
+        raise InputError(f"task {task_names[0]} reads {', '.join(channels)}; case {case.name} has no "
+                         f"{', '.join(missing)} image: give the inputs as a CSV with columns image, "
+                         f"{', '.join(channels[1:])}")
+    return [case.image, *(columns[name.lower()] for name in channels[1:])]
 
 
 def describe_error(error: Exception) -> str:

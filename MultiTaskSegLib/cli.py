@@ -80,10 +80,10 @@ def command_segment(args) -> int:
     from .model_files import load_model
     from .segments import check_outputs, write_result
 
-    check_outputs([args.input], args.output, args.probabilities)
+    check_outputs(args.input, args.output, args.probabilities)
     model = load_model(args.model)
-    image = read_image(args.input, channel=args.channel)
-    result = segment_image(model, image, tasks=args.tasks, device=args.device,
+    images = [read_image(path, channel=args.channel) for path in args.input]
+    result = segment_image(model, images, tasks=args.tasks, device=args.device,
                            with_probabilities=args.probabilities is not None, progress=_print_progress)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("segment", help="segment one volume; the labels come back on its exact grid")
     sub.add_argument("--model", required=True, help="model folder/.zip or a bundled model's name")
-    sub.add_argument("--input", required=True, help="NIfTI, NRRD, MHA file or DICOM series folder")
+    sub.add_argument("--input", required=True, action="append",
+                     help="NIfTI, NRRD, MHA file or DICOM series folder; once per channel for a multi-channel "
+                          "task, in the task's order (e.g. --input t1c.nii.gz --input flair.nii.gz)")
     sub.add_argument("--output", required=True, help=".seg.nrrd (names, colours) or .nii.gz label map")
     sub.add_argument("--tasks", nargs="+")
     sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

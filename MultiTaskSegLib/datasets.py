@@ -33,6 +33,7 @@ class CaseFiles:
     image: Path | None  # None: a label map only, whose images are synthesised in training
     label: Path | None = None
     mask: Path | None = None
+    channel_images: tuple[Path, ...] = ()  # the second and further channels of a multi-channel task
 
 
 def _first_match(folder: Path, names: Sequence[str]) -> Path | None:
@@ -67,7 +68,15 @@ def find_cases(task: Task, folder: str | Path, require_labels: bool = True,
             raise InputError(
                 f"case {case_folder} has an image but no label file (looked for {', '.join(task.label_files)})"
             )
-        cases.append(CaseFiles(task.name, case_folder.name, image, label, _first_match(case_folder, task.mask_files)))
+        extra = []
+        for channel, names in zip(task.channels[1:], task.channel_files):
+            found = _first_match(case_folder, names)
+            if found is None:
+                raise InputError(f"case {case_folder} has no {channel} image (looked for {', '.join(names)}); "
+                                 f"task {task.name} reads {', '.join(task.channels)}")
+            extra.append(found)
+        cases.append(CaseFiles(task.name, case_folder.name, image, label, _first_match(case_folder, task.mask_files),
+                               tuple(extra)))
     if not cases:
         raise InputError(
             f"no cases of task {task.name} in {folder}: expected case folders holding one of "
@@ -110,22 +119,62 @@ def split_cases(cases: Sequence[CaseFiles], validation_fraction: float, seed: in
     return train, validation
 
 
-def prepare_image(image: sitk.Image, task: Task, spacing_mm: float, mask: sitk.Image | None = None):
+def prepare_image(image: sitk.Image | Sequence[sitk.Image], task: Task, spacing_mm: float, mask: sitk.Image | None = None):
     """Normalise for the task and resample to the working spacing.
 
-    Returns (normalised float32 array (z, y, x), foreground bool array, working-grid image).
+    ``image`` is one volume, or for a multi-channel task one volume per channel in the task's order
+    (put on the first one's grid by :func:`align_channels`). Returns (normalised float32 array
+    (z, y, x), or (channels, z, y, x) for several channels; foreground bool array (z, y, x);
+    working-grid image).
     """
+    images = [image] if isinstance(image, sitk.Image) else list(image)
+    if len(images) != len(task.channels):
+        raise InputError(f"task {task.name} reads {len(task.channels)} image(s) ({', '.join(task.channels)}), "
+                         f"got {len(images)}; give one input per channel in that order")
+    images = align_channels(images, task)
     mask_array = sitk.GetArrayViewFromImage(mask) if mask is not None else None
-    check_working_grid_size(image, spacing_mm)
-    normalised = sitk.GetImageFromArray(normalize(sitk.GetArrayViewFromImage(image), task, mask_array))
-    normalised.CopyInformation(image)
-    grid = working_grid(image, spacing_mm)
-    working = sitk.GetArrayFromImage(resample_onto(normalised, grid, is_label=False))
+    check_working_grid_size(images[0], spacing_mm)
+    grid = working_grid(images[0], spacing_mm)
+    channels = []
+    for channel in images:
+        normalised = sitk.GetImageFromArray(normalize(sitk.GetArrayViewFromImage(channel), task, mask_array))
+        normalised.CopyInformation(channel)
+        channels.append(sitk.GetArrayFromImage(resample_onto(normalised, grid, is_label=False)).astype(np.float32))
     if mask is not None:
         foreground = sitk.GetArrayFromImage(resample_onto(mask, grid, is_label=True)) > 0
     else:
-        foreground = working > 0
-    return working.astype(np.float32), foreground, grid
+        foreground = np.any([channel > 0 for channel in channels], axis=0)
+    working = channels[0] if len(channels) == 1 else np.stack(channels)
+    return working, foreground, grid
+
+
+#: A channel must cover at least this share of the first channel's field of view.
+MIN_CHANNEL_COVERAGE = 0.5
+
+
+def align_channels(images: Sequence[sitk.Image], task: Task) -> list[sitk.Image]:
+    """The channels on the first channel's grid: unchanged where they share it, else resampled
+    linearly; refused when one covers too little of the first one's field of view (not registered,
+    or another patient's scan)."""
+    first = images[0]
+    aligned = [first]
+    for name, channel in zip(task.channels[1:], images[1:]):
+        if same_geometry(channel, first, tolerance=1e-3):
+            channel = sitk.Image(channel)
+            channel.CopyInformation(first)
+            aligned.append(channel)
+            continue
+        ones = sitk.Image(channel.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(channel)
+        coverage = float(sitk.GetArrayFromImage(resample_onto(ones, first, is_label=True)).mean())
+        if coverage < MIN_CHANNEL_COVERAGE:
+            raise InputError(
+                f"the {name} image covers {coverage:.0%} of the {task.channels[0]} image's field of view"
+                f"{' (they do not overlap at all)' if coverage == 0 else ''}; give co-registered images of one "
+                f"patient and study (register {name} to {task.channels[0]} first)"
+            )
+        aligned.append(resample_onto(channel, first, is_label=False))
+    return aligned
 
 
 def prepare_case(files: CaseFiles, label_space: LabelSpace, spacing_mm: float | None = None) -> PreparedCase:
@@ -135,11 +184,12 @@ def prepare_case(files: CaseFiles, label_space: LabelSpace, spacing_mm: float | 
     if files.image is None:
         return prepare_label_map(files, label_space, spacing)
     image = read_image(files.image)
+    channels = [image, *(read_image(path) for path in files.channel_images)]
     mask = read_image(files.mask, check_values=False) if files.mask else None
     if mask is not None:
         mask = sitk.Cast(mask, sitk.sitkUInt8)
-    working, foreground, grid = prepare_image(image, task, spacing, mask)
-    labels = np.zeros(working.shape, dtype=np.int16)
+    working, foreground, grid = prepare_image(channels, task, spacing, mask)
+    labels = np.zeros(foreground.shape, dtype=np.int16)
     if files.label is not None:
         source_labels = read_image(files.label, check_values=False)
         if not same_geometry(source_labels, image, tolerance=1e-3):

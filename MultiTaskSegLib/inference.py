@@ -112,7 +112,7 @@ def preprocessing_plan(model: SegmentationModel, image: sitk.Image, tasks: Seque
 
 def segment_image(
     model: SegmentationModel,
-    image: sitk.Image,
+    image: sitk.Image | Sequence[sitk.Image],
     tasks: Sequence[str] | None = None,
     device: str = "auto",
     with_probabilities: bool = False,
@@ -120,13 +120,21 @@ def segment_image(
     cancelled: CancelCheck | None = None,
     max_block_voxels: int | None = None,
 ) -> SegmentationResult:
-    """Segment ``image`` with ``model``; labels come back on the input's exact grid."""
+    """Segment ``image`` with ``model``; labels come back on the input's exact grid.
+
+    A multi-channel task takes one image per channel, in the task's order (e.g. T1c, FLAIR); the
+    labels come back on the first one's grid.
+    """
     report = progress or (lambda fraction, stage: None)
-    check_image(image, "the input volume")
+    images = [image] if isinstance(image, sitk.Image) else list(image)
+    for number, channel in enumerate(images):
+        check_image(channel, "the input volume" if len(images) == 1 else f"input {number + 1}")
+    image = images[0]
     tasks = resolve_tasks(model, tasks)
     task, warnings = preprocessing_plan(model, image, tasks)
+    check_channel_count(model, task, len(images))
     report(0.0, "preprocessing")
-    working, foreground, grid = prepare_image(image, task, task.working_spacing_mm)
+    working, foreground, grid = prepare_image(images, task, task.working_spacing_mm)
 
     def predict_part(fraction: float, stage: str) -> None:
         report(0.05 + 0.85 * fraction, stage)
@@ -151,6 +159,14 @@ def segment_image(
         result.probabilities = vector
     report(1.0, "done")
     return result
+
+
+def check_channel_count(model: SegmentationModel, task: Task, count: int) -> None:
+    """One input per channel of the task, in its order."""
+    if count != len(task.channels):
+        names = ", ".join(task.channels)
+        raise InputError(f"model {model.name} reads {len(task.channels)} image(s) for task {task.name} ({names}), got "
+                         f"{count}; give one input per channel in that order (--input {' --input '.join(task.channels)})")
 
 
 def absent_structures(model: SegmentationModel, working: np.ndarray, device: torch.device,

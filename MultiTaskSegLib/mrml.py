@@ -91,10 +91,12 @@ def _describe_node(node) -> str:
     return f"volume '{node.GetName()}'" if node.GetName() else "the input volume"
 
 
-def image_from_volume_node(volume_node) -> sitk.Image:
+def image_from_volume_node(volume_node, to_frame: np.ndarray | None = None) -> sitk.Image:
     """A copy of the node's voxels as a SimpleITK image with the node's exact geometry (LPS).
 
-    The copy is independent of MRML, so it may be handed to a worker thread or process.
+    The geometry is that of the node's own frame, or, with ``to_frame`` (a 4x4 RAS matrix from that
+    frame to another), of that other frame. The copy is independent of MRML, so it may be handed to
+    a worker thread or process.
     """
     from vtk.util import numpy_support
 
@@ -113,7 +115,7 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     dimensions = image_data.GetDimensions()
     voxels = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
     array = np.array(voxels, copy=True).reshape(tuple(reversed(dimensions)))
-    matrix = ijk_to_ras(volume_node)
+    matrix = ijk_to_ras(volume_node) if to_frame is None else to_frame @ ijk_to_ras(volume_node)
     axes = _LPS_FROM_RAS @ matrix[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
     if np.any(spacing <= 0):
@@ -514,19 +516,35 @@ def _volume_to_segmentation_frame(volume_node, segmentation_node) -> np.ndarray:
     Identity when both sit under the same transform, as the segmentations made here do, whether
     that transform is linear or not; a non-linear transform between different parents is refused.
     """
+    return _frame_between(volume_node, segmentation_node)
+
+
+def _frame_between(source_node, target_node) -> np.ndarray:
+    """4x4 RAS matrix from ``source_node``'s own frame to ``target_node``'s (their parent transforms)."""
     import slicer
     import vtk
 
-    source, target = volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode()
+    source, target = source_node.GetParentTransformNode(), target_node.GetParentTransformNode()
     if source is target:
         return np.eye(4)
     matrix = vtk.vtkMatrix4x4()
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, matrix):
         raise InputError(
-            f"segmentation '{segmentation_node.GetName()}' and {_describe_node(volume_node)} sit under different "
+            f"{_describe_node(target_node)} and {_describe_node(source_node)} sit under different "
             "transforms with a non-linear part between them; put both under the same transform, or harden it"
         )
     return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+
+
+def channel_images(volume_node, channel_nodes: Sequence = ()) -> list[sitk.Image]:
+    """The volume and the further channels of a multi-channel task, all in the volume's own frame:
+    a FLAIR placed by a registration transform is read where that transform puts it."""
+    images = [image_from_volume_node(volume_node)]
+    for node in channel_nodes:
+        if node is None:
+            raise InputError("a channel volume is missing: select one volume per channel of the task")
+        images.append(image_from_volume_node(node, _frame_between(node, volume_node)))
+    return images
 
 
 def labels_from_segmentation(segmentation_node, volume_node, segment_ids: Sequence[str], label_values: Sequence[int] | None = None) -> np.ndarray:
@@ -604,13 +622,15 @@ def segment_volume_node(
     cancelled: CancelCheck | None = None,
     existing: str = "replace",
     uncertainty: str = "entropy",
+    channel_nodes: Sequence = (),
 ):
     """Segment ``volume_node`` with ``model`` (bundled name, folder, .zip, or a loaded model).
 
     Returns the segmentation node (new unless ``segmentation_node`` is given). With
     ``with_probabilities`` an uncertainty volume is added too and referenced from the segmentation
     node under :data:`UNCERTAINTY_REFERENCE_ROLE`. When ``cancelled()`` turns true nothing is written
-    and ``CancelledError`` is raised.
+    and ``CancelledError`` is raised. A multi-channel task takes its further channels (e.g. FLAIR
+    after contrast T1) as ``channel_nodes``, in the task's order; the segments lie on ``volume_node``.
     """
     from .model_files import SegmentationModel, load_model
 
@@ -620,9 +640,9 @@ def segment_volume_node(
             raise InputError("no model given: pass a bundled model name, a model folder or a .zip file")
         report(0.0, "loading the model")
         model = load_model(model)
-    image = image_from_volume_node(volume_node)
+    images = channel_images(volume_node, channel_nodes)
     result = segment_image(
-        model, image, tasks, device, with_probabilities,
+        model, images, tasks, device, with_probabilities,
         progress=lambda fraction, stage: report(0.95 * fraction, stage), cancelled=cancelled,
     )
     for warning in result.warnings:

@@ -28,6 +28,7 @@ class RunInputs:
     segmentation_node: object = None  # None: a new segmentation node
     with_uncertainty: bool = False
     uncertainty_kind: str = "entropy"
+    channel_nodes: tuple = ()  # further channels of a multi-channel task, in its order
 
 
 class SegmentationRun:
@@ -40,7 +41,7 @@ class SegmentationRun:
     def __init__(self, inputs: RunInputs, python: str | os.PathLike | None = None,
                  environment: dict[str, str] | None = None) -> None:
         self.inputs = inputs
-        image = mrml.image_from_volume_node(inputs.volume_node)
+        image = mrml.channel_images(inputs.volume_node, inputs.channel_nodes)
         tasks = list(inputs.tasks) or None
         if python:
             self.job = background.SubprocessJob(inputs.model, image, tasks, inputs.device, inputs.with_uncertainty,
@@ -97,7 +98,8 @@ class SegmentationRun:
 
 def start_run(volume_node, model, tasks: Sequence[str] = (), device: str = "auto", segmentation_node=None,
               with_uncertainty: bool = False, uncertainty_kind: str = "entropy", python=None,
-              environment=None) -> SegmentationRun:
+              environment=None, channel_nodes: Sequence = ()) -> SegmentationRun:
     """Freeze the inputs and start segmenting them."""
-    inputs = RunInputs(volume_node, model, tuple(tasks), device, segmentation_node, with_uncertainty, uncertainty_kind)
+    inputs = RunInputs(volume_node, model, tuple(tasks), device, segmentation_node, with_uncertainty, uncertainty_kind,
+                       tuple(channel_nodes))
     return SegmentationRun(inputs, python, environment)

@@ -74,6 +74,10 @@ class Task:
     ``label_values[i]`` holds the source label values that mean class ``i + 1``; everything else
     in a source label image is background. ``image_files``/``label_files``/``mask_files`` list the file
     names (first match wins) in each case folder of a data set, so real data keeps its own names.
+
+    A task may read several co-registered images of a case (``channels``, e.g. contrast T1 and FLAIR
+    for gliomas, where oedema shows on FLAIR): ``image_files`` name the first, ``channel_files[i]``
+    the ``i + 2``-th; each channel is normalised on its own.
     """
 
     name: str
@@ -90,6 +94,8 @@ class Task:
     mask_files: tuple[str, ...] = ()
     description: str = ""
     source: Path | None = field(default=None, compare=False)
+    channels: tuple[str, ...] = ("image",)
+    channel_files: tuple[tuple[str, ...], ...] = ()
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -283,6 +289,14 @@ def task_from_dict(data: Mapping, where: str, source: Path | None = None) -> Tas
                     f"{classes[i].name!r} and {classes[j].name!r}"
                 )
     files = data.get("files", {})
+    channels = tuple(str(channel) for channel in data.get("channels", ["image"]))
+    extra_files = files.get("channels", {})
+    if not channels or len(set(channels)) != len(channels):
+        raise InputError(f"{where}: channels must be distinct names, got {list(channels)}")
+    missing_files = [channel for channel in channels[1:] if channel not in extra_files]
+    if missing_files:
+        raise InputError(f"{where}: give the file names of channel(s) {', '.join(missing_files)} "
+                         "under [files.channels] (the first channel's are [files] image)")
     return Task(
         name=name,
         title=str(data.get("title", name)),
@@ -298,6 +312,8 @@ def task_from_dict(data: Mapping, where: str, source: Path | None = None) -> Tas
         mask_files=_names(files.get("mask", [])),
         description=str(data.get("description", "")),
         source=source,
+        channels=channels,
+        channel_files=tuple(_names(extra_files[channel]) for channel in channels[1:]),
     )
 
 
@@ -317,7 +333,12 @@ def task_to_dict(task: Task) -> dict:
                 entry["region"] = _entry_to_list(spec.terminology.region)
         classes.append(entry)
     files = {"image": list(task.image_files), "label": list(task.label_files), "mask": list(task.mask_files)}
+    extra = {}
+    if len(task.channels) > 1:
+        files["channels"] = {channel: list(names) for channel, names in zip(task.channels[1:], task.channel_files)}
+        extra["channels"] = list(task.channels)
     return {
+        **extra,
         "name": task.name,
         "title": task.title,
         "modality": task.modality,

@@ -239,6 +239,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
                          "use a batch size of at least the number of processes")
     set_seed(config.seed)
     label_space = LabelSpace.from_names(config.tasks)
+    arguments = channel_arguments(config, label_space)
     train_files, validation_files = collect_cases(config)
     log(f"{len(train_files)} training and {len(validation_files)} validation cases for {', '.join(config.tasks)}")
     train_cases = [prepare_case(files, label_space) for files in train_files]
@@ -256,7 +257,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     else:
         if main:
             (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
-        model = SegmentationModel.create(config.model_name, config.architecture, label_space, **config.arguments)
+        model = SegmentationModel.create(config.model_name, config.architecture, label_space, **arguments)
         model.architecture.network.to(device)
         optimizer = model.architecture.make_optimizer(config.learning_rate)
         rng = np.random.default_rng(config.seed)
@@ -308,6 +309,22 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
         save_model(model, run / "model")
         curve.plot()
     return model
+
+
+def channel_arguments(config: TrainingConfig, label_space: LabelSpace) -> dict:
+    """The architecture arguments, with ``in_channels`` set from the tasks' channels. One network
+    reads one kind of input: tasks with different channel counts cannot share it."""
+    counts = {name: len(label_space.task(name).channels) for name in config.tasks}
+    if len(set(counts.values())) > 1:
+        raise InputError(f"the tasks read different numbers of images ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
+                         "train tasks with the same channels together")
+    count = next(iter(counts.values()))
+    if count == 1:
+        return dict(config.arguments)
+    if not architecture_class(config.architecture).reads_channels:
+        raise InputError(f"architecture {config.architecture} reads one image; task(s) {', '.join(config.tasks)} read "
+                         f"{count} channels: use --arch unet2d_multiplanar")
+    return {**config.arguments, "in_channels": count}
 
 
 def provenance(config: TrainingConfig, step: int, train_files, validation_files, started: float,

@@ -20,10 +20,19 @@ def task_names(card: dict[str, Any]) -> list[str]:
     return [task["name"] for task in card.get("tasks", [])]
 
 
+def further_channels(card: dict[str, Any]) -> list[str]:
+    """The channels a model reads after the input volume (e.g. ``["FLAIR"]`` after contrast T1):
+    the module shows one volume selector for each. A model's tasks all read the same channels."""
+    tasks = card.get("tasks", [])
+    return [str(name) for name in tasks[0].get("channels", [])[1:]] if tasks else []
+
+
 def _task_item(task: dict[str, Any], intended: dict[str, Any], dice: dict[str, Any]) -> str:
     classes = ", ".join(escape(c["name"]) for c in task.get("classes", []))
     item = (f"<li><b>{escape(task.get('title', task['name']))}</b> ({escape(task['name'])}): "
             f"{escape(task.get('modality', '?'))}, {escape(task.get('anatomy', ''))}; classes: {classes}")
+    if len(task.get("channels", [])) > 1:
+        item += f"<br>Reads {escape(' + '.join(map(str, task['channels'])))} (one volume each, in that order)"
     if task["name"] in intended:
         item += f"<br>Intended input: {escape(str(intended[task['name']]))}"
     elif task.get("working_spacing_mm"):

@@ -63,6 +63,8 @@ class Architecture(ABC):
     summary: ClassVar[str]
     #: Whether training can use cases that have a label map and no image (images drawn from labels).
     synthesises_images: ClassVar[bool] = False
+    #: Whether the network reads several image channels (``in_channels``, for multi-channel tasks).
+    reads_channels: ClassVar[bool] = False
 
     def __init__(self, num_labels: int, task_names: Sequence[str], **arguments: Any) -> None:
         self.num_labels = num_labels

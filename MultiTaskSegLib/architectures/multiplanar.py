@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..losses import soft_dice_loss
 from .base import CancelCheck, ProgressCallback, TrainingStep
 from .unet2d import CMUNET_CHANNELS, WINDOW_OVERLAP, _SliceUNetArchitecture
-from .unet_windows import check_volume, crop_centred
+from .unet_windows import check_channels, crop_centred
 
 if TYPE_CHECKING:
     from ..sampling import BalancedVoxelSampler
@@ -43,7 +43,8 @@ SAGITTAL = 2
 class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
     """One 2-D U-Net over axial, coronal and sagittal slices, probabilities of the planes averaged.
 
-    Args (network): channels, negative_slope, as :class:`~MultiTaskSegLib.networks.cmunet.CMUNet`.
+    Args (network): channels, negative_slope, as :class:`~MultiTaskSegLib.networks.cmunet.CMUNet`;
+        in_channels: images per case (a multi-channel task's channels; the trainer sets it).
     Args (training):
         patch_size: (rows, columns) of a slice crop (multiples of ``2 ** (len(channels) - 1)``);
             160 mm at 1 mm holds most of a brain slice, the context that tells cortex from scalp.
@@ -72,6 +73,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
     )
     presence_head: ClassVar[bool] = False
     synthesises_images: ClassVar[bool] = True
+    reads_channels: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         *,
         channels: Sequence[int] = CMUNET_CHANNELS,
         negative_slope: float = 0.2,
+        in_channels: int = 1,
         patch_size: Sequence[int] = (160, 160),
         planes: Sequence[int] = (0, 1, 2),
         learning_rate: float = 1e-3,
@@ -100,6 +103,10 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         settings = SliceAugmentation.from_arguments(augmentation)
         if float(cross_entropy_weight) < 0 or int(crop_margin) < 0:
             raise InputError("cross_entropy_weight and crop_margin must be zero or more")
+        if int(in_channels) < 1:
+            raise InputError(f"in_channels must be 1 or more, got {in_channels}")
+        # A single-channel model's file keeps its older form, without in_channels.
+        channel_arguments = {"in_channels": int(in_channels)} if int(in_channels) > 1 else {}
         super().__init__(
             num_labels,
             task_names,
@@ -119,6 +126,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             augmentation=settings.to_arguments(),
             whole_slice_inference=bool(whole_slice_inference),
             crop_margin=int(crop_margin),
+            **channel_arguments,
         )
         self.arguments.pop("slice_axis")
         self.planes = tuple(planes)
@@ -137,7 +145,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
     def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         numbers, positions = sampler.sample(batch_size, rng)
         axes = rng.choice(self.planes, size=len(numbers))
-        images = np.zeros((len(numbers), *self.patch_size), np.float32)
+        images = np.zeros((len(numbers), self.in_channels, *self.patch_size), np.float32)
         labels, inside, synthetic = [], [], []
         for item, (number, position, axis) in enumerate(zip(numbers, positions, axes)):
             case = sampler.cases[number]
@@ -150,14 +158,18 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
                 source = np.take(case.extra["source_labels"], position[axis], axis=axis)
                 synthetic.append((item, crop_centred(source, centre, self.patch_size)[0]))
             else:
-                image_slice = np.take(case.image, position[axis], axis=axis)
-                images[item] = crop_centred(image_slice.astype(np.float32, copy=False), centre, self.patch_size)[0]
+                stack = case.image if case.image.ndim == 4 else case.image[None]  # (channels, z, y, x)
+                for channel, volume in enumerate(stack):
+                    image_slice = np.take(volume, position[axis], axis=axis)
+                    images[item, channel] = crop_centred(image_slice.astype(np.float32, copy=False), centre, self.patch_size)[0]
         if synthetic:
             items = [item for item, _ in synthetic]
-            images[items] = synthesize_slices(np.stack([source for _, source in synthetic]), rng,
-                                              self.augmentation.synthesis_blur_max_voxels)
+            if self.in_channels > 1:
+                raise InputError("label-map-only cases give one synthetic channel; a multi-channel task needs real images")
+            images[items, 0] = synthesize_slices(np.stack([source for _, source in synthetic]), rng,
+                                                 self.augmentation.synthesis_blur_max_voxels)
         image_tensor, label_tensor, valid_tensor = augment_slices(
-            torch.from_numpy(images[:, None]), torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(inside)),
+            torch.from_numpy(images), torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(inside)),
             rng, self.augmentation, flippable=axes != SAGITTAL,
         )
         return {"image": image_tensor, "labels": label_tensor, "valid": valid_tensor}
@@ -187,13 +199,13 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         requested_labels: Sequence[int] | None = None,
     ) -> np.ndarray:
         """The mean of the per-plane probabilities inside the non-zero bounding box; background outside."""
-        image = check_volume(image)
-        result = np.zeros((self.num_labels, *image.shape), np.float32)
+        stack = check_channels(image, self.in_channels)
+        result = np.zeros((self.num_labels, *stack.shape[1:]), np.float32)
         result[0] = 1.0
-        box = nonzero_box(image, self.crop_margin)
+        box = nonzero_box(np.any(stack != 0, axis=0), self.crop_margin)
         if box is None:
             return result
-        cropped = np.ascontiguousarray(image[box])
+        cropped = np.ascontiguousarray(stack[(slice(None), *box)])
         summed = None
         for number, axis in enumerate(self.planes):
 

@@ -57,7 +57,7 @@ from .base import Architecture, CancelCheck, ProgressCallback, TrainingStep
 from .unet_windows import (
     AxisWindows,
     as_ints,
-    check_volume,
+    check_channels,
     crop_centred,
     fit_window,
     inference_context,
@@ -160,10 +160,12 @@ class _SliceUNetArchitecture(Architecture):
         self.inference_margin = int(inference_margin)
         self.inference_block_voxels = int(inference_block_voxels)
         self.window_overlap = self.arguments["window_overlap"]
+        self.in_channels = int(self.arguments.get("in_channels", 1))
 
     def build_network(self, num_labels: int, **arguments: Any) -> CMUNet:
         return CMUNet(
             num_labels,
+            in_channels=int(arguments.get("in_channels", 1)),
             channels=arguments["channels"],
             negative_slope=arguments["negative_slope"],
             presence_head=self.presence_head,
@@ -213,9 +215,9 @@ class _SliceUNetArchitecture(Architecture):
     def _slice_windows(self, image: np.ndarray, max_block_voxels: int | None):
         """The volume with slices first and padded planes, the in-plane window plans, and how many
         windows go in one batch."""
-        volume = np.moveaxis(check_volume(image), self.slice_axis, 0)
+        volume = np.moveaxis(check_channels(image, self.in_channels), 1 + self.slice_axis, 0)  # (slices, C, H, W)
         multiple = self.network.size_multiple
-        plane = volume.shape[1:]
+        plane = volume.shape[2:]
         window_size = self.inference_window(plane)
         padded_plane = tuple(round_up(max(side, patch), multiple) for side, patch in zip(plane, window_size))
         limit = max_block_voxels or self.inference_block_voxels
@@ -225,8 +227,8 @@ class _SliceUNetArchitecture(Architecture):
             plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_plane, window)]
         else:
             plans = [plan_gaussian_windows(length, side, self.window_overlap, multiple) for length, side in zip(padded_plane, window)]
-        padded = np.zeros((volume.shape[0], *padded_plane), np.float32)
-        padded[:, : plane[0], : plane[1]] = volume
+        padded = np.zeros((*volume.shape[:2], *padded_plane), np.float32)
+        padded[:, :, : plane[0], : plane[1]] = volume
         per_slice = math.prod(len(plan.starts) for plan in plans)
         # Whole slices per batch, so that a presence decision can be taken per slice.
         return padded, plans, max(1, limit // math.prod(window) // per_slice) * per_slice
@@ -245,8 +247,8 @@ class _SliceUNetArchitecture(Architecture):
 
     @staticmethod
     def _batch_tensor(padded: np.ndarray, plans: Sequence[AxisWindows], items, device: torch.device) -> torch.Tensor:
-        crops = [padded[(number, *window_region(plans, index))] for number, *index in items]
-        return torch.from_numpy(np.stack(crops)[:, None]).to(device)
+        crops = [padded[(number, slice(None), *window_region(plans, index))] for number, *index in items]
+        return torch.from_numpy(np.stack(crops)).to(device)
 
     def _skip_mask(self, features: list[torch.Tensor], requested_labels: Sequence[int] | None) -> torch.Tensor | None:
         """Windows whose segmentation is skipped (background); ``None`` when nothing is skipped."""
@@ -263,10 +265,10 @@ class _SliceUNetArchitecture(Architecture):
     ) -> np.ndarray:
         """See the module docstring; ``requested_labels`` (label-space indices, default all) only
         matters to ``cmunet``, which skips windows where none of them is predicted present."""
-        original_shape = np.shape(image)
+        original_shape = np.shape(image)[-3:]
         padded, plans, batch_windows = self._slice_windows(image, max_block_voxels)
-        summed = np.zeros((self.num_labels, *padded.shape), np.float32)
-        total_weight = np.zeros(padded.shape[1:], np.float32)
+        summed = np.zeros((self.num_labels, padded.shape[0], *padded.shape[2:]), np.float32)
+        total_weight = np.zeros(padded.shape[2:], np.float32)
         for index in itertools.product(*(range(len(plan.starts)) for plan in plans)):
             total_weight[window_region(plans, index)] += window_weight(plans, index)
         stage = "Segmenting slices"

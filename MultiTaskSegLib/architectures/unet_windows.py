@@ -139,6 +139,18 @@ def check_volume(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32, copy=False)
 
 
+def check_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """``(channels, z, y, x)`` float32 from a ``(z, y, x)`` volume (one channel) or a channel stack."""
+    image = np.asarray(image)
+    if image.ndim == 3 and in_channels == 1:
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] != in_channels:
+        raise InputError(f"expected {in_channels} channel(s) of one (z, y, x) volume, got an array of shape {image.shape}")
+    if min(image.shape[1:]) < 1:
+        raise InputError(f"the volume is empty (shape {image.shape[1:]})")
+    return image.astype(np.float32, copy=False)
+
+
 def raise_if_cancelled(cancelled: CancelCheck | None) -> None:
     if cancelled is not None and cancelled():
         raise CancelledError("prediction cancelled by the user; nothing was written")

@@ -154,6 +154,17 @@ def test_model_card_shows_tasks_classes_intended_input_and_validation(helpers, t
     assert "<phantoms>" not in html
 
 
+def test_a_multi_channel_model_asks_for_one_volume_per_further_channel(helpers):
+    from MultiTaskSegLib.tasks import get_task, task_to_dict
+
+    _, model_card = helpers
+    glioma = {"name": "glioma", "tasks": [task_to_dict(get_task("brats_glioma_t1c_flair"))]}
+    brain = {"name": "brain", "tasks": [task_to_dict(get_task("brain_t1_mri"))]}
+    assert model_card.further_channels(glioma) == ["FLAIR"]
+    assert model_card.further_channels(brain) == [] and model_card.further_channels({}) == []
+    assert "Reads T1c + FLAIR" in model_card.model_card_html(glioma)
+
+
 def test_dependency_check_finds_nothing_missing_in_a_complete_environment(helpers):
     dependencies, _ = helpers
     assert dependencies.missing_requirements() == []
