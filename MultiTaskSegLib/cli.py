@@ -68,6 +68,25 @@ def command_train(args) -> int:
     return 0
 
 
+def command_finetune(args) -> int:
+    from .datasets import parse_data_arguments
+    from .finetuning import finetune
+    from .model_files import load_model
+
+    parent = load_model(args.model)
+    names = [pair.split("=", 1)[0] for pair in args.data if "=" in pair] or [
+        task for task in parent.label_space.task_names if any((Path(root) / task).is_dir() for root in args.data)]
+    if not names:
+        raise InputError(f"no cases of the model's tasks ({', '.join(parent.label_space.task_names)}) under "
+                         f"{', '.join(args.data)}: give TASK=FOLDER")
+    data = {task: str(folder) for task, folder in parse_data_arguments(args.data, names).items()}
+    model = finetune(parent, data, args.out, steps=args.steps, learning_rate=args.learning_rate,
+                     batch_size=args.batch_size, seed=args.seed, device=args.device, name=args.name)
+    print(f"model written to {Path(args.out) / 'model'} (fine-tuned from {parent.name} {parent.version}, "
+          f"kept step {model.provenance.get('kept_step', args.steps)})")
+    return 0
+
+
 def _print_progress(fraction: float, stage: str) -> None:
     print(f"\r{100 * fraction:5.1f}% {stage:40s}", end="", file=sys.stderr, flush=True)
     if fraction >= 1.0:
@@ -175,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device", default="auto")
     sub.add_argument("--name", help="model name (default: the run folder's name)")
     sub.set_defaults(run=command_train)
+
+    sub = commands.add_parser("finetune", help="fine-tune a model on corrected cases (its own label space; resumable)")
+    sub.add_argument("--model", required=True, help="the model to start from (it is not changed)")
+    sub.add_argument("--data", nargs="+", required=True, help="TASK=FOLDER pairs (or ROOT/TASK/CASE) of corrected cases")
+    sub.add_argument("--out", required=True, help="run folder; the new model is OUT/model")
+    sub.add_argument("--steps", type=int, default=200)
+    sub.add_argument("--batch-size", type=int, default=8)
+    sub.add_argument("--learning-rate", type=float, help="default: a tenth of the parent's")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--device", default="auto")
+    sub.add_argument("--name", help="the new model's name (default: PARENT-finetuned)")
+    sub.set_defaults(run=command_finetune)
 
     sub = commands.add_parser("segment", help="segment one volume; the labels come back on its exact grid")
     sub.add_argument("--model", required=True, help="model folder/.zip or a bundled model's name")

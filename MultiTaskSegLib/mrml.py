@@ -656,3 +656,48 @@ def segment_volume_node(
         written.segmentation_node.SetNodeReferenceID(UNCERTAINTY_REFERENCE_ROLE, uncertainty_node.GetID())
     report(1.0, "done")
     return written.segmentation_node
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrected cases for fine-tuning
+
+
+def segments_of_task(segmentation_node, task) -> dict[int, list[str]]:
+    """class index (1..K) -> ids of the segments that hold it: segments this extension wrote (their
+    task and class tags) and segments the user named after the class."""
+    segmentation = segmentation_node.GetSegmentation()
+    found: dict[int, list[str]] = {}
+    for segment_id in _segment_ids(segmentation):
+        segment = segmentation.GetSegment(segment_id)
+        has_task, tagged_task = _get_tag(segment, f"{TAG_PREFIX}Task")
+        has_class, tagged_class = _get_tag(segment, f"{TAG_PREFIX}Class")
+        name = tagged_class if has_task and has_class and tagged_task == task.name else segment.GetName()
+        if has_task and tagged_task != task.name:
+            continue
+        if name in task.class_names:
+            found.setdefault(task.class_names.index(name) + 1, []).append(segment_id)
+    return found
+
+
+def store_corrected_case(volume_node, segmentation_node, task_name: str, folder, case_name: str = "",
+                         channel_nodes: Sequence = ()):
+    """Store the volume and its (corrected) segmentation as a training case of ``task_name`` under
+    ``folder`` (``folder/TASK/CASE``), labels in the task's own values, for ``multitaskseg finetune``.
+
+    Returns the case folder. Segments are matched to classes by the tags this extension writes, or
+    by name; classes without a segment are background. Nothing is stored when no segment matches.
+    """
+    from .finetuning import store_case
+    from .tasks import get_task
+
+    task = get_task(task_name)
+    by_class = segments_of_task(segmentation_node, task)
+    if not by_class:
+        raise InputError(f"segmentation '{segmentation_node.GetName()}' has no segment of task {task_name} "
+                         f"(classes: {', '.join(task.class_names)}); nothing to store")
+    ids = [segment_id for index in sorted(by_class) for segment_id in by_class[index]]
+    values = [index for index in sorted(by_class) for _ in by_class[index]]
+    classes = labels_from_segmentation(segmentation_node, volume_node, ids, values)
+    images = channel_images(volume_node, channel_nodes)
+    name = case_name or "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_node.GetName()) or "case"
+    return store_case(folder, task, name, images, classes.astype(np.int32))

@@ -59,6 +59,9 @@ class TrainingConfig:
     device: str = "auto"
     model_name: str = "multitaskseg-model"
     data: dict[str, str] = field(default_factory=dict)
+    #: Fine-tuning: the model to start from (``source``, ``name``, ``version``, ``weights_sha256``);
+    #: its label space, architecture and weights are kept (see :mod:`~MultiTaskSegLib.finetuning`).
+    parent: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,7 +79,8 @@ class TrainingConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the interrupted one."""
-        keys = ("tasks", "architecture", "arguments", "batch_size", "learning_rate", "validation_fraction", "seed", "data")
+        keys = ("tasks", "architecture", "arguments", "batch_size", "learning_rate", "validation_fraction", "seed", "data",
+                "parent")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -238,8 +242,9 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
         raise InputError(f"a mini-batch of {config.batch_size} cannot be shared by {context.world_size} processes; "
                          "use a batch size of at least the number of processes")
     set_seed(config.seed)
-    label_space = LabelSpace.from_names(config.tasks)
-    arguments = channel_arguments(config, label_space)
+    parent = load_model(config.parent["source"]) if config.parent else None
+    label_space = parent.label_space if parent else LabelSpace.from_names(config.tasks)
+    arguments = dict(config.arguments) if parent else channel_arguments(config, label_space)
     train_files, validation_files = collect_cases(config)
     log(f"{len(train_files)} training and {len(validation_files)} validation cases for {', '.join(config.tasks)}")
     train_cases = [prepare_case(files, label_space) for files in train_files]
@@ -257,14 +262,20 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     else:
         if main:
             (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
-        model = SegmentationModel.create(config.model_name, config.architecture, label_space, **arguments)
+        if parent is not None:
+            model = parent
+            model.name, model.version, model.path = config.model_name, f"{parent.version}+finetuned", None
+        else:
+            model = SegmentationModel.create(config.model_name, config.architecture, label_space, **arguments)
         model.architecture.network.to(device)
         optimizer = model.architecture.make_optimizer(config.learning_rate)
         rng = np.random.default_rng(config.seed)
         step = 0
     architecture = model.architecture
     distributed.replicate_network(architecture.network, context)
-    scheduler = architecture.make_scheduler(optimizer) if hasattr(architecture, "make_scheduler") else None
+    scheduler = None
+    if hasattr(architecture, "make_scheduler"):  # a fine-tune anneals over its own steps, not the parent's run
+        scheduler = architecture.make_scheduler(optimizer, **({"steps_per_epoch": config.steps} if parent else {}))
     if scheduler is not None:
         for _ in range(step):
             scheduler.step()
@@ -273,6 +284,9 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
 
     started, steps_this_call = time.perf_counter(), 0
     operating_points = None  # those of the latest validation: the final model's, once the loop ends
+    keep_best = parent is not None and bool(validation_cases)  # early stopping on the held-back case(s)
+    if keep_best and step == 0:
+        remember_if_best(run, model, validation_dice(model, validation_cases, device)[0], 0)
     while step < config.steps:
         batch = distributed.share_of_batch(architecture.sample_batch(sampler, config.batch_size, rng), context)
         distributed.seed_dropout(config.seed, step, context)
@@ -294,21 +308,58 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
             rows, operating_points = validation_dice(model, validation_cases, device) if validation_cases else ([], {})
             curve.add_validation(step, rows)
             model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
+            if keep_best:
+                remember_if_best(run, model, rows, step)
             _save_checkpoint(run, model, optimizer, step, rng, config)
             log(f"step {step}/{config.steps} loss {loss:.4f} " + curve.summary(step))
         if stop_after is not None and steps_this_call >= stop_after:
             return model
     if main:
         model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
-        model.card = model_card(model, curve)
-        model.card[CARD_KEY] = training_volume_ranges(train_cases, label_space)
+        if keep_best:
+            kept = restore_best(run, model)
+            model.provenance["kept_step"] = kept["step"]
+            model.provenance["held_back_mean_dice"] = kept["history"]
+            operating_points = None  # those of the kept weights
+        card = dict(parent.card) if parent else {}
+        model.card = {**card, **model_card(model, curve)} if parent else model_card(model, curve)
+        if parent:
+            for stale in [key for key in model.card if key.startswith("cross_validated") or key == "simulated_repeat_volume_cv_percent"]:
+                model.card.pop(stale)  # figures of the parent, not of this model
+            model.card["fine_tuned_from"] = dict(config.parent)
+        else:
+            model.card[CARD_KEY] = training_volume_ranges(train_cases, label_space)
         if validation_cases:
-            if operating_points is None:  # resumed after the last step: no validation ran in this call
+            if operating_points is None:  # resumed after the last step, or the kept weights are older
                 operating_points = validation_dice(model, validation_cases, device)[1]
-            model.card["operating_points"] = operating_points
+            model.card["operating_points"] = {**model.card.get("operating_points", {}), **operating_points}
         save_model(model, run / "model")
         curve.plot()
     return model
+
+
+BEST_DIR = "best"
+
+
+def remember_if_best(run: Path, model: SegmentationModel, rows: list[dict], step: int) -> None:
+    """Keep the weights with the highest mean Dice on the held-back cases (step 0: the parent's)."""
+    score = float(np.mean([row["dice"] for row in rows])) if rows else 0.0
+    record_path = run / BEST_DIR / "best.json"
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.exists() else {"score": -1.0, "history": {}}
+    record["history"][str(step)] = round(score, 4)
+    if score > record["score"]:
+        save_model(model, run / BEST_DIR / "model")
+        record.update(score=score, step=step)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+def restore_best(run: Path, model: SegmentationModel) -> dict:
+    """Put the best remembered weights into ``model``; returns the record (step, score, history)."""
+    record = json.loads((run / BEST_DIR / "best.json").read_text(encoding="utf-8"))
+    best = load_model(run / BEST_DIR / "model")
+    model.architecture.network.load_state_dict(best.architecture.network.state_dict())
+    return record
 
 
 def channel_arguments(config: TrainingConfig, label_space: LabelSpace) -> dict:

@@ -1,0 +1,118 @@
+"""Learning from hand corrections: fine-tune a model on the user's corrected cases, locally.
+
+A corrected case is stored like any training case (``FOLDER/TASK/CASE/image.nii.gz`` and
+``label.nii.gz`` holding the task's source label values), so ``finetune`` reads the folders that
+``train`` reads. The fine-tune starts from the parent's weights, label space and architecture, and
+guards what the parent knew:
+
+- a learning rate a tenth of the parent's, annealed to zero over a short run (200 steps by default:
+  a few minutes on a 2-core CPU);
+- with two or more cases, one is held back and the weights kept are those with the best mean Dice
+  on it, the parent's own (step 0) included: a fine-tune that does not help returns the parent;
+- every case's labels must be values of the task's classes (a label map in another label space would
+  teach the model the wrong classes).
+
+The new model names its parent (name, version, weights SHA-256) and the cases used in its
+provenance and card; the parent is never changed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .datasets import find_cases
+from .errors import InputError
+from .imageio import read_image, write_image
+from .model_files import SegmentationModel, load_model
+from .tasks import Task, get_task
+from .training import TrainingConfig, train
+
+DEFAULT_STEPS = 200
+DEFAULT_BATCH_SIZE = 8
+
+
+def check_case_labels(task: Task, label_path: Path) -> None:
+    """Refuse a label file holding values that are not the task's source labels."""
+    values = np.unique(sitk.GetArrayFromImage(read_image(label_path, check_values=False)))
+    known = set().union(*task.label_values)
+    unknown = [int(v) for v in values if v != 0 and int(v) not in known]
+    if unknown:
+        raise InputError(
+            f"label {label_path} holds values {unknown[:8]} that are no class of task {task.name} "
+            f"({', '.join(task.class_names)}); store corrections in the model's label space (the module's "
+            "'Add to training cases' does), or relabel the file"
+        )
+
+
+def finetune_config(parent: SegmentationModel, data: Mapping[str, str | os.PathLike], steps: int = DEFAULT_STEPS,
+                    learning_rate: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                    validate_every: int | None = None, seed: int = 0, device: str = "auto",
+                    name: str | None = None) -> TrainingConfig:
+    """The training settings of a fine-tune of ``parent`` on the cases under ``data`` (task -> folder)."""
+    if parent.path is None:
+        raise InputError("save the parent model to a folder or .zip before fine-tuning it (its provenance names the file)")
+    unknown = [task for task in data if task not in parent.label_space.task_names]
+    if unknown:
+        raise InputError(f"model {parent.name} does not segment task(s) {', '.join(unknown)}; "
+                         f"it segments {', '.join(parent.label_space.task_names)}")
+    count = 0
+    for task_name, folder in data.items():
+        for case in find_cases(get_task(task_name), folder):
+            check_case_labels(parent.label_space.task(task_name), case.label)
+            count += 1
+    parent_rate = float(parent.architecture.arguments.get("learning_rate") or 1e-3)
+    return TrainingConfig(
+        tasks=list(data), architecture=parent.architecture.name, arguments=dict(parent.architecture.arguments),
+        batch_size=batch_size, steps=steps, learning_rate=learning_rate or parent_rate / 10,
+        validate_every=validate_every or max(1, steps // 4), validation_fraction=1.0 / count if count > 1 else 0.0,
+        seed=seed, device=device, model_name=name or f"{parent.name}-finetuned",
+        data={task: str(folder) for task, folder in data.items()},
+        parent={"source": str(parent.path), "name": parent.name, "version": parent.version,
+                "weights_sha256": parent.weights_sha256},
+    )
+
+
+def finetune(parent: str | os.PathLike | SegmentationModel, data: Mapping[str, str | os.PathLike],
+             out: str | os.PathLike, **options) -> SegmentationModel:
+    """Fine-tune ``parent`` (a model or anything ``load_model`` takes) on ``data``; the model is
+    written to ``out/model`` (resumable, like ``train``). ``options``: see :func:`finetune_config`."""
+    model = parent if isinstance(parent, SegmentationModel) else load_model(parent)
+    return train(finetune_config(model, data, **options), out)
+
+
+def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sitk.Image | Sequence[sitk.Image],
+               classes: np.ndarray) -> Path:
+    """Write one corrected case as a training case under ``FOLDER/TASK/CASE/``: the image (one per
+    channel of a multi-channel task) and the labels, under the task's first file names
+    (``image.nii.gz``, ``label.nii.gz``), the labels as the task's source values (class i -> its
+    first label value).
+
+    ``classes`` holds the task's class indices (0 background, 1..K) on the (first) image's grid. An
+    existing case of that name is refused: a stored correction is never overwritten.
+    """
+    images = [image] if isinstance(image, sitk.Image) else list(image)
+    if len(images) != len(task.channels):
+        raise InputError(f"task {task.name} reads {len(task.channels)} image(s) ({', '.join(task.channels)}), got {len(images)}")
+    image = images[0]
+    if not case_name or case_name.startswith(".") or any(c in case_name for c in "/\\"):
+        raise InputError(f"case name {case_name!r} cannot be a folder name; use letters, digits, '-' and '_'")
+    if classes.shape != sitk.GetArrayViewFromImage(image).shape:
+        raise InputError(f"the labels ({classes.shape}) are not on the image's grid ({image.GetSize()[::-1]})")
+    if int(classes.max(initial=0)) > len(task.classes) or int(classes.min(initial=0)) < 0:
+        raise InputError(f"class indices must lie in 0..{len(task.classes)} for task {task.name}")
+    case_folder = Path(folder) / task.name / case_name
+    if case_folder.exists():
+        raise InputError(f"{case_folder} already holds a stored case; choose another case name")
+    lookup = np.array([0] + [min(values) for values in task.label_values], dtype=np.int32)
+    labels = sitk.GetImageFromArray(lookup[classes].astype(np.uint16 if lookup.max() > 255 else np.uint8))
+    labels.CopyInformation(image)
+    case_folder.mkdir(parents=True)
+    for channel, names in zip(images, (task.image_files, *task.channel_files)):
+        write_image(channel, case_folder / names[0])
+    write_image(labels, case_folder / task.label_files[0])
+    return case_folder
