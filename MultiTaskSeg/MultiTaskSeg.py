@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import ctk
 import qt
 import vtk
 
@@ -156,13 +157,79 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         slicer.app.connect("aboutToQuit()", self.onApplicationQuit)
+        self._addCorrectionsSection()
         self.initializeParameterNode()
+
+    def _addCorrectionsSection(self) -> None:
+        """Learn from corrections: store corrected cases, fine-tune the model on them in the background."""
+        section = ctk.ctkCollapsibleButton()
+        section.text = _("Learn from corrections")
+        section.collapsed = True
+        form = qt.QFormLayout(section)
+        self.casesFolderEdit = ctk.ctkPathLineEdit()
+        self.casesFolderEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.casesFolderEdit.settingKey = "MultiTaskSeg/TrainingCasesFolder"
+        self.casesFolderEdit.toolTip = _("Where corrected cases are stored (FOLDER/TASK/CASE) and fine-tunes run")
+        form.addRow(_("Training cases folder:"), self.casesFolderEdit)
+        self.addCaseButton = qt.QPushButton(_("Add to training cases"))
+        self.addCaseButton.toolTip = _("Store the input volume and the output segmentation, as corrected, for the first checked task")
+        self.fineTuneButton = qt.QPushButton(_("Fine-tune"))
+        self.fineTuneButton.toolTip = _("Fine-tune the selected model on the stored cases; the new model is added beside it")
+        self.fineTuneStatus = qt.QLabel()
+        self.fineTuneStatus.wordWrap = True
+        for widget in (self.addCaseButton, self.fineTuneButton, self.fineTuneStatus):
+            form.addRow(widget)
+        self.layout.addWidget(section)
+        self.addCaseButton.connect("clicked(bool)", self.onAddTrainingCase)
+        self.fineTuneButton.connect("clicked(bool)", self.onFineTune)
+        self._fineTuneTimer = qt.QTimer()
+        self._fineTuneTimer.setInterval(500)
+        self._fineTuneTimer.connect("timeout()", self.onFineTunePoll)
+
+    def onAddTrainingCase(self) -> None:
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("The case could not be stored."), waitCursor=True):
+            if not (parameters.inputVolume and parameters.outputSegmentation and self._checkedTasks()):
+                raise ValueError(_("Choose the input volume, the corrected output segmentation and a task first."))
+            folder = self.logic.addTrainingCase(parameters.inputVolume, parameters.outputSegmentation,
+                                                self._checkedTasks()[0], self.casesFolderEdit.currentPath,
+                                                self._channelNodes())
+            self.casesFolderEdit.addCurrentPathToHistory()
+            self.fineTuneStatus.text = _("Stored {folder}").format(folder=folder)
+
+    def onFineTune(self) -> None:
+        if self.logic.fineTuning:
+            self.logic.cancelFineTune()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
+            self.logic.startFineTune(self._parameterNode.model, self.casesFolderEdit.currentPath, self._parameterNode.device)
+            self.fineTuneButton.text = _("Cancel fine-tuning")
+            self._fineTuneTimer.start()
+
+    def onFineTunePoll(self) -> None:
+        status = self.logic.fineTuneStatus()
+        self.fineTuneStatus.text = _("Fine-tuning: {percent}% ({stage})").format(percent=status.percent, stage=status.stage)
+        if not status.finished:
+            return
+        self._fineTuneTimer.stop()
+        self.fineTuneButton.text = _("Fine-tune")
+        if status.state == "succeeded":
+            path, summary = self.logic.finishFineTune()
+            self.fineTuneStatus.text = summary
+            self._selectModel(str(path))  # the new model beside its parent; choosing the parent goes back
+            self._fillModels()
+        elif status.state == "cancelled":
+            self.fineTuneStatus.text = _("Fine-tuning cancelled; starting it again resumes it.")
+        else:
+            self.fineTuneStatus.text = _("Fine-tuning failed: ") + status.error
 
     def cleanup(self) -> None:
         if self.logic is None:
             return
         self.logic.cancel()
+        self.logic.cancelFineTune()
         self._pollTimer.stop()
+        self._fineTuneTimer.stop()
         self.removeObservers()
 
     def onApplicationQuit(self) -> None:
@@ -419,6 +486,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         self._run = None
         self._lastWrite = None
         self._lastUncertaintyNode = None
+        self._fineTune = None
 
     def getParameterNode(self):
         return MultiTaskSegParameterNode(super().getParameterNode())
@@ -529,6 +597,56 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         if self._lastUncertaintyNode is not None and self._lastUncertaintyNode.GetScene():
             self._lastUncertaintyNode.GetScene().RemoveNode(self._lastUncertaintyNode)
         self._lastWrite = self._lastUncertaintyNode = None
+
+    # Learning from corrections
+
+    def addTrainingCase(self, volumeNode, segmentationNode, task: str, folder: str, channelNodes=()):
+        """Store the volume and its corrected segmentation as a training case of ``task`` under ``folder``."""
+        from MultiTaskSegLib import mrml
+
+        if not folder:
+            raise ValueError(_("Choose a training cases folder first."))
+        return mrml.store_corrected_case(volumeNode, segmentationNode, task, folder, channel_nodes=channelNodes)
+
+    def startFineTune(self, model: str, folder: str, device: str = "auto") -> None:
+        """Fine-tune ``model`` on the cases under ``folder`` in a PythonSlicer process; the run goes to
+        ``folder/finetunes/MODEL-finetuned`` (started again, it resumes)."""
+        from MultiTaskSegLib.finetuning import start_finetune
+
+        if not folder:
+            raise ValueError(_("Choose a training cases folder first."))
+        parent = self.loadModel(model)
+        python = shutil.which("PythonSlicer")
+        out = Path(folder) / "finetunes" / f"{parent.name}-finetuned"
+        self._fineTune = start_finetune(parent.path, folder, out, device=device, python=python,
+                                        environment=slicer.util.startupEnvironment() if python else None)
+
+    @property
+    def fineTuning(self) -> bool:
+        return self._fineTune is not None and not self._fineTune.poll().finished
+
+    def fineTuneStatus(self):
+        return self._fineTune.poll()
+
+    def cancelFineTune(self) -> None:
+        if self._fineTune is not None:
+            self._fineTune.cancel()
+
+    def finishFineTune(self):
+        """The new model's folder and a line on the held-back case: the parent's Dice and the kept weights'."""
+        from MultiTaskSegLib.model_catalog import read_model_card
+
+        path = self._fineTune.result
+        self._fineTune = None
+        provenance = read_model_card(path).get("provenance", {})
+        history = provenance.get("held_back_mean_dice")
+        if history:
+            kept = str(provenance.get("kept_step"))
+            summary = _("New model {path}: held-back case mean Dice {before:.3f} before, {after:.3f} after (step {step}).").format(
+                path=path, before=history.get("0", float("nan")), after=history.get(kept, float("nan")), step=kept)
+        else:
+            summary = _("New model {path} (one case: nothing held back to judge it; check it on your next scan).").format(path=path)
+        return path, summary
 
     def process(self, volumeNode, model: str, tasks=None, device: str = "auto", segmentationNode=None,
                 withProbabilities: bool = False, channelNodes=()):

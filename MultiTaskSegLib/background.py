@@ -26,6 +26,7 @@ import argparse
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -316,8 +317,69 @@ class SubprocessJob(BackgroundJob):
         )
 
 
+class CommandJob(BackgroundJob):
+    """A ``multitaskseg`` command (``finetune``) in a child process, progress read from its
+    ``step N/M`` lines. Cancel ends its process tree at once: a training run keeps its last
+    checkpoint and resumes when started again. The result is ``result`` (e.g. the new model's folder)."""
+
+    def __init__(self, arguments: Sequence[str], result: Any = None, python: str | os.PathLike | None = None,
+                 environment: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.folder = Path(tempfile.mkdtemp(prefix="multitaskseg-"))
+        self._result = result
+        library_parent = str(Path(__file__).resolve().parent.parent)
+        environment = dict(os.environ if environment is None else environment)
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in (library_parent, environment.get("PYTHONPATH", "")) if p)
+        environment["PYTHONIOENCODING"] = "utf-8"
+        options: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {
+            "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        self._process = subprocess.Popen(
+            [str(python or sys.executable), "-m", "MultiTaskSegLib.cli", *arguments], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=environment, text=True, bufsize=1, encoding="utf-8", errors="replace", **options,
+        )
+        _LIVE_JOBS.add(self)
+        self._stderr: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="MultiTaskSeg command reader", daemon=True)
+        self._reader.start()
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.kill()
+
+    def kill(self) -> None:
+        self._cancel.set()
+        kill_process_tree(self._process)
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        self._reader.join(timeout)
+        return self.poll()
+
+    def _read(self) -> None:
+        drain = threading.Thread(target=lambda: self._stderr.extend(self._process.stderr), daemon=True)
+        drain.start()
+        for line in self._process.stdout:
+            found = _STEP_LINE.search(line)
+            if found:
+                done, total = int(found.group(1)), int(found.group(2))
+                self._report(done / max(total, 1), f"step {done}/{total}")
+        code = self._process.wait()
+        drain.join()
+        try:
+            if self._cancel.is_set():
+                self._finish(CANCELLED, exception=CancelledError("cancelled; the run keeps its last checkpoint"))
+            elif code != 0:
+                detail = "".join(self._stderr[-20:]).strip() or f"exit status {code}"
+                self._finish(FAILED, exception=(InputError if code == 2 else RuntimeError)(detail))
+            else:
+                self._finish(SUCCEEDED, result=self._result)
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            _LIVE_JOBS.discard(self)
+
+
+_STEP_LINE = re.compile(r"step (\d+)/(\d+)")
 #: Subprocess jobs whose worker may still run; ended when this Python exits (Slicer closing).
-_LIVE_JOBS: set[SubprocessJob] = set()
+_LIVE_JOBS: set[SubprocessJob | CommandJob] = set()
 
 
 def kill_process_tree(process: subprocess.Popen) -> None:

@@ -9,8 +9,8 @@ guards what the parent knew:
   a few minutes on a 2-core CPU);
 - with two or more cases, one is held back and the weights kept are those with the best mean Dice
   on it, the parent's own (step 0) included: a fine-tune that does not help returns the parent;
-- every case's labels must be values of the task's classes (a label map in another label space would
-  teach the model the wrong classes).
+- a case whose labels are mostly values outside the task's classes is refused (a label map in another
+  label space would teach the model the wrong classes).
 
 The new model names its parent (name, version, weights SHA-256) and the cases used in its
 provenance and card; the parent is never changed.
@@ -37,14 +37,18 @@ DEFAULT_BATCH_SIZE = 8
 
 
 def check_case_labels(task: Task, label_path: Path) -> None:
-    """Refuse a label file holding values that are not the task's source labels."""
-    values = np.unique(sitk.GetArrayFromImage(read_image(label_path, check_values=False)))
+    """Refuse a label file that is mostly values outside the task's classes: a label map in another
+    label space would teach the model the wrong classes. A few other values are background, as in
+    training (a FreeSurfer aseg's CSF and vessels for the brain tissues)."""
+    values, counts = np.unique(sitk.GetArrayFromImage(read_image(label_path, check_values=False)), return_counts=True)
     known = set().union(*task.label_values)
-    unknown = [int(v) for v in values if v != 0 and int(v) not in known]
-    if unknown:
+    inside = {int(v): int(c) for v, c in zip(values, counts) if v != 0 and int(v) in known}
+    outside = {int(v): int(c) for v, c in zip(values, counts) if v != 0 and int(v) not in known}
+    if sum(outside.values()) > sum(inside.values()):
         raise InputError(
-            f"label {label_path} holds values {unknown[:8]} that are no class of task {task.name} "
-            f"({', '.join(task.class_names)}); store corrections in the model's label space (the module's "
+            f"label {label_path} holds values {sorted(outside)[:8]} that are no class of task {task.name} "
+            f"({', '.join(task.class_names)}) in {sum(outside.values())} voxels, more than the task's classes "
+            f"({sum(inside.values())}); store corrections in the model's label space (the module's "
             "'Add to training cases' does), or relabel the file"
         )
 
@@ -83,6 +87,18 @@ def finetune(parent: str | os.PathLike | SegmentationModel, data: Mapping[str, s
     written to ``out/model`` (resumable, like ``train``). ``options``: see :func:`finetune_config`."""
     model = parent if isinstance(parent, SegmentationModel) else load_model(parent)
     return train(finetune_config(model, data, **options), out)
+
+
+def start_finetune(parent: str | os.PathLike, cases: str | os.PathLike, out: str | os.PathLike,
+                   steps: int = DEFAULT_STEPS, device: str = "auto", python: str | os.PathLike | None = None,
+                   environment: dict[str, str] | None = None):
+    """``multitaskseg finetune`` of ``parent`` on the stored cases (``cases/TASK/CASE``) in a child
+    process (the Slicer module's Fine-tune button): poll it, cancel it; its result is ``out/model``."""
+    from .background import CommandJob
+
+    arguments = ["finetune", "--model", str(parent), "--data", str(cases), "--out", str(out),
+                 "--steps", str(int(steps)), "--device", device]
+    return CommandJob(arguments, result=Path(out) / "model", python=python, environment=environment)
 
 
 def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sitk.Image | Sequence[sitk.Image],

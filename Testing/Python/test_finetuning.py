@@ -134,3 +134,24 @@ def test_the_slicer_logic_stores_a_corrected_segmentation_as_a_training_case(tmp
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "image.nii.gz"))), values)
     with pytest.raises(InputError, match="no segment of task cardiac_cta"):
         mrml.store_corrected_case(volume, segmentation_node, "cardiac_cta", tmp_path / "cases")
+
+
+def test_a_fine_tune_in_a_child_process_reports_progress_and_gives_the_new_model(tmp_path, parent):
+    from MultiTaskSegLib.finetuning import start_finetune
+
+    data = write_tiny_dataset(tmp_path / "cases", cases=2)
+    job = start_finetune(parent, data, tmp_path / "run", steps=4, device="cpu")
+    status = job.wait(120)
+    assert status.state == "succeeded", status.error
+    assert job.result == tmp_path / "run" / "model"
+    assert load_model(job.result).provenance["config"]["parent"]["name"] == "parent"
+
+
+def test_a_cancelled_fine_tune_stops_and_can_be_resumed(tmp_path, parent):
+    from MultiTaskSegLib.finetuning import start_finetune
+
+    data = write_tiny_dataset(tmp_path / "cases", cases=2)
+    job = start_finetune(parent, data, tmp_path / "run", steps=100000, device="cpu")
+    job.cancel()
+    assert job.wait(60).state == "cancelled"
+    assert not (tmp_path / "run" / "model").exists()
