@@ -4,6 +4,8 @@
 Regions are those the field reports: BraTS whole tumour (all four classes), tumour core (necrosis,
 non-enhancing and enhancing tumour) and enhancing tumour; the sarcoma gross tumour volume. Dice and
 HD95 per case and region go to ``OUT/per_case.csv``; a picture of each case to ``OUT/CASE.png``.
+For a model of several tasks, ``confusion_percent`` is the share of the case's voxels given a class
+of another task when the scan is segmented with all the model's tasks (not told which it is).
 
     .venv/bin/python scripts/evaluate_tumour.py --model runs/tumour/fold1/mr/model \\
         --cases runs/tumour/fold1/held_out/sarcoma_t1_mri --task sarcoma_t1_mri --out runs/tumour/fold1/mr/evaluation
@@ -23,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from MultiTaskSegLib.datasets import find_cases
-from MultiTaskSegLib.evaluation import dice, hausdorff95
+from MultiTaskSegLib.evaluation import dice, hausdorff95, task_confusion
 from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.inference import segment_image
 from MultiTaskSegLib.model_files import load_model
@@ -77,10 +79,17 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
         labels = sitk.GetArrayFromImage(result.labels).astype(np.int32)
         predicted = np.where(labels > 0, labels - offset, 0)
         expected = task.map_labels(sitk.GetArrayFromImage(reference))
+        confusion = float("nan")
+        if len(model.label_space.task_names) > 1:
+            alien = [i for other in model.label_space.task_names if other != task_name
+                     for i in model.label_space.indices_for_task(other)]
+            untold = sitk.GetArrayFromImage(segment_image(model, image, None, device).labels)
+            confusion = task_confusion(untold, alien)
         for region, names in regions_of(task_name).items():
             value, hd95 = score_region(region_mask(predicted, task_name, names), region_mask(expected, task_name, names), image)
             rows.append({"case": case.name, "task": task_name, "region": region, "dice": round(value, 4),
-                         "hd95_mm": round(hd95, 2), "seconds": round(seconds, 1), "warnings": len(result.warnings)})
+                         "hd95_mm": round(hd95, 2), "seconds": round(seconds, 1), "warnings": len(result.warnings),
+                         "confusion_percent": round(confusion, 4)})
         classes = sitk.GetImageFromArray(predicted.astype(np.int16))
         classes.CopyInformation(image)
         truth = sitk.GetImageFromArray(expected.astype(np.int16))
@@ -93,14 +102,18 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
 
 
 def summary(rows: list[dict]) -> str:
-    lines = ["| task | region | cases | Dice mean ± sd | Dice median | Dice min | HD95 mm median |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | region | cases | Dice mean ± sd | Dice median | Dice min | HD95 mm median | task confusion % (median) |",
+             "|---|---|---|---|---|---|---|---|"]
     for task_name in dict.fromkeys(row["task"] for row in rows):
         for region in dict.fromkeys(row["region"] for row in rows if row["task"] == task_name):
             chosen = [row for row in rows if row["task"] == task_name and row["region"] == region]
             values = np.array([float(row["dice"]) for row in chosen])
             hd = np.array([float(row["hd95_mm"]) for row in chosen])
+            confusion = np.array([float(row.get("confusion_percent", "nan")) for row in chosen])
+            confusion_text = f"{np.nanmedian(confusion):.4f}" if np.isfinite(confusion).any() else "–"
             lines.append(f"| {task_name} | {region} | {len(values)} | {values.mean():.3f} ± {values.std():.3f} | "
-                         f"{np.median(values):.3f} | {values.min():.3f} | {np.nanmedian(hd) if np.isfinite(hd).any() else float('nan'):.1f} |")
+                         f"{np.median(values):.3f} | {values.min():.3f} | {np.nanmedian(hd) if np.isfinite(hd).any() else float('nan'):.1f} | "
+                         f"{confusion_text} |")
     return "\n".join(lines) + "\n"
 
 
