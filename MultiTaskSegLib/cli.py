@@ -179,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tasks", nargs="+")
     sub.set_defaults(run=command_phantoms)
 
+    sub = commands.add_parser("models", help="list the bundled models")
+    sub.set_defaults(run=command_models)
+
+    sub = commands.add_parser("demo", help="segment held-out phantoms with the bundled models")
+    sub.add_argument("--out", default="demo_output")
+    sub.add_argument("--device", default="auto")
+    sub.set_defaults(run=command_demo)
+
+    _add_training_commands(commands)
+    _add_segmenting_commands(commands)
+    return parser
+
+
+def _add_training_commands(commands) -> None:
+    """train, finetune, experiments."""
     sub = commands.add_parser("train", help="train one model on one or more tasks (resumes an interrupted run)")
     sub.add_argument("--tasks", nargs="+", required=True)
     sub.add_argument("--data", nargs="+", required=True, help="ROOT holding ROOT/TASK/CASE/..., or TASK=FOLDER pairs")
@@ -207,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--name", help="the new model's name (default: PARENT-finetuned)")
     sub.set_defaults(run=command_finetune)
 
+    sub = commands.add_parser("experiments", help="the paper's seven training experiments, figure and table")
+    sub.add_argument("--data", required=True, help="root with one folder per paper task (see `phantoms`)")
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--arch", default="triplanar")
+    sub.add_argument("--arg", action="append", default=[])
+    sub.add_argument("--steps", type=int, default=2000)
+    sub.add_argument("--batch-size", type=int, default=210)
+    sub.add_argument("--validate-every", type=int, default=250)
+    sub.add_argument("--validation-fraction", type=float, default=0.2,
+                     help="share of each task's cases held out to draw the learning curves")
+    sub.add_argument("--only", nargs="+", choices=list("1234567"), default=list("1234567"),
+                     help="run these experiments (numbers 1-7); finished ones are reused, so separate "
+                          "processes can share the seven and a last call without --only draws them all")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--device", default="auto")
+    sub.set_defaults(run=command_experiments)
+
+
+def _add_segmenting_commands(commands) -> None:
+    """segment, batch, evaluate."""
     sub = commands.add_parser("segment", help="segment one volume; the labels come back on its exact grid")
     sub.add_argument("--model", required=True, help="model folder/.zip or a bundled model's name")
     sub.add_argument("--input", required=True, action="append",
@@ -232,9 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--channel", type=int, help="the channel to use from 4-D or multi-component inputs")
     sub.set_defaults(run=command_batch)
 
-    sub = commands.add_parser("models", help="list the bundled models")
-    sub.set_defaults(run=command_models)
-
     sub = commands.add_parser("evaluate", help="Dice, HD95, precision-recall and task confusion on labelled cases")
     sub.add_argument("--model", required=True)
     sub.add_argument("--data", nargs="+", required=True)
@@ -242,29 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tasks", nargs="+")
     sub.add_argument("--device", default="auto")
     sub.set_defaults(run=command_evaluate)
-
-    sub = commands.add_parser("experiments", help="the paper's seven training experiments, figure and table")
-    sub.add_argument("--data", required=True, help="root with one folder per paper task (see `phantoms`)")
-    sub.add_argument("--out", required=True)
-    sub.add_argument("--arch", default="triplanar")
-    sub.add_argument("--arg", action="append", default=[])
-    sub.add_argument("--steps", type=int, default=2000)
-    sub.add_argument("--batch-size", type=int, default=210)
-    sub.add_argument("--validate-every", type=int, default=250)
-    sub.add_argument("--validation-fraction", type=float, default=0.2,
-                     help="share of each task's cases held out to draw the learning curves")
-    sub.add_argument("--only", nargs="+", choices=list("1234567"), default=list("1234567"),
-                     help="run these experiments (numbers 1-7); finished ones are reused, so separate "
-                          "processes can share the seven and a last call without --only draws them all")
-    sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--device", default="auto")
-    sub.set_defaults(run=command_experiments)
-
-    sub = commands.add_parser("demo", help="segment held-out phantoms with the bundled models")
-    sub.add_argument("--out", default="demo_output")
-    sub.add_argument("--device", default="auto")
-    sub.set_defaults(run=command_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

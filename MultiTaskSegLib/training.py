@@ -27,7 +27,7 @@ import torch
 
 from . import distributed
 from .architectures import architecture_class
-from .architectures.base import PreparedCase
+from .architectures.base import PreparedCase, TrainingStep
 from .datasets import CaseFiles, find_cases, prepare_case, split_cases
 from .errors import InputError
 from .evaluation import dice_per_class, precision_recall_curve
@@ -252,33 +252,21 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
 
     curve = LearningCurve(run)
     if (run / CHECKPOINT_DIR).exists():
-        model, tensors, rng, step = _load_checkpoint(run, config, device)
-        optimizer = model.architecture.make_optimizer(config.learning_rate)
-        optimizer.load_state_dict(tensors["optimizer"])
-        torch.set_rng_state(tensors["torch_rng"])
+        model, optimizer, rng, step = _resume(run, config, device)
         if main:
             curve.drop_after(step)
         log(f"resuming {run} at step {step}")
     else:
         if main:
             (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
-        if parent is not None:
-            model = parent
-            model.name, model.version, model.path = config.model_name, f"{parent.version}+finetuned", None
-        else:
-            model = SegmentationModel.create(config.model_name, config.architecture, label_space, **arguments)
+        model = _initial_model(config, parent, label_space, arguments)
         model.architecture.network.to(device)
         optimizer = model.architecture.make_optimizer(config.learning_rate)
         rng = np.random.default_rng(config.seed)
         step = 0
     architecture = model.architecture
     distributed.replicate_network(architecture.network, context)
-    scheduler = None
-    if hasattr(architecture, "make_scheduler"):  # a fine-tune anneals over its own steps, not the parent's run
-        scheduler = architecture.make_scheduler(optimizer, **({"steps_per_epoch": config.steps} if parent else {}))
-    if scheduler is not None:
-        for _ in range(step):
-            scheduler.step()
+    scheduler = _scheduler(architecture, optimizer, config.steps if parent else None, step)
     sampler = BalancedVoxelSampler(train_cases, {t: label_space.indices_for_task(t) for t in config.tasks})
     architecture.network.train()
 
@@ -290,14 +278,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     while step < config.steps:
         batch = distributed.share_of_batch(architecture.sample_batch(sampler, config.batch_size, rng), context)
         distributed.seed_dropout(config.seed, step, context)
-        result = architecture.training_step(batch, device)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        distributed.average_gradients(architecture.network.parameters(), context)
-        architecture.clip_gradients()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        result = _optimise(architecture, optimizer, scheduler, batch, device, context)
         step += 1
         steps_this_call += 1
         logged = distributed.average_values({"loss": float(result.loss.detach()), **result.parts}, context)
@@ -321,14 +302,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
             model.provenance["kept_step"] = kept["step"]
             model.provenance["held_back_mean_dice"] = kept["history"]
             operating_points = None  # those of the kept weights
-        card = dict(parent.card) if parent else {}
-        model.card = {**card, **model_card(model, curve)} if parent else model_card(model, curve)
-        if parent:
-            for stale in [key for key in model.card if key.startswith("cross_validated") or key == "simulated_repeat_volume_cv_percent"]:
-                model.card.pop(stale)  # figures of the parent, not of this model
-            model.card["fine_tuned_from"] = dict(config.parent)
-        else:
-            model.card[CARD_KEY] = training_volume_ranges(train_cases, label_space)
+        model.card = _final_card(model, config, parent, curve, train_cases)
         if validation_cases:
             if operating_points is None:  # resumed after the last step, or the kept weights are older
                 operating_points = validation_dice(model, validation_cases, device)[1]
@@ -336,6 +310,58 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
         save_model(model, run / "model")
         curve.plot()
     return model
+
+
+def _scheduler(architecture, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None, step: int):
+    """The architecture's learning-rate schedule, if it has one, advanced to ``step``; a fine-tune
+    (``steps_per_epoch``: its own steps) anneals over its run, not over the parent's."""
+    if not hasattr(architecture, "make_scheduler"):
+        return None
+    scheduler = architecture.make_scheduler(optimizer, **({"steps_per_epoch": steps_per_epoch} if steps_per_epoch else {}))
+    for _ in range(step):
+        scheduler.step()
+    return scheduler
+
+
+def _optimise(architecture, optimizer, scheduler, batch, device: torch.device, context) -> TrainingStep:
+    """One optimiser step on ``batch`` (gradients averaged over the process group)."""
+    result = architecture.training_step(batch, device)
+    optimizer.zero_grad(set_to_none=True)
+    result.loss.backward()
+    distributed.average_gradients(architecture.network.parameters(), context)
+    architecture.clip_gradients()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return result
+
+
+def _resume(run: Path, config: TrainingConfig, device: torch.device):
+    """Model, optimiser, random generator and step of the run's checkpoint; torch's RNG restored."""
+    model, tensors, rng, step = _load_checkpoint(run, config, device)
+    optimizer = model.architecture.make_optimizer(config.learning_rate)
+    optimizer.load_state_dict(tensors["optimizer"])
+    torch.set_rng_state(tensors["torch_rng"])
+    return model, optimizer, rng, step
+
+
+def _initial_model(config: TrainingConfig, parent: SegmentationModel | None, label_space: LabelSpace,
+                   arguments: dict) -> SegmentationModel:
+    """A new network, or for a fine-tune the parent itself under the new model's name."""
+    if parent is None:
+        return SegmentationModel.create(config.model_name, config.architecture, label_space, **arguments)
+    parent.name, parent.version, parent.path = config.model_name, f"{parent.version}+finetuned", None
+    return parent
+
+
+def _final_card(model: SegmentationModel, config: TrainingConfig, parent: SegmentationModel | None,
+                curve: LearningCurve, train_cases) -> dict[str, Any]:
+    """A new model's card; a fine-tune keeps its parent's (less the parent's own results) and names it."""
+    if parent is None:
+        return {**model_card(model, curve), CARD_KEY: training_volume_ranges(train_cases, model.label_space)}
+    card = {key: value for key, value in model.card.items()
+            if not key.startswith("cross_validated") and key != "simulated_repeat_volume_cv_percent"}
+    return {**card, **model_card(model, curve), "fine_tuned_from": dict(config.parent)}
 
 
 BEST_DIR = "best"
