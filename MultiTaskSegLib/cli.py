@@ -1,4 +1,4 @@
-"""The ``multitaskseg`` command: phantoms, train, segment, evaluate, experiments, batch, models, demo.
+"""The ``multitaskseg`` command: phantoms, train, finetune, segment, evaluate, experiments, batch, models, demo.
 
 Each sub-command parses its arguments and calls one library function; heavy imports happen
 inside the command so ``multitaskseg --help`` answers at once.
