@@ -6,7 +6,8 @@ never trained on in one modality and judged in the other. BraTS cases give the g
     python scripts/prepare_tumour_data.py --shared ../shared/data --out runs/tumour --folds 3
 
 gives ``runs/tumour/foldK/train/TASK/CASE/`` and ``runs/tumour/foldK/held_out/TASK/CASE/`` for
-``sarcoma_t1_mri``, ``sarcoma_ct`` and ``brats_glioma_t1c``, and ``foldK/fold.json`` naming them.
+``sarcoma_t1_mri``, ``sarcoma_ct``, ``brats_glioma_t1c`` and ``brats_glioma_t1c_flair`` (the same
+BraTS cases), and ``foldK/fold.json`` naming them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ SOURCES = {
     "sarcoma_ct": ("sarcoma", ("CT_image.nii.gz", "CT_mask.nii.gz")),
     "brats_glioma_t1c": ("brats", ("T1c_subtrMeanDivStd.nii.gz", "Flair_subtrMeanDivStd.nii.gz",
                                    "OTMultiClass.nii.gz", "brainmask.nii.gz")),
+    "brats_glioma_t1c_flair": ("brats", ("T1c_subtrMeanDivStd.nii.gz", "Flair_subtrMeanDivStd.nii.gz",
+                                         "OTMultiClass.nii.gz", "brainmask.nii.gz")),
 }
 
 
