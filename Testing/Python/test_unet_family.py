@@ -406,10 +406,10 @@ def test_overlapping_gaussian_windows_leave_no_edges_where_margin_windows_do():
     """Instance norm gives each window its own statistics: on a scan whose brightness drifts across
     the field of view, windows that merely meet disagree along their borders (the straight edges
     seen on real scans); Gaussian-blended overlapping windows change no faster there than elsewhere."""
-    z, y, x = np.meshgrid(*[np.linspace(0, 1, n) for n in (2, 40, 200)], indexing="ij")
+    z, y, x = np.meshgrid(*[np.linspace(0, 1, n) for n in (2, 40, 256)], indexing="ij")  # a full 256-voxel side
     image = (4 * x + 0.3 * np.sin(5 * y + 2 * z)).astype(np.float32)
     margin = 4
-    seams = np.array(plan_axis_windows(200, 32, margin, multiple=4).starts[1:-1]) + margin
+    seams = np.array(plan_axis_windows(256, 32, margin, multiple=4).starts[1:-1]) + margin
     old = make_architecture(UNet2DArchitecture, window_overlap=None, inference_margin=margin)
     new = make_architecture(UNet2DArchitecture)
     assert new.window_overlap == 0.5
