@@ -214,10 +214,6 @@ class SubprocessJob(BackgroundJob):
         for number, channel in enumerate([image] if isinstance(image, sitk.Image) else image):
             inputs.append(str(self.folder / f"input{number}.nrrd"))
             sitk.WriteImage(channel, inputs[-1], useCompression=False)
-        library_parent = str(Path(__file__).resolve().parent.parent)
-        environment = dict(os.environ if environment is None else environment)
-        environment["PYTHONPATH"] = os.pathsep.join(p for p in (library_parent, environment.get("PYTHONPATH", "")) if p)
-        environment["PYTHONIOENCODING"] = "utf-8"
         command = [str(python or sys.executable), "-m", "MultiTaskSegLib.background",
                    "--model", str(self.model.path), "--image", *inputs,
                    "--output", str(self.folder), "--device", device, "--cancel-file", str(self.folder / _CANCEL_FILE)]
@@ -227,16 +223,7 @@ class SubprocessJob(BackgroundJob):
             command.append("--probabilities")
         if max_block_voxels:
             command += ["--max-block-voxels", str(int(max_block_voxels))]
-        options: dict[str, Any] = {}
-        if os.name == "nt":  # no console window flashing up beside Slicer; a group taskkill /T can end
-            options["startupinfo"] = subprocess.STARTUPINFO(dwFlags=subprocess.STARTF_USESHOWWINDOW, wShowWindow=0)
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:  # its own process group, so the launcher's children can be ended together
-            options["start_new_session"] = True
-        self._process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True, bufsize=1,
-            encoding="utf-8", errors="replace", **options,
-        )
+        self._process = start_child(command, environment)
         _LIVE_JOBS.add(self)
         self._stderr: list[str] = []
         self._reader = threading.Thread(target=self._read, name="MultiTaskSeg subprocess reader", daemon=True)
@@ -327,16 +314,7 @@ class CommandJob(BackgroundJob):
         super().__init__()
         self.folder = Path(tempfile.mkdtemp(prefix="multitaskseg-"))
         self._result = result
-        library_parent = str(Path(__file__).resolve().parent.parent)
-        environment = dict(os.environ if environment is None else environment)
-        environment["PYTHONPATH"] = os.pathsep.join(p for p in (library_parent, environment.get("PYTHONPATH", "")) if p)
-        environment["PYTHONIOENCODING"] = "utf-8"
-        options: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {
-            "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-        self._process = subprocess.Popen(
-            [str(python or sys.executable), "-m", "MultiTaskSegLib.cli", *arguments], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=environment, text=True, bufsize=1, encoding="utf-8", errors="replace", **options,
-        )
+        self._process = start_child([str(python or sys.executable), "-m", "MultiTaskSegLib.cli", *arguments], environment)
         _LIVE_JOBS.add(self)
         self._stderr: list[str] = []
         self._reader = threading.Thread(target=self._read, name="MultiTaskSeg command reader", daemon=True)
@@ -378,6 +356,23 @@ class CommandJob(BackgroundJob):
 
 
 _STEP_LINE = re.compile(r"step (\d+)/(\d+)")
+def start_child(command: Sequence[str], environment: dict[str, str] | None) -> subprocess.Popen:
+    """Start ``command`` with this library on its ``PYTHONPATH``, UTF-8 pipes, in its own process
+    group (so a launcher's children can be ended together), without a console window on Windows."""
+    library_parent = str(Path(__file__).resolve().parent.parent)
+    environment = dict(os.environ if environment is None else environment)
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in (library_parent, environment.get("PYTHONPATH", "")) if p)
+    environment["PYTHONIOENCODING"] = "utf-8"
+    options: dict[str, Any] = {}
+    if os.name == "nt":
+        options["startupinfo"] = subprocess.STARTUPINFO(dwFlags=subprocess.STARTF_USESHOWWINDOW, wShowWindow=0)
+        options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+    else:
+        options["start_new_session"] = True
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True,
+                            bufsize=1, encoding="utf-8", errors="replace", **options)
+
+
 #: Subprocess jobs whose worker may still run; ended when this Python exits (Slicer closing).
 _LIVE_JOBS: set[SubprocessJob | CommandJob] = set()
 
