@@ -180,7 +180,37 @@ _LABELS_FILE = "labels.nrrd"
 _PROBABILITIES_FILE = "probabilities.nrrd"
 
 
-class SubprocessJob(BackgroundJob):
+class ChildProcessJob(BackgroundJob):
+    """What the child-process runners share: start with a reader thread, kill the process tree, wait."""
+
+    folder: Path
+
+    def _launch(self, command: Sequence[str], environment: dict[str, str] | None) -> None:
+        self._process = start_child(command, environment)
+        _LIVE_JOBS.add(self)
+        self._stderr: list[str] = []
+        self._reader = threading.Thread(target=self._read, name=f"MultiTaskSeg {type(self).__name__} reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        raise NotImplementedError
+
+    def _drain_stderr(self) -> threading.Thread:
+        drain = threading.Thread(target=lambda: self._stderr.extend(self._process.stderr), daemon=True)
+        drain.start()
+        return drain
+
+    def kill(self) -> None:
+        """End the child and every process it started, at once (a worker may outlive its launcher)."""
+        self._cancel.set()
+        kill_process_tree(self._process)
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        self._reader.join(timeout)
+        return self.poll()
+
+
+class SubprocessJob(ChildProcessJob):
     """``segment_image`` in a child Python process that reports progress as JSON lines.
 
     The image travels through a temporary folder (removed when the job ends); the child loads the
@@ -223,11 +253,7 @@ class SubprocessJob(BackgroundJob):
             command.append("--probabilities")
         if max_block_voxels:
             command += ["--max-block-voxels", str(int(max_block_voxels))]
-        self._process = start_child(command, environment)
-        _LIVE_JOBS.add(self)
-        self._stderr: list[str] = []
-        self._reader = threading.Thread(target=self._read, name="MultiTaskSeg subprocess reader", daemon=True)
-        self._reader.start()
+        self._launch(command, environment)
 
     def cancel(self) -> None:
         """Ask the worker to stop now; kill its process tree if it has not stopped after the grace time."""
@@ -246,18 +272,8 @@ class SubprocessJob(BackgroundJob):
         if not self.poll().finished:
             self.kill()
 
-    def kill(self) -> None:
-        """End the launcher and every process it started, at once (the worker may outlive its launcher)."""
-        self._cancel.set()
-        kill_process_tree(self._process)
-
-    def wait(self, timeout: float | None = None) -> JobStatus:
-        self._reader.join(timeout)
-        return self.poll()
-
     def _read(self) -> None:
-        drain = threading.Thread(target=lambda: self._stderr.extend(self._process.stderr), daemon=True)
-        drain.start()
+        drain = self._drain_stderr()
         error = ""
         for line in self._process.stdout:
             try:
@@ -304,7 +320,7 @@ class SubprocessJob(BackgroundJob):
         )
 
 
-class CommandJob(BackgroundJob):
+class CommandJob(ChildProcessJob):
     """A ``multitaskseg`` command (``finetune``) in a child process, progress read from its
     ``step N/M`` lines. Cancel ends its process tree at once: a training run keeps its last
     checkpoint and resumes when started again. The result is ``result`` (e.g. the new model's folder)."""
@@ -314,27 +330,14 @@ class CommandJob(BackgroundJob):
         super().__init__()
         self.folder = Path(tempfile.mkdtemp(prefix="multitaskseg-"))
         self._result = result
-        self._process = start_child([str(python or sys.executable), "-m", "MultiTaskSegLib.cli", *arguments], environment)
-        _LIVE_JOBS.add(self)
-        self._stderr: list[str] = []
-        self._reader = threading.Thread(target=self._read, name="MultiTaskSeg command reader", daemon=True)
-        self._reader.start()
+        self._launch([str(python or sys.executable), "-m", "MultiTaskSegLib.cli", *arguments], environment)
 
     def cancel(self) -> None:
         super().cancel()
         self.kill()
 
-    def kill(self) -> None:
-        self._cancel.set()
-        kill_process_tree(self._process)
-
-    def wait(self, timeout: float | None = None) -> JobStatus:
-        self._reader.join(timeout)
-        return self.poll()
-
     def _read(self) -> None:
-        drain = threading.Thread(target=lambda: self._stderr.extend(self._process.stderr), daemon=True)
-        drain.start()
+        drain = self._drain_stderr()
         for line in self._process.stdout:
             found = _STEP_LINE.search(line)
             if found:
@@ -374,11 +377,11 @@ def start_child(command: Sequence[str], environment: dict[str, str] | None) -> s
 
 
 #: Subprocess jobs whose worker may still run; ended when this Python exits (Slicer closing).
-_LIVE_JOBS: set[SubprocessJob | CommandJob] = set()
+_LIVE_JOBS: set[ChildProcessJob] = set()
 
 
 def kill_process_tree(process: subprocess.Popen) -> None:
-    """Kill a process started by :class:`SubprocessJob` and everything it started."""
+    """Kill a process started by a :class:`ChildProcessJob` and everything it started."""
     if os.name == "nt":
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
         return
