@@ -61,14 +61,52 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float | Sequence[float], 
 def resample_probabilities_onto(probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> np.ndarray:
     """Resample per-class probabilities (C, z, y, x) from ``grid`` onto ``reference`` linearly.
 
-    Taking the arg-max after this gives smoother boundaries than resampling the labels.
+    Taking the arg-max after this gives smoother boundaries than resampling the labels. When the
+    grids share their voxel centres the result is a reindexed view of ``probabilities`` (no copy).
     """
-    resampled = []
-    for channel in probabilities:
+    mapping = axis_permutation(grid, reference)
+    if mapping is not None and probabilities.dtype == np.float32:
+        # The same voxels in another axis order (a 1 mm scan stored as LIA): a view of the input.
+        return mapping(probabilities)
+    resampled = np.empty((len(probabilities), *reversed(reference.GetSize())), np.float32)
+    for number, channel in enumerate(probabilities):  # one class at a time: memory for one more volume only
         image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
         image.CopyInformation(grid)
-        resampled.append(sitk.GetArrayFromImage(resample_onto(image, reference, is_label=False)))
-    return np.stack(resampled)
+        moved = resample_onto(image, reference, is_label=False)  # kept alive while its view is copied
+        resampled[number] = sitk.GetArrayViewFromImage(moved)
+    return resampled
+
+
+def axis_permutation(grid: sitk.Image, reference: sitk.Image, tolerance: float = 1e-4):
+    """When every voxel centre of ``reference`` is a voxel centre of ``grid`` (the grids differ by an
+    axis permutation, flips and a whole-voxel shift), a function taking ``(C, z, y, x)`` arrays on
+    ``grid`` to ``(C, z, y, x)`` arrays on ``reference`` by reindexing; else None."""
+    def frame(image):
+        return np.asarray(image.GetDirection(), float).reshape(3, 3) * np.asarray(image.GetSpacing(), float)
+
+    grid_inverse = np.linalg.inv(frame(grid))
+    matrix = grid_inverse @ frame(reference)  # reference index (x, y, z) -> grid index
+    offset = grid_inverse @ (np.asarray(reference.GetOrigin(), float) - np.asarray(grid.GetOrigin(), float))
+    rounded, shift = np.rint(matrix), np.rint(offset)
+    if (np.abs(matrix - rounded).max() > tolerance or np.abs(offset - shift).max() > tolerance
+            or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1] or sorted(np.abs(rounded).sum(axis=1)) != [1, 1, 1]):
+        return None
+    size = np.asarray(reference.GetSize())
+    corners = np.stack([shift, rounded @ (size - 1) + shift])  # grid indices of the first and last voxel
+    if corners.min() < -tolerance or np.any(corners.max(axis=0) > np.asarray(grid.GetSize()) - 1 + tolerance):
+        return None
+    source_axis = [int(np.flatnonzero(rounded[:, axis])[0]) for axis in range(3)]  # grid axis of each reference axis
+    ranges = []
+    for axis in (2, 1, 0):  # reference array axes (z, y, x): the grid axis each runs along, as a slice
+        step, start, count = int(rounded[source_axis[axis], axis]), int(shift[source_axis[axis]]), int(size[axis])
+        stop = start + step * count
+        ranges.append(slice(start, stop if stop >= 0 else None, step))
+    order = [3 - source_axis[axis] for axis in (2, 1, 0)]  # grid array axis (after the channel) of each
+
+    def reindex(values: np.ndarray) -> np.ndarray:
+        return np.transpose(values, (0, *order))[(slice(None), *ranges)]  # a view: no copy
+
+    return reindex
 
 
 def same_geometry(first: sitk.Image, second: sitk.Image, tolerance: float = 1e-6) -> bool:

@@ -147,7 +147,10 @@ def segment_image(
     result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
     warnings += absent_structures(model, working, used_device, result.label_indices[1:])
     kept = np.asarray(result.label_indices)
-    source_probabilities = resample_probabilities_onto(probabilities[kept], grid, image)
+    if not np.array_equal(kept, np.arange(len(probabilities))):
+        probabilities = probabilities[kept]  # only the classes asked for are resampled
+    source_probabilities = resample_probabilities_onto(probabilities, grid, image)
+    del probabilities
     source_probabilities /= np.clip(source_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
     labels = sitk.GetImageFromArray(kept[label_decision(source_probabilities, kept, model)].astype(np.uint8))
     labels.CopyInformation(image)

@@ -206,7 +206,8 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         if box is None:
             return result
         cropped = np.ascontiguousarray(stack[(slice(None), *box)])
-        summed = None
+        region = result[(slice(None), *box)]  # the planes are summed in place: no extra volume in memory
+        region[0] = 0.0
         for number, axis in enumerate(self.planes):
 
             def plane_progress(fraction: float, stage: str, number=number, axis=axis) -> None:
@@ -216,14 +217,10 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             self.slice_axis = axis
             try:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bfloat16_on_cpu(device)):
-                    plane = super().predict_probabilities(cropped, device, plane_progress, cancelled, max_block_voxels)
+                    self._add_probabilities(region, cropped, device, plane_progress, cancelled, max_block_voxels,
+                                            scale=1.0 / len(self.planes))
             finally:
                 self.slice_axis = self.planes[0]
-            if summed is None:
-                summed = plane
-            else:
-                summed += plane
-        result[(slice(None), *box)] = summed / len(self.planes)
         return result
 
 

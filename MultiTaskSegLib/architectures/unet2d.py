@@ -265,39 +265,54 @@ class _SliceUNetArchitecture(Architecture):
     ) -> np.ndarray:
         """See the module docstring; ``requested_labels`` (label-space indices, default all) only
         matters to ``cmunet``, which skips windows where none of them is predicted present."""
-        original_shape = np.shape(image)[-3:]
+        out = np.zeros((self.num_labels, *np.shape(image)[-3:]), np.float32)
+        self._add_probabilities(out, image, device, progress, cancelled, max_block_voxels, requested_labels)
+        return out
+
+    def _add_probabilities(self, out: np.ndarray, image: np.ndarray, device: torch.device,
+                           progress: ProgressCallback | None, cancelled: CancelCheck | None,
+                           max_block_voxels: int | None, requested_labels: Sequence[int] | None = None,
+                           scale: float = 1.0) -> None:
+        """Add ``scale`` times the probabilities of slices along ``slice_axis`` into ``out`` (labels,
+        z, y, x; a view will do), window by window, each already divided by the blending weights'
+        sum: no volume of sums is held beside ``out``."""
         padded, plans, batch_windows = self._slice_windows(image, max_block_voxels)
-        summed = np.zeros((self.num_labels, padded.shape[0], *padded.shape[2:]), np.float32)
         total_weight = np.zeros(padded.shape[2:], np.float32)
         for index in itertools.product(*(range(len(plan.starts)) for plan in plans)):
             total_weight[window_region(plans, index)] += window_weight(plans, index)
+        target = np.moveaxis(out, 1 + self.slice_axis, 1)  # (labels, slices, rows, columns), a view
+        limits = target.shape[2:]
         stage = "Segmenting slices"
         report_progress(progress, 0.0, stage)
         with inference_context(self.network, device):
             done = 0
             for items, total in self._window_batches(padded, plans, batch_windows):
                 raise_if_cancelled(cancelled)
-                features = self.network.encode(self._batch_tensor(padded, plans, items, device))
-                skipped = self._skip_mask(features, requested_labels)
-                if skipped is not None:  # a slice is skipped only when all its windows are
-                    per_slice = math.prod(len(plan.starts) for plan in plans)
-                    skipped = skipped.view(-1, per_slice).all(dim=1).repeat_interleave(per_slice)
-                kept = torch.ones(len(items), dtype=torch.bool, device=device) if skipped is None else ~skipped
-                probabilities = torch.zeros((len(items), self.num_labels, *features[0].shape[2:]), device=device)
-                probabilities[:, 0] = 1
-                if bool(kept.any()):
-                    logits = self.network.decode([feature[kept] for feature in features])
-                    probabilities[kept] = torch.softmax(logits.float(), dim=1)
-                probabilities = probabilities.cpu().numpy()
-                for (number, *index), window_probabilities in zip(items, probabilities):
+                for (number, *index), window_probabilities in zip(items, self._window_probabilities(
+                        padded, plans, items, device, requested_labels)):
                     region = window_region(plans, index)
-                    summed[(slice(None), number, *region)] += window_probabilities * window_weight(plans, index)
+                    inside = tuple(slice(0, max(0, min(part.stop, limit) - part.start)) for part, limit in zip(region, limits))
+                    weight = window_weight(plans, index) * (scale / total_weight[region])
+                    target[(slice(None), number, *(slice(part.start, part.start + cut.stop) for part, cut in zip(region, inside)))] += \
+                        (window_probabilities * weight)[(slice(None), *inside)]
                 done += len(items)
                 report_progress(progress, done / total, stage)
-        summed /= total_weight
-        plane = [side for axis, side in enumerate(original_shape) if axis != self.slice_axis]
-        result = summed[:, :, : plane[0], : plane[1]]
-        return np.ascontiguousarray(np.moveaxis(result, 1, 1 + self.slice_axis))
+
+    def _window_probabilities(self, padded: np.ndarray, plans, items, device: torch.device,
+                              requested_labels: Sequence[int] | None) -> np.ndarray:
+        """Softmax probabilities of a batch of windows; windows of skipped slices are background."""
+        features = self.network.encode(self._batch_tensor(padded, plans, items, device))
+        skipped = self._skip_mask(features, requested_labels)
+        if skipped is not None:  # a slice is skipped only when all its windows are
+            per_slice = math.prod(len(plan.starts) for plan in plans)
+            skipped = skipped.view(-1, per_slice).all(dim=1).repeat_interleave(per_slice)
+        kept = torch.ones(len(items), dtype=torch.bool, device=device) if skipped is None else ~skipped
+        probabilities = torch.zeros((len(items), self.num_labels, *features[0].shape[2:]), device=device)
+        probabilities[:, 0] = 1
+        if bool(kept.any()):
+            logits = self.network.decode([feature[kept] for feature in features])
+            probabilities[kept] = torch.softmax(logits.float(), dim=1)
+        return probabilities.cpu().numpy()
 
 
 def _check_focal_weights(weights: Sequence[float]) -> list[float]:

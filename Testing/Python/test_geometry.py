@@ -82,3 +82,34 @@ def test_same_spacing_is_left_alone_but_cast_to_float(spacing):
     image.SetSpacing(spacing)
     result = resample_to_spacing(image, spacing[0], is_label=False)
     assert result.GetSize() == image.GetSize() and result.GetPixelID() == sitk.sitkFloat32
+
+
+@pytest.mark.parametrize("orientation", ["LIA", "RAS", "PIR", "SPL", "LPS"])
+def test_probabilities_of_a_permuted_grid_come_back_by_reindexing_exactly_as_resampling_gives_them(orientation):
+    from MultiTaskSegLib.geometry import axis_permutation, resample_onto, resample_probabilities_onto, working_grid
+
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.random((12, 14, 16)).astype(np.float32))
+    image.SetOrigin((3.0, -2.0, 5.0))
+    image = sitk.DICOMOrient(image, orientation)
+    grid = working_grid(image, 1.0)
+    probabilities = rng.random((3, *reversed(grid.GetSize()))).astype(np.float32)
+    assert axis_permutation(grid, image) is not None
+    expected = []
+    for channel in probabilities:
+        moving = sitk.GetImageFromArray(channel)
+        moving.CopyInformation(grid)
+        expected.append(sitk.GetArrayFromImage(resample_onto(moving, image, is_label=False)))
+    np.testing.assert_array_equal(resample_probabilities_onto(probabilities, grid, image), np.stack(expected))
+
+
+def test_grids_that_share_no_voxel_centres_are_resampled_not_reindexed():
+    from MultiTaskSegLib.geometry import axis_permutation, working_grid
+
+    image = sitk.Image([12, 14, 16], sitk.sitkFloat32)
+    image.SetSpacing((1.1, 1.0, 1.0))
+    assert axis_permutation(working_grid(image, 1.0), image) is None
+    oblique = sitk.Image([12, 14, 16], sitk.sitkFloat32)
+    oblique.SetDirection(sitk.VersorTransform((0, 0, 1), 0.3).GetMatrix())
+    oblique.SetSpacing((1.0, 1.0, 2.5))  # thick slices: the working grid's voxels fall between them
+    assert axis_permutation(working_grid(oblique, 1.0), oblique) is None
