@@ -37,7 +37,10 @@ started = time.perf_counter()
 result = segment_image(model, image, ["brain_t1_mri"], device="cpu")
 seconds = time.perf_counter() - started
 sitk.WriteImage(result.labels, {output!r})
-print(json.dumps({{"seconds": seconds, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}))
+# VmHWM is this process's own peak; ru_maxrss can carry a forking parent's over exec.
+status = [line for line in open("/proc/self/status")] if sys.platform.startswith("linux") else []
+peak = [int(line.split()[1]) for line in status if line.startswith("VmHWM")]
+print(json.dumps({{"seconds": seconds, "peak_gib": (peak[0] if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20}}))
 """
 
 
