@@ -96,6 +96,9 @@ class Task:
     source: Path | None = field(default=None, compare=False)
     channels: tuple[str, ...] = ("image",)
     channel_files: tuple[tuple[str, ...], ...] = ()
+    #: Whether a result whose class volumes fall outside the training range earns a warning; off
+    #: where the structure's size varies too much between patients to tell (tumours).
+    check_volumes: bool = True
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -314,6 +317,7 @@ def task_from_dict(data: Mapping, where: str, source: Path | None = None) -> Tas
         source=source,
         channels=channels,
         channel_files=tuple(_names(extra_files[channel]) for channel in channels[1:]),
+        check_volumes=bool(data.get("check_volumes", True)),
     )
 
 
@@ -333,7 +337,7 @@ def task_to_dict(task: Task) -> dict:
                 entry["region"] = _entry_to_list(spec.terminology.region)
         classes.append(entry)
     files = {"image": list(task.image_files), "label": list(task.label_files), "mask": list(task.mask_files)}
-    extra = {}
+    extra: dict = {} if task.check_volumes else {"check_volumes": False}
     if len(task.channels) > 1:
         files["channels"] = {channel: list(names) for channel, names in zip(task.channels[1:], task.channel_files)}
         extra["channels"] = list(task.channels)

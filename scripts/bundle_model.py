@@ -7,6 +7,9 @@ model whose card lacks them (trained before the trainer chose them), the binary 
 points are chosen on the run's validation cases and the training volume ranges (for the
 implausible-result warning) are measured on its training cases, as the trainer now does at the end
 of a run. ``--card FILE.json`` merges more card fields (intended input, cross-validated results).
+``--refresh-tasks`` takes the tasks' settings that do not change what the network learnt (e.g.
+``check_volumes``) from the current task definitions; classes, label values, channels, spacing
+and normalisation must be those the model was trained with.
 """
 
 import argparse
@@ -18,6 +21,7 @@ from MultiTaskSegLib.inference import choose_device
 from MultiTaskSegLib.model_catalog import BUNDLED_MODEL_DIR
 from MultiTaskSegLib.model_files import load_model, save_model
 from MultiTaskSegLib.plausibility import CARD_KEY, training_volume_ranges
+from MultiTaskSegLib.tasks import LabelSpace, get_task
 from MultiTaskSegLib.training import TrainingConfig, collect_cases, validation_dice
 
 
@@ -26,8 +30,11 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="a trained model folder, RUN/model, beside RUN/config.json")
     parser.add_argument("name", help="the bundled model's name")
     parser.add_argument("--card", type=Path, help="JSON file of card fields to add or replace")
+    parser.add_argument("--refresh-tasks", action="store_true", help="take check_volumes etc. from the task files")
     args = parser.parse_args()
     model = load_model(args.model)
+    if args.refresh_tasks:
+        model.label_space = refreshed(model.label_space)
     before = model.weights_sha256
     config = TrainingConfig(**json.loads((args.model.parent / "config.json").read_text(encoding="utf-8")))
     training, validation = collect_cases(config)
@@ -44,6 +51,19 @@ def main() -> None:
     assert model.weights_sha256 == before, "bundling must not change the weights"
     print(f"bundled {args.model} as {path} (weights SHA-256 {before[:16]}…, "
           f"operating points {model.card['operating_points']})")
+
+
+def refreshed(label_space: LabelSpace) -> LabelSpace:
+    """The label space with each task's current definition, which must agree on what the network learnt."""
+    tasks = []
+    for stored in label_space.tasks:
+        current = get_task(stored.name)
+        learnt = ("classes", "label_values", "channels", "working_spacing_mm", "normalization", "normalization_parameters")
+        changed = [field for field in learnt if getattr(current, field) != getattr(stored, field)]
+        if changed:
+            raise SystemExit(f"task {stored.name} changed in what the model learnt ({', '.join(changed)}); retrain instead")
+        tasks.append(current)
+    return LabelSpace(tuple(tasks))
 
 
 if __name__ == "__main__":

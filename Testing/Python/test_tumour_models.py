@@ -1,0 +1,50 @@
+"""The bundled tumour models: their cards, and held-out real patients through the plain call.
+
+The real-data tests read ../shared/data and skip without it; the patients they use were held out
+of the bundled model's training (checked against its provenance).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MultiTaskSegLib.imageio import read_image
+from MultiTaskSegLib.inference import segment_image
+from MultiTaskSegLib.model_files import bundled_models, load_model, read_model_card
+from MultiTaskSegLib.tasks import get_task
+
+#: bundled model -> (task, shared-data folder of a held-out patient, image file, label file, region labels, Dice floor)
+HELD_OUT = {
+    "glioma-t1c": ("brats_glioma_t1c", "brats/brats_2013_pat0003_1", "T1c_subtrMeanDivStd.nii.gz",
+                   "OTMultiClass.nii.gz", 0.6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HELD_OUT))
+def test_a_tumour_model_card_states_its_data_limits_and_cross_validated_results(name):
+    card = read_model_card(bundled_models()[name])
+    task = HELD_OUT[name][0]
+    assert [entry["name"] for entry in card["tasks"]] == [task]
+    details = card["card"]
+    assert "not for clinical use" in details["description"].lower()
+    assert details["intended_input"][task]
+    assert details["cross_validated_dice"][task]
+    assert any(line.startswith("multitaskseg train") for line in details["reproduce"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(HELD_OUT))
+def test_a_tumour_model_finds_the_tumour_of_a_patient_it_never_saw(name, shared_data):
+    task, folder, image_file, label_file, floor = HELD_OUT[name]
+    model = load_model(bundled_models()[name])
+    patient = folder.split("/")[-1]
+    assert not any(case.endswith(f"/{patient}") for case in model.provenance["training_cases"])
+    image = read_image(shared_data / folder / image_file)
+    result = segment_image(model, image, [task], device="cpu")
+    predicted = sitk.GetArrayFromImage(result.labels) > 0
+    expected = get_task(task).map_labels(sitk.GetArrayFromImage(read_image(shared_data / folder / label_file, check_values=False))) > 0
+    dice = 2 * np.count_nonzero(predicted & expected) / (np.count_nonzero(predicted) + np.count_nonzero(expected))
+    assert dice > floor, dice
+    assert not any("does not look like the training data" in warning for warning in result.warnings)
