@@ -32,14 +32,13 @@ from MultiTaskSegLib.model_files import load_model
 from MultiTaskSegLib.overlay import class_colors, save_overlay_png
 from MultiTaskSegLib.tasks import get_task
 
-#: task -> region -> class names that make the region (default: each class alone)
-REGIONS = {
-    "brats_glioma_t1c": {
-        "whole tumour": ("Necrosis", "Oedema", "Non-enhancing tumour", "Enhancing tumour"),
-        "tumour core": ("Necrosis", "Non-enhancing tumour", "Enhancing tumour"),
-        "enhancing tumour": ("Enhancing tumour",),
-    },
+BRATS_REGIONS = {
+    "whole tumour": ("Necrosis", "Oedema", "Non-enhancing tumour", "Enhancing tumour"),
+    "tumour core": ("Necrosis", "Non-enhancing tumour", "Enhancing tumour"),
+    "enhancing tumour": ("Enhancing tumour",),
 }
+#: task -> region -> class names that make the region (default: each class alone)
+REGIONS = {"brats_glioma_t1c": BRATS_REGIONS, "brats_glioma_t1c_flair": BRATS_REGIONS}
 
 
 def regions_of(task_name: str) -> dict[str, tuple[str, ...]]:
@@ -72,9 +71,10 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
     rows = []
     for case in find_cases(task, cases_folder):
         image = read_image(case.image)
+        channels = [image, *(read_image(path) for path in case.channel_images)]  # e.g. T1c, FLAIR
         reference = read_image(case.label, check_values=False)
         started = time.perf_counter()
-        result = segment_image(model, image, [task_name], device)
+        result = segment_image(model, channels, [task_name], device)
         seconds = time.perf_counter() - started
         labels = sitk.GetArrayFromImage(result.labels).astype(np.int32)
         predicted = np.where(labels > 0, labels - offset, 0)
@@ -83,7 +83,7 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
         if len(model.label_space.task_names) > 1:
             alien = [i for other in model.label_space.task_names if other != task_name
                      for i in model.label_space.indices_for_task(other)]
-            untold = sitk.GetArrayFromImage(segment_image(model, image, None, device).labels)
+            untold = sitk.GetArrayFromImage(segment_image(model, channels, None, device).labels)
             confusion = task_confusion(untold, alien)
         for region, names in regions_of(task_name).items():
             value, hd95 = score_region(region_mask(predicted, task_name, names), region_mask(expected, task_name, names), image)
