@@ -15,10 +15,12 @@ from MultiTaskSegLib.inference import segment_image
 from MultiTaskSegLib.model_files import bundled_models, load_model, read_model_card
 from MultiTaskSegLib.tasks import get_task
 
-#: bundled model -> (task, shared-data folder of a held-out patient, image file, label file, region labels, Dice floor)
+#: bundled model -> (task, shared-data folder of a held-out patient, image file per channel, label file, Dice floor)
 HELD_OUT = {
-    "glioma-t1c": ("brats_glioma_t1c", "brats/brats_2013_pat0003_1", "T1c_subtrMeanDivStd.nii.gz",
+    "glioma-t1c": ("brats_glioma_t1c", "brats/brats_2013_pat0003_1", ["T1c_subtrMeanDivStd.nii.gz"],
                    "OTMultiClass.nii.gz", 0.6),
+    "glioma-t1c-flair": ("brats_glioma_t1c_flair", "brats/brats_2013_pat0003_1",
+                         ["T1c_subtrMeanDivStd.nii.gz", "Flair_subtrMeanDivStd.nii.gz"], "OTMultiClass.nii.gz", 0.7),
 }
 
 
@@ -37,12 +39,12 @@ def test_a_tumour_model_card_states_its_data_limits_and_cross_validated_results(
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HELD_OUT))
 def test_a_tumour_model_finds_the_tumour_of_a_patient_it_never_saw(name, shared_data):
-    task, folder, image_file, label_file, floor = HELD_OUT[name]
+    task, folder, image_files, label_file, floor = HELD_OUT[name]
     model = load_model(bundled_models()[name])
     patient = folder.split("/")[-1]
     assert not any(case.endswith(f"/{patient}") for case in model.provenance["training_cases"])
-    image = read_image(shared_data / folder / image_file)
-    result = segment_image(model, image, [task], device="cpu")
+    images = [read_image(shared_data / folder / image_file) for image_file in image_files]
+    result = segment_image(model, images, [task], device="cpu")
     predicted = sitk.GetArrayFromImage(result.labels) > 0
     expected = get_task(task).map_labels(sitk.GetArrayFromImage(read_image(shared_data / folder / label_file, check_values=False))) > 0
     dice = 2 * np.count_nonzero(predicted & expected) / (np.count_nonzero(predicted) + np.count_nonzero(expected))
