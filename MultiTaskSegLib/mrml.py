@@ -670,10 +670,10 @@ def segments_of_task(segmentation_node, task) -> dict[int, list[str]]:
     for segment_id in _segment_ids(segmentation):
         segment = segmentation.GetSegment(segment_id)
         has_task, tagged_task = _get_tag(segment, f"{TAG_PREFIX}Task")
-        has_class, tagged_class = _get_tag(segment, f"{TAG_PREFIX}Class")
-        name = tagged_class if has_task and has_class and tagged_task == task.name else segment.GetName()
         if has_task and tagged_task != task.name:
-            continue
+            continue  # this extension's segment of another task
+        has_class, tagged_class = _get_tag(segment, f"{TAG_PREFIX}Class")
+        name = tagged_class if has_class else segment.GetName()
         if name in task.class_names:
             found.setdefault(task.class_names.index(name) + 1, []).append(segment_id)
     return found

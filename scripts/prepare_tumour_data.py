@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from prepare_brain_data import link  # scripts/ is on the path when a script runs
 
 #: task -> (shared sub-folder, file names of one case that the task reads)
 SOURCES = {
@@ -40,13 +41,6 @@ def patient_folds(patients: list[str], folds: int, seed: int) -> list[list[str]]
     return [sorted(patients[i] for i in order[k::folds]) for k in range(folds)]
 
 
-def link(target: Path, link_path: Path) -> None:
-    link_path.parent.mkdir(parents=True, exist_ok=True)
-    if link_path.is_symlink() or link_path.exists():
-        link_path.unlink()
-    link_path.symlink_to(target.resolve())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
@@ -58,11 +52,10 @@ def main() -> None:
     if not any(by_task.values()):
         parser.error(f"no sarcoma or BraTS cases under {arguments.shared}")
     sarcoma = patient_folds(sorted(set(by_task["sarcoma_t1_mri"]) | set(by_task["sarcoma_ct"])), arguments.folds, arguments.seed)
-    brats = patient_folds(sorted(by_task["brats_glioma_t1c"]), min(arguments.folds, max(len(by_task["brats_glioma_t1c"]), 1)), arguments.seed)
+    brats = patient_folds(sorted(by_task["brats_glioma_t1c"]), arguments.folds, arguments.seed)  # may leave folds empty
     for number in range(arguments.folds):
         fold = arguments.out / f"fold{number + 1}"
-        held = {task: (brats[number] if task.startswith("brats") and number < len(brats) else
-                       [] if task.startswith("brats") else sarcoma[number]) for task in SOURCES}
+        held = {task: (brats if task.startswith("brats") else sarcoma)[number] for task in SOURCES}
         for task, cases in by_task.items():
             for name, folder in cases.items():
                 part = "held_out" if name in held[task] else "train"
