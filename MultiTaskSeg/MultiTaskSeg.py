@@ -1,7 +1,8 @@
 """MultiTaskSeg: segment the loaded volume with a multi-task model, ready for hand correction.
 
-Module metadata, a widget that only wires widgets to a parameter node, a logic that delegates to
-``MultiTaskSegLib.mrml`` and ``MultiTaskSegLib.background``, and the self-test.
+Module metadata, a widget that only wires widgets to a parameter node and leaves the decisions to
+``MultiTaskSegSlicer.controller`` (tested without Slicer), a logic that delegates to
+``MultiTaskSegLib.mrml_run`` and ``MultiTaskSegLib.mrml`` (where every MRML node is written), and the self-test.
 """
 
 import importlib.util
@@ -32,8 +33,9 @@ if not (MODULE_DIR / "MultiTaskSegLib").is_dir() and (MODULE_DIR.parent / "Multi
     # Running from the source tree: the library and Resources sit beside the module folder.
     sys.path.insert(0, str(MODULE_DIR.parent))
 
+from MultiTaskSegSlicer.controller import STARTED, ModuleController  # noqa: E402
 from MultiTaskSegSlicer.dependencies import ensure_dependencies  # noqa: E402
-from MultiTaskSegSlicer.model_card import further_channels, model_card_html, task_names  # noqa: E402
+from MultiTaskSegSlicer.model_card import model_card_html  # noqa: E402
 
 #: Slicer 5.10 is the first Slicer with Python 3.10+, which the library needs (Slicer 5.8 has Python 3.9).
 MINIMUM_PYTHON = (3, 10)
@@ -102,7 +104,7 @@ class MultiTaskSegParameterNode:
     """The GUI state, saved with the scene.
 
     model: a bundled model's name (so a scene survives a Slicer update, whose install folder differs),
-    or a user's model folder. tasks: the checked tasks, comma-separated.
+    or a user's model folder. tasks: the checked tasks, comma-separated; the task list only shows them.
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
@@ -124,10 +126,11 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.controller = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._pollTimer = None
-        self._tasksShownFor = None
+        self._tasksShownFor = None  # (model, its tasks) the task list and channel selectors were built for
         self._channelSelectors = []  # one volume selector per further channel of the model's tasks
 
     def setup(self) -> None:
@@ -142,6 +145,7 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MultiTaskSegLogic()
+        self.controller = ModuleController(self.logic)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(200)
@@ -189,10 +193,10 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAddTrainingCase(self) -> None:
         parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("The case could not be stored."), waitCursor=True):
-            if not (parameters.inputVolume and parameters.outputSegmentation and self._checkedTasks()):
+            if not (parameters.inputVolume and parameters.outputSegmentation and self.controller.checked_tasks()):
                 raise ValueError(_("Choose the input volume, the corrected output segmentation and a task first."))
             folder = self.logic.addTrainingCase(parameters.inputVolume, parameters.outputSegmentation,
-                                                self._checkedTasks()[0], self.casesFolderEdit.currentPath,
+                                                self.controller.checked_tasks()[0], self.casesFolderEdit.currentPath,
                                                 self._channelNodes())
             self.casesFolderEdit.addCurrentPathToHistory()
             self.fineTuneStatus.text = _("Stored {folder}").format(folder=folder)
@@ -247,8 +251,7 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self.logic.running:  # its volume is about to go: the result would have nowhere to land
-            self.logic.cancel()
+        if self.controller.cancel():  # its volume is about to go: the result would have nowhere to land
             self.ui.statusLabel.text = _("The scene was closed; the running segmentation was cancelled.")
         self.setParameterNode(None)
 
@@ -267,6 +270,7 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
         self._parameterNode = inputParameterNode
+        self.controller.parameters = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
@@ -292,10 +296,8 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGUI()
 
     def _selectModel(self, source: str) -> None:
-        """A newly chosen model starts with all its tasks checked."""
-        with slicer.util.NodeModify(self._parameterNode):
-            self._parameterNode.model = source
-            self._parameterNode.tasks = ",".join(task_names(self.logic.modelCard(source)))
+        with slicer.util.NodeModify(self._parameterNode):  # one GUI update for the model and its tasks
+            self.controller.select_model(source)
 
     def _updateGUI(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
@@ -304,27 +306,25 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         index = self.ui.modelComboBox.findData(parameters.model)
         with _SignalsBlocked(self.ui.modelComboBox):
             self.ui.modelComboBox.setCurrentIndex(index)
-        card = self.logic.modelCard(parameters.model)
+        card = self.controller.card()
         self.ui.modelCardBrowser.setHtml(model_card_html(card, self.logic.modelPath(parameters.model)) if card else
                                          _("No model selected: add a model folder or install the bundled models."))
-        chosen = [name for name in parameters.tasks.split(",") if name]
+        taskList = self.controller.task_list()
+        names = [name for name, checked in taskList.tasks]
         with _SignalsBlocked(self.ui.taskListWidget):
-            if self._tasksShownFor != parameters.model:  # rebuilt only for another model, never inside itemChanged
+            if self._tasksShownFor != (taskList.model, names):  # rebuilt for another model, never inside itemChanged
                 self.ui.taskListWidget.clear()
-                for name in task_names(card or {}):
+                for name in names:
                     item = qt.QListWidgetItem(name)
                     item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
                     self.ui.taskListWidget.addItem(item)
-                self._tasksShownFor = parameters.model
-                self._showChannelSelectors(further_channels(card or {}))
-            for row in range(self.ui.taskListWidget.count):
-                item = self.ui.taskListWidget.item(row)
-                item.setCheckState(qt.Qt.Checked if item.text() in chosen else qt.Qt.Unchecked)
+                self._tasksShownFor = (taskList.model, names)
+                self._showChannelSelectors(taskList.channels)
+            for row, (name, checked) in enumerate(taskList.tasks):
+                self.ui.taskListWidget.item(row).setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
         running = self.logic.running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        channelsChosen = all(selector.currentNode() for _, selector in self._channelSelectors)
-        self.ui.applyButton.enabled = running or bool(parameters.inputVolume and card and self._checkedTasks()
-                                                      and channelsChosen)
+        self.ui.applyButton.enabled = self.controller.can_apply(self._channelNodes())
         self.ui.segmentEditorButton.enabled = bool(parameters.outputSegmentation) and not running
         self.ui.undoButton.enabled = self.logic.canUndo and not running
 
@@ -354,10 +354,6 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _channelNodes(self) -> list:
         return [selector.currentNode() for _, selector in self._channelSelectors]
 
-    def _checkedTasks(self) -> list:
-        widget = self.ui.taskListWidget
-        return [widget.item(row).text() for row in range(widget.count) if widget.item(row).checkState() == qt.Qt.Checked]
-
     def onModelSelected(self, index: int) -> None:
         if self._parameterNode and index >= 0:
             self._selectModel(self.ui.modelComboBox.itemData(index))
@@ -370,30 +366,26 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTasksChanged(self, item=None) -> None:
         if self._parameterNode:
-            self._parameterNode.tasks = ",".join(self._checkedTasks())
+            widget = self.ui.taskListWidget
+            self.controller.check_tasks([widget.item(row).text() for row in range(widget.count)
+                                         if widget.item(row).checkState() == qt.Qt.Checked])
 
     # Running
 
     def onApplyButton(self) -> None:
-        if self.logic.running:
-            self.logic.cancel()
-            return
-        parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
-            self.logic.installDependencies()
-            warnings = self.logic.inputWarnings(parameters.inputVolume, parameters.model, self._checkedTasks())
-            if warnings and not slicer.util.confirmOkCancelDisplay(
-                _("The input does not match the model card:") + "\n\n- " + "\n- ".join(warnings) + "\n\n" + _("Segment anyway?"),
-                windowTitle="MultiTaskSeg",
-            ):
-                return
-            self.logic.start(parameters.inputVolume, parameters.model, self._checkedTasks(), parameters.device,
-                             parameters.outputSegmentation, parameters.createUncertaintyVolume,
-                             parameters.uncertaintyKind, self._channelNodes())
-            self.ui.statusLabel.text = ""
-            self.ui.progressBar.setVisible(True)
-            self._pollTimer.start()
+            if self.controller.apply(self._channelNodes(), self._confirmWarnings) == STARTED:
+                self.ui.statusLabel.text = ""
+                self.ui.progressBar.setVisible(True)
+                self._pollTimer.start()
         self._updateGUI()
+
+    @staticmethod
+    def _confirmWarnings(warnings: list) -> bool:
+        return slicer.util.confirmOkCancelDisplay(
+            _("The input does not match the model card:") + "\n\n- " + "\n- ".join(warnings) + "\n\n" + _("Segment anyway?"),
+            windowTitle="MultiTaskSeg",
+        )
 
     def onPoll(self) -> None:
         status = self.logic.poll()
@@ -481,11 +473,13 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
     """
 
     def __init__(self) -> None:
+        from MultiTaskSegLib.model_catalog import ModelCardCache
+
         ScriptedLoadableModuleLogic.__init__(self)
         self._models = {}
+        self._cards = ModelCardCache()
         self._run = None
         self._lastWrite = None
-        self._lastUncertaintyNode = None
         self._fineTune = None
 
     def getParameterNode(self):
@@ -518,16 +512,9 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
             return None
 
     def modelCard(self, source: str) -> dict:
-        """The model's metadata (tasks, classes, card) without loading weights; {} when unreadable."""
-        if not source:
-            return {}
-        try:
-            from MultiTaskSegLib.model_catalog import read_model_card
-
-            return read_model_card(source)
-        except Exception as error:
-            logging.warning("MultiTaskSeg: cannot read model %s: %s", source, error)
-            return {}
+        """The model's metadata (tasks, classes, card) without loading weights; {} when unreadable.
+        Read once while the same model is asked for (the widget asks on every parameter change)."""
+        return self._cards.card(source)
 
     def loadModel(self, source: str):
         from MultiTaskSegLib.model_files import load_model, resolve_model_path
@@ -583,7 +570,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
     def writeResult(self, existing: str = "replace"):
         """Write the finished run onto the inputs frozen at its start; returns the write (for undo) and warnings."""
-        self._lastWrite, self._lastUncertaintyNode, warnings = self._run.write(existing)
+        self._lastWrite, _uncertaintyNode, warnings = self._run.write(existing)  # undoing the write removes it too
         return self._lastWrite, warnings
 
     @property
@@ -591,12 +578,11 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         return self._lastWrite is not None
 
     def undoLastResult(self) -> None:
-        """Restore the segmentation as it was before the last result; refused after later edits."""
+        """Restore the segmentation as it was before the last result and remove its uncertainty volume;
+        refused after later edits."""
         if self._lastWrite is not None:
             self._lastWrite.undo()
-        if self._lastUncertaintyNode is not None and self._lastUncertaintyNode.GetScene():
-            self._lastUncertaintyNode.GetScene().RemoveNode(self._lastUncertaintyNode)
-        self._lastWrite = self._lastUncertaintyNode = None
+        self._lastWrite = None
 
     # Learning from corrections
 
@@ -638,6 +624,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
         path = self._fineTune.result
         self._fineTune = None
+        self._cards.forget()  # a fine-tune started again rewrites its model in place
         provenance = read_model_card(path).get("provenance", {})
         history = provenance.get("held_back_mean_dice")
         if history:

@@ -159,13 +159,10 @@ def segment_in_thread(
     :func:`~MultiTaskSegLib.model_files.load_model` accepts (then it is loaded in the worker).
     """
     from .inference import segment_image
-    from .model_files import SegmentationModel, load_model
+    from .model_files import as_model
 
     def work(progress, cancelled):
-        loaded = model
-        if not isinstance(loaded, SegmentationModel):
-            progress(0.0, "loading the model")
-            loaded = load_model(loaded)
+        loaded = as_model(model, progress)
         return segment_image(loaded, image, tasks, device, with_probabilities, progress, cancelled, max_block_voxels)
 
     return ThreadJob(work).start()
@@ -231,10 +228,10 @@ class SubprocessJob(ChildProcessJob):
         environment: dict[str, str] | None = None,
         max_block_voxels: int | None = None,
     ) -> None:
-        from .model_files import SegmentationModel, load_model
+        from .model_files import as_model
 
         super().__init__()
-        self.model = model if isinstance(model, SegmentationModel) else load_model(model)
+        self.model = as_model(model)
         if self.model.path is None:
             raise InputError("the model has not been saved to a folder or .zip; save it before segmenting in a subprocess")
         self.folder = Path(tempfile.mkdtemp(prefix="multitaskseg-"))

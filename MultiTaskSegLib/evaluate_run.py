@@ -21,7 +21,7 @@ from .datasets import CaseFiles, find_cases, parse_data_arguments
 from .evaluation import evaluate_labels, precision_recall_curve, task_confusion
 from .imageio import read_image
 from .inference import segment_image
-from .model_files import SegmentationModel, load_model
+from .model_files import SegmentationModel, as_model
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -34,7 +34,7 @@ def _mean_sd(values: list[float]) -> str:
 def evaluate_model(model_source: str | SegmentationModel, data: Sequence[str], out: Path,
                    tasks: Sequence[str] | None = None, device: str = "auto") -> dict:
     """Evaluate on every case of the data folders (``TASK=FOLDER`` pairs or a root with a folder per task)."""
-    model = model_source if isinstance(model_source, SegmentationModel) else load_model(model_source)
+    model = as_model(model_source)
     tasks = list(tasks or model.label_space.task_names)
     folders = parse_data_arguments(data, tasks)
     cases = [case for name, folder in folders.items() for case in find_cases(model.label_space.task(name), folder)]

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from .datasets import find_cases
 from .errors import InputError
 from .imageio import read_image, write_image
-from .model_files import SegmentationModel, load_model
+from .model_files import SegmentationModel, as_model
 from .tasks import Task, get_task
 from .training import TrainingConfig, train
 
@@ -85,7 +85,7 @@ def finetune(parent: str | os.PathLike | SegmentationModel, data: Mapping[str, s
              out: str | os.PathLike, **options) -> SegmentationModel:
     """Fine-tune ``parent`` (a model or anything ``load_model`` takes) on ``data``; the model is
     written to ``out/model`` (resumable, like ``train``). ``options``: see :func:`finetune_config`."""
-    model = parent if isinstance(parent, SegmentationModel) else load_model(parent)
+    model = as_model(parent)
     return train(finetune_config(model, data, **options), out)
 
 

@@ -10,6 +10,7 @@ the same name.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -95,3 +96,37 @@ def read_model_card(source: str | os.PathLike) -> dict[str, Any]:
         with zipfile.ZipFile(path) as zipped:
             return json.loads(zipped.read(METADATA_FILE))
     return _read_metadata(path, f"model {path}")
+
+
+class ModelCardCache:
+    """The card of the model asked for last, read again only when another model is asked for.
+
+    The Slicer module needs the card on every change of its parameters; reading ``model.json`` (or
+    unpacking it from a ``.zip``) each time is wasted work, and a broken card would log its warning
+    each time. :meth:`forget` makes the next call read again (a fine-tune rewrote the model in place).
+    """
+
+    def __init__(self) -> None:
+        self._source: str | None = None
+        self._card: dict[str, Any] = {}
+
+    def card(self, source: str | os.PathLike) -> dict[str, Any]:
+        """The model's card; {} when ``source`` is empty or the card cannot be read (logged)."""
+        source = str(source)
+        if source != self._source:
+            self._card = self._read(source)
+            self._source = source
+        return self._card
+
+    def forget(self) -> None:
+        self._source = None
+
+    @staticmethod
+    def _read(source: str) -> dict[str, Any]:
+        if not source:
+            return {}
+        try:
+            return read_model_card(source)
+        except Exception as error:  # any unreadable card: the module shows "no model" rather than failing
+            logging.getLogger(__name__).warning("MultiTaskSeg: cannot read model %s: %s", source, error)
+            return {}

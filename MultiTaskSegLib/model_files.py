@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .architectures import architecture_class
-from .architectures.base import Architecture
+from .architectures.base import Architecture, ProgressCallback
 from .errors import InputError, ModelFileError
 from .tasks import LabelSpace
 
@@ -199,6 +199,18 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") ->
                 zipped.extract(name, unpacked)
             return _load_folder(Path(unpacked), where, path, device)
     return _load_folder(path, where, path, device)
+
+
+def as_model(source: "str | os.PathLike | SegmentationModel", progress: ProgressCallback | None = None) -> SegmentationModel:
+    """``source`` itself when it is a loaded model, else the model it names (folder, ``.zip`` or bundled
+    name), loaded after ``progress(0.0, "loading the model")``. Every "model or path" argument goes through here."""
+    if isinstance(source, SegmentationModel):
+        return source
+    if not source:  # Path("") is the current folder: say what is missing instead of "no model.json in ."
+        raise InputError("no model given: pass a bundled model name, a model folder or a .zip file")
+    if progress is not None:
+        progress(0.0, "loading the model")
+    return load_model(source)
 
 
 def _load_folder(folder: Path, where: str, origin: Path, device: str | torch.device) -> SegmentationModel:

@@ -17,8 +17,10 @@ Writing never destroys the user's work: only segments tagged with the same model
 are replaced, and only while their voxels are as written (a segment corrected by hand is refused
 unless the caller says ``existing="replace_edited"``, as the module does once the user agreed);
 every other segment is left as it was, and :meth:`SegmentationWrite.undo` restores
-the segmentation as it was before the write (the scene's own undo stack is fed as well when the
-scene has undo switched on).
+the segmentation as it was before the write and removes the uncertainty volume made with it (the
+scene's own undo stack is fed as well when the scene has undo switched on).
+:func:`write_segmentation` is the one write path: the console call :func:`segment_volume_node`, the
+module's Apply (:mod:`MultiTaskSegLib.mrml_run`) and its Undo all go through it.
 """
 
 from __future__ import annotations
@@ -281,9 +283,11 @@ class SegmentationWrite:
     created_node: bool = False
     _history: object = None
     _after: tuple = ()
+    uncertainty_node: object = None  # the uncertainty volume written with the segments, if any
 
     def undo(self) -> None:
-        """Restore the segmentation as it was before the write (remove the node if the write made it).
+        """Restore the segmentation as it was before the write (remove the node if the write made it)
+        and remove the uncertainty volume written with it.
 
         Refused once the segmentation was edited after the write, so that undoing a result never
         throws away corrections made since.
@@ -303,6 +307,9 @@ class SegmentationWrite:
         elif self._history.IsRestorePreviousStateAvailable():
             self._history.RestorePreviousState()
         self._history = None
+        if self.uncertainty_node is not None and self.uncertainty_node.GetScene() is not None:
+            self.uncertainty_node.GetScene().RemoveNode(self.uncertainty_node)
+        self.uncertainty_node = None
 
 
 def new_segmentation_node(volume_node, name: str = ""):
@@ -387,6 +394,7 @@ def write_segmentation(
     volume_node,
     segmentation_node=None,
     existing: str = "replace",
+    uncertainty: str | None = None,
 ) -> SegmentationWrite:
     """Write ``result`` (computed from ``volume_node``) as one segment per class.
 
@@ -394,12 +402,16 @@ def write_segmentation(
     same model for the same task and class are replaced (``existing="replace"``) unless they were
     edited since they were written, which raises :class:`InputError` naming them
     (``existing="replace_edited"`` replaces them anyway), or kept next to the new ones
-    (``existing="add"``); all other segments stay untouched. Any failure restores the node.
+    (``existing="add"``); all other segments stay untouched. ``uncertainty`` (one of
+    :data:`UNCERTAINTY_KINDS`) adds an uncertainty volume too, referenced from the segmentation node
+    under :data:`UNCERTAINTY_REFERENCE_ROLE`. Any failure restores the node.
     """
     import slicer
 
     if existing not in EXISTING_MODES:
         raise InputError(f"existing must be one of {', '.join(EXISTING_MODES)}, got {existing!r}")
+    if uncertainty is not None:
+        _check_uncertainty_kind(uncertainty)
     ensure_segmentation_converters()
     _check_labels_fit_volume(result, volume_node)
     if existing == "replace" and segmentation_node is not None:
@@ -425,17 +437,23 @@ def write_segmentation(
         segmentation_node.SetUndoEnabled(True)
         scene.SaveStateForUndo()
     replaced_names = segments_replaced_by(result, segmentation_node) if existing != "add" else []
+    uncertainty_node = None
     try:
         segment_ids = _replace_segments(result, volume_node, segmentation_node, descriptions, existing)
         segmentation_node.SetAttribute(WARNINGS_ATTRIBUTE, "\n".join(result.warnings))
+        if uncertainty is not None:
+            uncertainty_node = add_uncertainty_volume(result, volume_node, uncertainty)
+            segmentation_node.SetNodeReferenceID(UNCERTAINTY_REFERENCE_ROLE, uncertainty_node.GetID())
     except BaseException:
+        if uncertainty_node is not None and uncertainty_node.GetScene() is not None:
+            uncertainty_node.GetScene().RemoveNode(uncertainty_node)
         if created:
             segmentation_node.GetScene().RemoveNode(segmentation_node)
         else:
             history.RestorePreviousState()
         raise
     return SegmentationWrite(segmentation_node, segment_ids, replaced_names, created, None if created else history,
-                             _fingerprint(segmentation))
+                             _fingerprint(segmentation), uncertainty_node)
 
 
 def _replace_segments(result, volume_node, segmentation_node, descriptions, existing) -> list[str]:
@@ -577,13 +595,17 @@ def labels_from_segmentation(segmentation_node, volume_node, segment_ids: Sequen
 # Probability / uncertainty volume
 
 
+def _check_uncertainty_kind(kind: str) -> None:
+    if kind not in UNCERTAINTY_KINDS:
+        raise InputError(f"uncertainty kind must be one of {', '.join(UNCERTAINTY_KINDS)}, got {kind!r}")
+
+
 def uncertainty_array(result: SegmentationResult, kind: str = "entropy") -> np.ndarray:
     """Per voxel: normalised entropy of the class probabilities (0 = certain, 1 = uniform), or the
     largest foreground probability (``kind="max_probability"``)."""
     if result.probabilities is None:
         raise InputError("the result has no probabilities; segment with with_probabilities=True")
-    if kind not in UNCERTAINTY_KINDS:
-        raise InputError(f"uncertainty kind must be one of {', '.join(UNCERTAINTY_KINDS)}, got {kind!r}")
+    _check_uncertainty_kind(kind)
     probabilities = sitk.GetArrayViewFromImage(result.probabilities)  # (z, y, x, labels)
     if kind == "max_probability":
         return probabilities[..., 1:].max(axis=-1).astype(np.float32)
@@ -632,14 +654,10 @@ def segment_volume_node(
     and ``CancelledError`` is raised. A multi-channel task takes its further channels (e.g. FLAIR
     after contrast T1) as ``channel_nodes``, in the task's order; the segments lie on ``volume_node``.
     """
-    from .model_files import SegmentationModel, load_model
+    from .model_files import as_model
 
     report = progress or (lambda fraction, stage: None)
-    if not isinstance(model, SegmentationModel):
-        if not model:
-            raise InputError("no model given: pass a bundled model name, a model folder or a .zip file")
-        report(0.0, "loading the model")
-        model = load_model(model)
+    model = as_model(model, report)
     images = channel_images(volume_node, channel_nodes)
     result = segment_image(
         model, images, tasks, device, with_probabilities,
@@ -650,10 +668,8 @@ def segment_volume_node(
     if cancelled is not None and cancelled():
         raise CancelledError("segmentation cancelled; nothing was written")
     report(0.95, "writing segments")
-    written = write_segmentation(result, volume_node, segmentation_node, existing)
-    if with_probabilities:
-        uncertainty_node = add_uncertainty_volume(result, volume_node, uncertainty)
-        written.segmentation_node.SetNodeReferenceID(UNCERTAINTY_REFERENCE_ROLE, uncertainty_node.GetID())
+    written = write_segmentation(result, volume_node, segmentation_node, existing,
+                                 uncertainty if with_probabilities else None)
     report(1.0, "done")
     return written.segmentation_node
 

@@ -83,12 +83,9 @@ class SegmentationRun:
                 f"volume '{volume.GetName()}' changed its size, spacing, origin or orientation during the run; "
                 "the result no longer fits it, nothing was written: press Apply again"
             )
-        written = mrml.write_segmentation(result, volume, self._live_segmentation_node(), existing)
-        uncertainty_node = None
-        if self.inputs.with_uncertainty:
-            uncertainty_node = mrml.add_uncertainty_volume(result, volume, self.inputs.uncertainty_kind)
-            written.segmentation_node.SetNodeReferenceID(mrml.UNCERTAINTY_REFERENCE_ROLE, uncertainty_node.GetID())
-        return written, uncertainty_node, list(result.warnings)
+        written = mrml.write_segmentation(result, volume, self._live_segmentation_node(), existing,
+                                          self.inputs.uncertainty_kind if self.inputs.with_uncertainty else None)
+        return written, written.uncertainty_node, list(result.warnings)
 
     def _live_segmentation_node(self):
         """The chosen segmentation, or None (a new one) if it left the scene during the run."""

@@ -10,25 +10,67 @@ fail it): when pip fails, the message says how to install offline.
 from __future__ import annotations
 
 import importlib.util
-import sys
+from pathlib import Path
 
-#: Python module name -> pip requirement, for what the library needs besides PyTorch.
-REQUIREMENTS = {
-    "safetensors": "safetensors>=0.4",
-    "SimpleITK": "SimpleITK>=2.3",
-    "numpy": "numpy>=1.24",
-}
-if sys.version_info < (3, 11):
-    REQUIREMENTS["tomli"] = "tomli>=2.0"
+#: The packages are ``[project] dependencies`` of this file, the one list of them. It lies beside the
+#: ``MultiTaskSegLib`` folder in the source tree, and the extension installs it there too.
+PYPROJECT = "pyproject.toml"
+#: Installed through the PyTorch extension, which picks the build for the computer's GPU, never with pip.
+TORCH = "torch"
 
 
 class DependencyError(RuntimeError):
     """A dependency is missing and was not (or could not be) installed; the message says what to do."""
 
 
+def _pyproject_path() -> Path:
+    library = importlib.util.find_spec("MultiTaskSegLib")  # found, not imported: that would need the packages
+    if library is None or not library.submodule_search_locations:
+        raise DependencyError("MultiTaskSegLib cannot be found; reinstall the MultiTaskSeg extension.")
+    return Path(list(library.submodule_search_locations)[0]).parent / PYPROJECT
+
+
+def _parse_toml(text: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise DependencyError("MultiTaskSeg needs Python 3.11 or later, or the tomli package: "
+                                  "run  PythonSlicer -m pip install tomli  and restart Slicer.") from None
+    return tomllib.loads(text)
+
+
+def _requirement_class():
+    try:
+        from packaging.requirements import Requirement
+    except ModuleNotFoundError:  # every Python with pip has it vendored
+        from pip._vendor.packaging.requirements import Requirement
+    return Requirement
+
+
+def needed(pyproject: Path | None = None) -> list:
+    """What the library needs besides PyTorch on this Python (``packaging`` requirements), from
+    ``[project] dependencies`` of ``pyproject.toml``. The distribution names are the import names."""
+    path = pyproject or _pyproject_path()
+    try:
+        declared = _parse_toml(path.read_text(encoding="utf-8"))["project"]["dependencies"]
+    except (OSError, KeyError) as error:
+        raise DependencyError(f"MultiTaskSeg's list of packages cannot be read from {path} ({error}); "
+                              "reinstall the MultiTaskSeg extension.") from None
+    Requirement = _requirement_class()
+    return [requirement for requirement in map(Requirement, declared)
+            if requirement.name != TORCH and (requirement.marker is None or requirement.marker.evaluate())]
+
+
+def _pip_argument(requirement) -> str:
+    return f"{requirement.name}{requirement.specifier}"  # no marker: pip_install splits its argument at spaces
+
+
 def missing_requirements() -> list[str]:
     """pip requirements of the packages that cannot be imported (PyTorch excluded)."""
-    return [requirement for module, requirement in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    return [_pip_argument(requirement) for requirement in needed() if importlib.util.find_spec(requirement.name) is None]
 
 
 def torch_installed() -> bool:
@@ -61,7 +103,7 @@ def ensure_dependencies(ask: bool = True) -> None:
     import slicer
 
     missing = missing_requirements()
-    packages = (["PyTorch"] if not torch_installed() else []) + [r.split(">")[0] for r in missing]
+    packages = (["PyTorch"] if not torch_installed() else []) + [requirement.split(">")[0] for requirement in missing]
     if not packages:
         return
     question = (

@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from MultiTaskSegLib.model_catalog import BUNDLED_MODEL_DIR, bundled_models, read_model_card, resolve_model_path
+from MultiTaskSegLib.model_catalog import (
+    BUNDLED_MODEL_DIR,
+    ModelCardCache,
+    bundled_models,
+    read_model_card,
+    resolve_model_path,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,3 +53,33 @@ def test_a_model_json_that_is_not_a_complete_object_is_refused_clearly(tmp_path)
         (tmp_path / "model.json").write_text(text, encoding="utf-8")
         with pytest.raises(ModelFileError, match=message):
             read_model_card(tmp_path)
+
+
+def card_folder(folder: Path, name: str) -> Path:
+    """A model folder holding only a model.json (enough for its card) of the given name."""
+    metadata = read_model_card(next(iter(bundled_models().values())))
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({**metadata, "name": name}), encoding="utf-8")
+    return folder
+
+
+def test_the_card_is_read_once_per_model_and_again_when_the_model_changes(tmp_path):
+    first, second = card_folder(tmp_path / "first", "first"), card_folder(tmp_path / "second", "second")
+    cache = ModelCardCache()
+    assert cache.card(str(first))["name"] == "first"
+    (first / "model.json").write_text(json.dumps({**read_model_card(first), "name": "rewritten"}), encoding="utf-8")
+    assert cache.card(str(first))["name"] == "first"  # not read again for the same model
+    assert cache.card(str(second))["name"] == "second"
+    assert cache.card(str(first))["name"] == "rewritten"  # another model was asked for in between
+    (first / "model.json").write_text(json.dumps({**read_model_card(first), "name": "fine-tuned"}), encoding="utf-8")
+    cache.forget()
+    assert cache.card(str(first))["name"] == "fine-tuned"
+
+
+def test_no_model_or_an_unreadable_card_gives_an_empty_card(tmp_path, caplog):
+    cache = ModelCardCache()
+    assert cache.card("") == {}
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.json").write_text("{not json", encoding="utf-8")
+    assert cache.card(str(tmp_path / "broken")) == {}
+    assert "not valid JSON" in caplog.text

@@ -13,6 +13,7 @@ from MultiTaskSegLib.model_files import (
     METADATA_FILE,
     WEIGHTS_FILE,
     SegmentationModel,
+    as_model,
     load_model,
     read_model_card,
     save_model,
@@ -104,6 +105,16 @@ def test_archive_without_metadata_and_unknown_names_are_refused(tmp_path):
         load_model(archive)
     with pytest.raises(InputError, match="no model at 'nonexistent'"):
         load_model("nonexistent")
+
+
+def test_as_model_passes_a_loaded_model_through_and_loads_a_path_after_saying_so(tmp_path, model):
+    assert as_model(model) is model
+    stages = []
+    loaded = as_model(save_model(model, tmp_path / "m"), lambda fraction, stage: stages.append((fraction, stage)))
+    assert isinstance(loaded, SegmentationModel) and loaded.weights_sha256 == model.weights_sha256
+    assert stages == [(0.0, "loading the model")]
+    with pytest.raises(InputError, match="no model given"):
+        as_model("")
 
 
 def test_an_archive_whose_members_would_unpack_to_gigabytes_is_refused_before_extracting(tmp_path, monkeypatch):

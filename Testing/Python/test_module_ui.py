@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_FILE = ROOT / "MultiTaskSeg" / "MultiTaskSeg.py"
 UI_FILE = ROOT / "Resources" / "UI" / "MultiTaskSeg.ui"
@@ -169,6 +174,28 @@ def test_dependency_check_finds_nothing_missing_in_a_complete_environment(helper
     dependencies, _ = helpers
     assert dependencies.missing_requirements() == []
     assert dependencies.torch_installed()
+
+
+def test_the_packages_the_module_installs_are_the_dependencies_of_pyproject(helpers, tmp_path, monkeypatch):
+    dependencies, _ = helpers
+    from packaging.requirements import Requirement
+
+    declared = [Requirement(line) for line in tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]]
+    expected = [r.name for r in declared if r.name != "torch" and (r.marker is None or r.marker.evaluate())]
+    assert [r.name for r in dependencies.needed()] == expected and "numpy" in expected
+    other = tmp_path / "pyproject.toml"
+    other.write_text('[project]\ndependencies = ["torch>=2.2", "numpy>=1.24", "old>=1; python_version < \'3.0\'", '
+                     '"a_package_nobody_installed>=2.0; python_version >= \'3.0\'"]\n', encoding="utf-8")
+    assert [str(r) for r in dependencies.needed(other)] == ["numpy>=1.24", 'a_package_nobody_installed>=2.0; python_version >= "3.0"']
+    monkeypatch.setattr(dependencies, "_pyproject_path", lambda: other)
+    assert dependencies.missing_requirements() == ["a_package_nobody_installed>=2.0"]  # pip gets no marker
+    with pytest.raises(dependencies.DependencyError, match="reinstall the MultiTaskSeg extension"):
+        dependencies.needed(tmp_path / "missing.toml")
+
+
+def test_the_extension_installs_pyproject_beside_the_library():
+    module_cmake = (ROOT / "MultiTaskSeg" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "${PROJECT_SOURCE_DIR}/pyproject.toml" in re.search(r"MULTITASKSEG_LIB_RESOURCES(.*?)\)", module_cmake, re.S).group(1)
 
 
 def test_the_module_refuses_an_older_slicer_itself_and_the_library_supports_the_newer_ones(module_tree):

@@ -368,6 +368,26 @@ def test_uncertainty_volume_is_on_the_source_grid_and_between_zero_and_one(scene
     assert values.min() >= 0.0 and values.max() <= 1.0 + 1e-6
 
 
+def test_undo_removes_the_uncertainty_volume_written_with_the_result(scene, volume, model):
+    segmentation_node = mrml.new_segmentation_node(volume, "user work")
+    hand = add_user_segment(segmentation_node, volume, "By hand", (slice(2, 8), slice(2, 8), slice(2, 8)))
+    result = segment_image(model, mrml.image_from_volume_node(volume), device="cpu", with_probabilities=True)
+    written = mrml.write_segmentation(result, volume, segmentation_node, uncertainty="entropy")
+    uncertainty_id = written.uncertainty_node.GetID()
+    assert segmentation_node.GetNodeReferenceID(mrml.UNCERTAINTY_REFERENCE_ROLE) == uncertainty_id
+    written.undo()
+    assert scene.GetNodeByID(uncertainty_id) is None
+    assert segment_ids(segmentation_node) == [hand]
+
+
+def test_an_unknown_uncertainty_kind_is_refused_before_anything_is_written(scene, volume, model):
+    result = segment_image(model, mrml.image_from_volume_node(volume), device="cpu", with_probabilities=True)
+    nodes_before = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="uncertainty kind"):
+        mrml.write_segmentation(result, volume, uncertainty="variance")
+    assert scene.GetNumberOfNodes() == nodes_before
+
+
 def test_uncertainty_kinds_follow_the_probabilities(volume, model):
     result = segment_image(model, mrml.image_from_volume_node(volume), device="cpu", with_probabilities=True)
     probabilities = sitk.GetArrayFromImage(result.probabilities)

@@ -72,6 +72,16 @@ def test_the_uncertainty_setting_is_the_one_chosen_at_start(scene, model):
     assert not written.segmentation_node.GetNodeReferenceID(mrml.UNCERTAINTY_REFERENCE_ROLE)
 
 
+def test_the_uncertainty_volume_chosen_at_start_is_written_and_undone_with_the_segments(scene, model):
+    run, _ = finished_run(scene, model, with_uncertainty=True, uncertainty_kind="max_probability")
+    written, uncertainty, _ = run.write()
+    assert uncertainty is written.uncertainty_node and "foreground probability" in uncertainty.GetName()
+    assert written.segmentation_node.GetNodeReferenceID(mrml.UNCERTAINTY_REFERENCE_ROLE) == uncertainty.GetID()
+    segmentation_id, uncertainty_id = written.segmentation_node.GetID(), uncertainty.GetID()
+    written.undo()  # the module's Undo button
+    assert scene.GetNodeByID(segmentation_id) is None and scene.GetNodeByID(uncertainty_id) is None
+
+
 def test_a_segmentation_deleted_during_the_run_gives_a_new_one(scene, model):
     volume = mrml.volume_node_from_image(oblique_image(), scene, "volume")
     target = mrml.new_segmentation_node(volume, "target")
