@@ -60,7 +60,7 @@ def command_train(args) -> int:
         tasks=list(args.tasks), architecture=args.arch, arguments=_arguments(args.arg), batch_size=args.batch_size,
         steps=args.steps, learning_rate=args.learning_rate, validate_every=args.validate_every,
         validation_fraction=args.validation_fraction, seed=args.seed, device=args.device,
-        model_name=args.name or Path(args.out).name, data=data,
+        model_name=args.name or Path(args.out).name, data=data, init_from=args.init_from,
     )
     model = train(config, args.out)
     if is_main_process():  # under torchrun, process 0 wrote the model
@@ -208,6 +208,8 @@ def _add_training_commands(commands) -> None:
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--device", default="auto")
     sub.add_argument("--name", help="model name (default: the run folder's name)")
+    sub.add_argument("--init-from", metavar="MODEL",
+                     help="start from this model's weights where names and shapes agree (same architecture)")
     sub.set_defaults(run=command_train)
 
     sub = commands.add_parser("finetune", help="fine-tune a model on corrected cases (its own label space; resumable)")

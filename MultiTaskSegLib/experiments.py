@@ -19,7 +19,8 @@ from .datasets import prepare_case
 from .learning_curve import LearningCurve, plot_curves
 from .tasks import PAPER_TASKS
 from .training import TrainingConfig, collect_cases, train
-from .inference import background_outside, choose_device, label_decision
+from .inference import choose_device, label_decision
+from .preprocessing import background_outside
 from .evaluation import task_confusion
 
 #: The row of a multi-class task's mean Dice over its classes.

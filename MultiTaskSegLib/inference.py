@@ -6,6 +6,7 @@ in, a label map on the exact input grid out, restricted to the requested tasks.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Sequence
@@ -14,13 +15,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .architectures.base import CancelCheck, ProgressCallback
-from .datasets import prepare_image
+from .inferers import CancelCheck, InferenceOptions, ProgressCallback
 from .errors import InputError
 from .geometry import resample_probabilities_onto
 from .imageio import check_image
 from .model_files import SegmentationModel
 from .plausibility import CARD_KEY, implausible_volumes
+from .preprocessing import background_outside, prepare_image
 from .tasks import Task
 
 #: Working spacing further than this factor from the input's spacing triggers a warning.
@@ -139,9 +140,11 @@ def segment_image(
     def predict_part(fraction: float, stage: str) -> None:
         report(0.05 + 0.85 * fraction, stage)
 
+    requested = [index for name in tasks for index in model.label_space.indices_for_task(name)]
+
     probabilities, used_device = predict_with_fallback(
-        model, working, choose_device(device), predict_part, cancelled, max_block_voxels, warnings
-    )
+        model, working, choose_device(device), InferenceOptions(predict_part, cancelled, max_block_voxels, requested),
+        warnings)
     probabilities = background_outside(probabilities, foreground)
     report(0.9, "resampling to the input grid")
     result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
@@ -176,10 +179,10 @@ def absent_structures(model: SegmentationModel, working: np.ndarray, device: tor
                       indices: Sequence[int]) -> list[str]:
     """Requested classes that a presence head (CMU-Net) finds in no slice of the scan, as warnings."""
     architecture = model.architecture
-    if not hasattr(architecture, "presence_by_class"):
-        return []
-    threshold = getattr(architecture, "presence_threshold", None) or 0.5
     presence = architecture.presence_by_class(working, device)
+    if presence is None:
+        return []
+    threshold = architecture.presence_threshold or 0.5
     entries = model.label_space.entries
     return [f"{entries[i].class_spec.name} ({entries[i].task}) seems absent from this scan: presence "
             f"{presence[i]:.2f} < {threshold} in every slice" for i in indices if presence[i] < threshold]
@@ -203,34 +206,23 @@ def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: Segmentat
     return np.argmax(scores, axis=0)
 
 
-def background_outside(probabilities: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """Voxels outside the foreground are background: they were never training samples (the paper
-    samples voxels above zero only), so the networks have no say there."""
-    probabilities[:, ~foreground] = 0.0
-    probabilities[0, ~foreground] = 1.0
-    return probabilities
-
-
 def predict_with_fallback(
     model: SegmentationModel,
     working: np.ndarray,
     device: torch.device,
-    progress: ProgressCallback,
-    cancelled: CancelCheck | None,
-    max_block_voxels: int | None,
+    options: InferenceOptions,
     warnings: list[str],
 ) -> tuple[np.ndarray, torch.device]:
     """Predict on ``device``; when the GPU runs out of memory, retry with smaller tiles, then on the CPU."""
     network = model.architecture.network
-    attempts = [(device, max_block_voxels)]
+    attempts = [(device, options)]
     if device.type == "cuda":
-        attempts += [(device, (max_block_voxels or 64**3) // 8), (torch.device("cpu"), max_block_voxels)]
-    for number, (attempt_device, block_voxels) in enumerate(attempts):
+        smaller = dataclasses.replace(options, max_block_voxels=(options.max_block_voxels or 64**3) // 8)
+        attempts += [(device, smaller), (torch.device("cpu"), options)]
+    for number, (attempt_device, attempt_options) in enumerate(attempts):
         try:
             network.to(attempt_device)
-            return model.architecture.predict_probabilities(
-                working, attempt_device, progress, cancelled, block_voxels
-            ), attempt_device
+            return model.architecture.predict_probabilities(working, attempt_device, attempt_options), attempt_device
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if number + 1 == len(attempts):

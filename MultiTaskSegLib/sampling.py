@@ -8,12 +8,31 @@ slices) through this one sampler so that all of them see the same balance.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .architectures.base import PreparedCase
 from .errors import InputError
+
+
+@dataclass
+class PreparedCase:
+    """One training/validation volume on the model's working grid.
+
+    ``image`` is float32 (z, y, x), already normalised for its task, or None for a label map whose
+    images are synthesised (``extra["source_labels"]``, see
+    :attr:`~MultiTaskSegLib.architectures.base.Architecture.synthesises_images`); ``labels`` are
+    label-space indices (0 = shared background); ``foreground`` marks voxels that may be sampled
+    (intensity above zero, or inside the case's mask).
+    """
+
+    task: str
+    name: str
+    image: np.ndarray | None
+    labels: np.ndarray
+    foreground: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split_evenly(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:

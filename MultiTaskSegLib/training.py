@@ -27,15 +27,15 @@ import torch
 
 from . import distributed
 from .architectures import architecture_class
-from .architectures.base import PreparedCase, TrainingStep
+from .architectures.base import TrainingStep
 from .datasets import CaseFiles, find_cases, prepare_case, split_cases
 from .errors import InputError
 from .evaluation import dice_per_class, precision_recall_curve
-from .inference import background_outside
+from .preprocessing import background_outside
 from .learning_curve import LearningCurve
 from .model_files import SegmentationModel, load_model, save_model
 from .plausibility import CARD_KEY, training_volume_ranges
-from .sampling import BalancedVoxelSampler
+from .sampling import BalancedVoxelSampler, PreparedCase
 from .tasks import LabelSpace, get_task
 
 CHECKPOINT_DIR = "checkpoint"
@@ -62,6 +62,10 @@ class TrainingConfig:
     #: Fine-tuning: the model to start from (``source``, ``name``, ``version``, ``weights_sha256``);
     #: its label space, architecture and weights are kept (see :mod:`~MultiTaskSegLib.finetuning`).
     parent: dict[str, str] | None = None
+    #: Transfer: a model (folder, .zip or bundled name) whose weights start the new network wherever
+    #: a tensor's name and shape agree (e.g. a CT network started from an MR network of the same
+    #: architecture); the label space and the rest are the new run's own.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,8 +84,11 @@ class TrainingConfig:
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the interrupted one."""
         keys = ("tasks", "architecture", "arguments", "batch_size", "learning_rate", "validation_fraction", "seed", "data",
-                "parent")
-        return {key: getattr(self, key) for key in keys}
+                "parent", "init_from")
+        identity = {key: getattr(self, key) for key in keys}
+        if identity["init_from"] is None:  # runs from before transfer existed stay resumable
+            del identity["init_from"]
+        return identity
 
 
 def set_seed(seed: int) -> None:
@@ -315,9 +322,9 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
 def _scheduler(architecture, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None, step: int):
     """The architecture's learning-rate schedule, if it has one, advanced to ``step``; a fine-tune
     (``steps_per_epoch``: its own steps) anneals over its run, not over the parent's."""
-    if not hasattr(architecture, "make_scheduler"):
+    scheduler = architecture.make_scheduler(optimizer, steps_per_epoch)
+    if scheduler is None:
         return None
-    scheduler = architecture.make_scheduler(optimizer, **({"steps_per_epoch": steps_per_epoch} if steps_per_epoch else {}))
     for _ in range(step):
         scheduler.step()
     return scheduler
@@ -349,9 +356,28 @@ def _initial_model(config: TrainingConfig, parent: SegmentationModel | None, lab
                    arguments: dict) -> SegmentationModel:
     """A new network, or for a fine-tune the parent itself under the new model's name."""
     if parent is None:
-        return SegmentationModel.create(config.model_name, config.architecture, label_space, **arguments)
+        model = SegmentationModel.create(config.model_name, config.architecture, label_space, **arguments)
+        if config.init_from:
+            initialise_from(model, load_model(config.init_from))
+        return model
     parent.name, parent.version, parent.path = config.model_name, f"{parent.version}+finetuned", None
     return parent
+
+
+def initialise_from(model: SegmentationModel, source: SegmentationModel) -> list[str]:
+    """Copy ``source``'s weights into ``model`` wherever a tensor's name and shape agree; returns the
+    names copied. Refuses a source that shares no tensor (another architecture or size)."""
+    if source.architecture.name != model.architecture.name:
+        raise InputError(f"cannot start a {model.architecture.name} network from {source.name}, a "
+                         f"{source.architecture.name} network; pick a model of the same architecture")
+    target = model.architecture.network.state_dict()
+    copied = {name: tensor for name, tensor in source.architecture.network.state_dict().items()
+              if name in target and target[name].shape == tensor.shape}
+    if not copied:
+        raise InputError(f"{source.name} shares no weights with the new network (different size or channels); "
+                         "train from scratch or pick a model with the same architecture arguments")
+    model.architecture.network.load_state_dict(copied, strict=False)
+    return sorted(copied)
 
 
 def _final_card(model: SegmentationModel, config: TrainingConfig, parent: SegmentationModel | None,

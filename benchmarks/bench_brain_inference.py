@@ -31,7 +31,7 @@ from MultiTaskSegLib.inference import segment_image
 from MultiTaskSegLib.model_files import load_model
 torch.set_num_threads({threads})
 model = load_model({model!r})
-model.architecture.mixed_precision = {mixed}
+model.architecture.config.mixed_precision = {mixed}
 image = read_image({input!r})
 started = time.perf_counter()
 result = segment_image(model, image, ["brain_t1_mri"], device="cpu")

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MultiTaskSegLib.architectures.base import PreparedCase
+from MultiTaskSegLib.sampling import PreparedCase
 from MultiTaskSegLib.architectures.triplanar import TriplanarArchitecture
 from MultiTaskSegLib.sampling import BalancedVoxelSampler
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,18 +27,49 @@ import torch.nn.functional as F
 
 from ..augmentation import SliceAugmentation, augment_slices, synthesize_slices
 from ..errors import InputError
+from ..inferers import InferenceOptions, inference_context
 from ..losses import soft_dice_loss
-from .base import CancelCheck, ProgressCallback, TrainingStep
-from .unet2d import CMUNET_CHANNELS, WINDOW_OVERLAP, _SliceUNetArchitecture
-from .unet_windows import check_channels, crop_centred
-
-if TYPE_CHECKING:
-    from ..sampling import BalancedVoxelSampler
+from ..sampling import BalancedVoxelSampler
+from .base import TrainingStep
+from .inputs import check_channels, crop_centred
+from .unet2d import SliceUNetConfig, _SliceUNetArchitecture
 
 #: Slice axes of the (z, y, x) working grid: axial, coronal, sagittal.
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 #: The sagittal plane has no left-right axis to flip.
 SAGITTAL = 2
+
+
+@dataclass
+class MultiplanarConfig(SliceUNetConfig):
+    """Arguments of :class:`MultiplanarUNet2DArchitecture` (documented there)."""
+
+    patch_size: Sequence[int] = (160, 160)
+    planes: Sequence[int] = (0, 1, 2)
+    restart_epochs: int = 1
+    steps_per_epoch: int = 10_000
+    cross_entropy_weight: float = 1.0
+    mixed_precision: bool = True
+    augmentation: Mapping[str, Any] | None = None
+    whole_slice_inference: bool = False
+    crop_margin: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.planes = tuple(sorted({int(plane) for plane in self.planes}))
+        if not self.planes or any(plane not in (0, 1, 2) for plane in self.planes):
+            raise InputError(f"planes must be a non-empty subset of 0 (axial), 1 (coronal), 2 (sagittal), got {list(self.planes)}")
+        if float(self.cross_entropy_weight) < 0 or int(self.crop_margin) < 0:
+            raise InputError("cross_entropy_weight and crop_margin must be zero or more")
+        settings = SliceAugmentation.from_arguments(self.augmentation)
+        self.augmentation = settings.to_arguments()
+        self._slice_augmentation = settings  # not a field: not stored
+        self.cross_entropy_weight, self.crop_margin = float(self.cross_entropy_weight), int(self.crop_margin)
+        self.mixed_precision, self.whole_slice_inference = bool(self.mixed_precision), bool(self.whole_slice_inference)
+
+    @property
+    def slice_augmentation(self) -> SliceAugmentation:
+        return self._slice_augmentation
 
 
 class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
@@ -71,157 +103,96 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         "2-D U-Net on axial, coronal and sagittal slices, probabilities averaged over the three planes "
         "(FastSurfer-style), trained with augmentation and label-synthesised images (SynthSeg-style)"
     )
+    Config: ClassVar[type[MultiplanarConfig]] = MultiplanarConfig
     presence_head: ClassVar[bool] = False
     synthesises_images: ClassVar[bool] = True
     reads_channels: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        num_labels: int,
-        task_names: Sequence[str],
-        *,
-        channels: Sequence[int] = CMUNET_CHANNELS,
-        negative_slope: float = 0.2,
-        in_channels: int = 1,
-        patch_size: Sequence[int] = (160, 160),
-        planes: Sequence[int] = (0, 1, 2),
-        learning_rate: float = 1e-3,
-        restart_epochs: int = 1,
-        steps_per_epoch: int = 10_000,
-        cross_entropy_weight: float = 1.0,
-        mixed_precision: bool = True,
-        augmentation: Mapping[str, Any] | None = None,
-        inference_margin: int = 16,
-        inference_block_voxels: int = 2**20,
-        window_overlap: float | None = WINDOW_OVERLAP,
-        whole_slice_inference: bool = False,
-        crop_margin: int = 8,
-    ) -> None:
-        planes = sorted({int(plane) for plane in planes})
-        if not planes or any(plane not in (0, 1, 2) for plane in planes):
-            raise InputError(f"planes must be a non-empty subset of 0 (axial), 1 (coronal), 2 (sagittal), got {planes}")
-        settings = SliceAugmentation.from_arguments(augmentation)
-        if float(cross_entropy_weight) < 0 or int(crop_margin) < 0:
-            raise InputError("cross_entropy_weight and crop_margin must be zero or more")
-        if int(in_channels) < 1:
-            raise InputError(f"in_channels must be 1 or more, got {in_channels}")
-        # A single-channel model's file keeps its older form, without in_channels.
-        channel_arguments = {"in_channels": int(in_channels)} if int(in_channels) > 1 else {}
-        super().__init__(
-            num_labels,
-            task_names,
-            channels=channels,
-            negative_slope=negative_slope,
-            patch_size=patch_size,
-            slice_axis=planes[0],
-            learning_rate=learning_rate,
-            restart_epochs=restart_epochs,
-            steps_per_epoch=steps_per_epoch,
-            inference_margin=inference_margin,
-            inference_block_voxels=inference_block_voxels,
-            window_overlap=window_overlap,
-            planes=planes,
-            cross_entropy_weight=float(cross_entropy_weight),
-            mixed_precision=bool(mixed_precision),
-            augmentation=settings.to_arguments(),
-            whole_slice_inference=bool(whole_slice_inference),
-            crop_margin=int(crop_margin),
-            **channel_arguments,
-        )
-        self.arguments.pop("slice_axis")
-        self.planes = tuple(planes)
-        self.cross_entropy_weight = float(cross_entropy_weight)
-        self.mixed_precision = bool(mixed_precision)
-        self.augmentation = settings
-        self.crop_margin = int(crop_margin)
-        self.whole_slice_inference = bool(whole_slice_inference)
-
     def inference_window(self, plane: Sequence[int]) -> tuple[int, ...]:
-        if not self.whole_slice_inference:
-            return tuple(self.patch_size)
+        patch_size = self.config.patch_size
+        if not self.config.whole_slice_inference:
+            return tuple(patch_size)
         multiple = self.network.size_multiple
-        return tuple(-(-max(side, patch) // multiple) * multiple for side, patch in zip(plane, self.patch_size))
+        return tuple(-(-max(side, patch) // multiple) * multiple for side, patch in zip(plane, patch_size))
 
     def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        config = self.config
         numbers, positions = sampler.sample(batch_size, rng)
-        axes = rng.choice(self.planes, size=len(numbers))
-        images = np.zeros((len(numbers), self.in_channels, *self.patch_size), np.float32)
+        axes = rng.choice(config.planes, size=len(numbers))
+        images = np.zeros((len(numbers), config.in_channels, *config.patch_size), np.float32)
         labels, inside, synthetic = [], [], []
         for item, (number, position, axis) in enumerate(zip(numbers, positions, axes)):
             case = sampler.cases[number]
             centre = np.delete(position, axis)
             label_slice = np.take(case.labels, position[axis], axis=axis)
-            label, valid = crop_centred(label_slice, centre, self.patch_size)
+            label, valid = crop_centred(label_slice, centre, config.patch_size)
             labels.append(label.astype(np.int64))
             inside.append(valid)
             if case.image is None:
                 source = np.take(case.extra["source_labels"], position[axis], axis=axis)
-                synthetic.append((item, crop_centred(source, centre, self.patch_size)[0]))
+                synthetic.append((item, crop_centred(source, centre, config.patch_size)[0]))
             else:
                 stack = case.image if case.image.ndim == 4 else case.image[None]  # (channels, z, y, x)
                 for channel, volume in enumerate(stack):
                     image_slice = np.take(volume, position[axis], axis=axis)
-                    images[item, channel] = crop_centred(image_slice.astype(np.float32, copy=False), centre, self.patch_size)[0]
+                    images[item, channel] = crop_centred(image_slice.astype(np.float32, copy=False), centre, config.patch_size)[0]
         if synthetic:
             items = [item for item, _ in synthetic]
-            if self.in_channels > 1:
+            if config.in_channels > 1:
                 raise InputError("label-map-only cases give one synthetic channel; a multi-channel task needs real images")
             images[items, 0] = synthesize_slices(np.stack([source for _, source in synthetic]), rng,
-                                                 self.augmentation.synthesis_blur_max_voxels)
+                                                 config.slice_augmentation.synthesis_blur_max_voxels)
         image_tensor, label_tensor, valid_tensor = augment_slices(
             torch.from_numpy(images), torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(inside)),
-            rng, self.augmentation, flippable=axes != SAGITTAL,
+            rng, config.slice_augmentation, flippable=axes != SAGITTAL,
         )
         return {"image": image_tensor, "labels": label_tensor, "valid": valid_tensor}
 
     def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
         image, labels, valid = (batch[key].to(device, non_blocking=True) for key in ("image", "labels", "valid"))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.mixed_precision and bfloat16_ready(device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision and bfloat16_ready(device)):
             logits = self.network(image)
         logits = logits.float()
         dice = soft_dice_loss(torch.softmax(logits, dim=1), labels, valid)
         weight = valid.to(logits.dtype)
         cross_entropy = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
-        loss = dice + self.cross_entropy_weight * cross_entropy
+        loss = dice + self.config.cross_entropy_weight * cross_entropy
         return TrainingStep(loss, {"dice_loss": float(dice.detach()), "cross_entropy": float(cross_entropy.detach())})
 
     def _bfloat16_on_cpu(self, device: torch.device) -> bool:
         """bfloat16 inference on CPUs with bfloat16 arithmetic (CUDA runs float16, see ``inference_context``)."""
-        return self.mixed_precision and torch.device(device).type == "cpu" and bfloat16_ready(torch.device("cpu"))
+        return self.config.mixed_precision and torch.device(device).type == "cpu" and bfloat16_ready(torch.device("cpu"))
 
-    def predict_probabilities(
-        self,
-        image: np.ndarray,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-        cancelled: CancelCheck | None = None,
-        max_block_voxels: int | None = None,
-        requested_labels: Sequence[int] | None = None,
-    ) -> np.ndarray:
+    def _predict(self, image: np.ndarray, device: torch.device, options: InferenceOptions) -> np.ndarray:
         """The mean of the per-plane probabilities inside the non-zero bounding box; background outside."""
-        stack = check_channels(image, self.in_channels)
+        config = self.config
+        stack = check_channels(image, config.in_channels)
         result = np.zeros((self.num_labels, *stack.shape[1:]), np.float32)
         result[0] = 1.0
-        box = nonzero_box(np.any(stack != 0, axis=0), self.crop_margin)
+        box = nonzero_box(np.any(stack != 0, axis=0), config.crop_margin)
         if box is None:
             return result
         cropped = np.ascontiguousarray(stack[(slice(None), *box)])
         region = result[(slice(None), *box)]  # the planes are summed in place: no extra volume in memory
         region[0] = 0.0
-        for number, axis in enumerate(self.planes):
-
-            def plane_progress(fraction: float, stage: str, number=number, axis=axis) -> None:
-                if progress is not None:
-                    progress((number + fraction) / len(self.planes), f"{stage} ({PLANE_NAMES[axis]})")
-
-            self.slice_axis = axis
-            try:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bfloat16_on_cpu(device)):
-                    self._add_probabilities(region, cropped, device, plane_progress, cancelled, max_block_voxels,
-                                            scale=1.0 / len(self.planes))
-            finally:
-                self.slice_axis = self.planes[0]
+        bfloat16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bfloat16_on_cpu(device))
+        with inference_context(self.network, device), bfloat16:
+            for number, axis in enumerate(config.planes):
+                self._add_probabilities(region, cropped, axis, device, _plane_options(options, number, axis, len(config.planes)),
+                                        scale=1.0 / len(config.planes))
         return result
+
+
+def _plane_options(options: InferenceOptions, number: int, axis: int, planes: int) -> InferenceOptions:
+    """``options`` whose progress reports the ``number``-th of ``planes`` passes as its share of the whole."""
+    progress = options.progress
+    if progress is None:
+        return options
+
+    def plane_progress(fraction: float, stage: str) -> None:
+        progress((number + fraction) / planes, f"{stage} ({PLANE_NAMES[axis]})")
+
+    return InferenceOptions(plane_progress, options.cancelled, options.max_block_voxels, options.requested_labels)
 
 
 def bfloat16_ready(device: torch.device) -> bool:

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CancelledError, InputError
+from ..errors import InputError
+from ..inferers import CancelCheck, InferenceOptions, ProgressCallback, raise_if_cancelled, report_progress
 from ..networks.triplanar import TriplanarNetwork
 from ..sampling import BalancedVoxelSampler
-from .base import Architecture, CancelCheck, ProgressCallback, TrainingStep
+from .base import Architecture, MethodConfig, TrainingStep, network_default
 
 #: Default cap of one prediction tile: about 0.3 GB of activations with the paper's network in float32.
 DEFAULT_BLOCK_VOXELS = 64**3
@@ -135,12 +137,10 @@ def predict_volume(
         host_dtype = np.float64 if dtype == torch.float64 else np.float32
         padded = torch.from_numpy(pad_volume(image.astype(host_dtype, copy=False), network.margin)).to(device, dtype)
         for number, block in enumerate(blocks):
-            if cancelled is not None and cancelled():
-                raise CancelledError("triplanar prediction was cancelled; nothing was written")
+            raise_if_cancelled(cancelled)
             logits = _block_logits(network, padded, block, pass_bytes)
             probabilities[(slice(None), *block)] = logits.float().softmax(dim=0).cpu().numpy()
-            if progress is not None:
-                progress((number + 1) / len(blocks), f"triplanar prediction: block {number + 1} of {len(blocks)}")
+            report_progress(progress, (number + 1) / len(blocks), f"triplanar prediction: block {number + 1} of {len(blocks)}")
     return probabilities
 
 
@@ -239,6 +239,28 @@ def balanced_voxel_weights(groups: torch.Tensor, num_labels: int) -> torch.Tenso
     return group_weight[group_of_voxel]
 
 
+def _triplanar_default(argument: str) -> Any:
+    return network_default(TriplanarNetwork, argument)
+
+
+@dataclass
+class TriplanarConfig(MethodConfig):
+    """Arguments of :class:`TriplanarArchitecture`: the network's (defaults: the paper's) and ``grid``."""
+
+    layers: int = _triplanar_default("layers")
+    channels: int = _triplanar_default("channels")
+    hidden_features: int = _triplanar_default("hidden_features")
+    hidden_layers: int = _triplanar_default("hidden_layers")
+    dropout: float = _triplanar_default("dropout")
+    grid: int = 3
+
+    def __post_init__(self) -> None:
+        if int(self.grid) < 1:
+            raise InputError(f"grid must be at least 1 (1 = one voxel per sample), got {self.grid}")
+        self.layers, self.channels, self.grid = int(self.layers), int(self.channels), int(self.grid)
+        self.hidden_features, self.hidden_layers, self.dropout = int(self.hidden_features), int(self.hidden_layers), float(self.dropout)
+
+
 class TriplanarArchitecture(Architecture):
     """Moeskops et al. 2017 with balanced voxel sampling, cross-entropy and dense prediction.
 
@@ -255,6 +277,7 @@ class TriplanarArchitecture(Architecture):
     """
 
     name = "triplanar"
+    Config: ClassVar[type[TriplanarConfig]] = TriplanarConfig
 
     @property
     def summary(self) -> str:
@@ -263,23 +286,10 @@ class TriplanarArchitecture(Architecture):
         return (f"Moeskops 2017 multi-task triplanar CNN: {stack.layers} shared 3x3 conv layers of "
                 f"{stack.channels} kernels on {size}x{size} axial/coronal/sagittal patches")
 
-    def __init__(self, num_labels: int, task_names: Sequence[str], grid: int = 3, **arguments: Any) -> None:
-        if int(grid) < 1:
-            raise InputError(f"grid must be at least 1 (1 = one voxel per sample), got {grid}")
-        super().__init__(num_labels, task_names, **arguments)
-        self.grid = int(grid)
-        self.arguments["grid"] = self.grid
-
-    def build_network(
-        self,
-        num_labels: int,
-        layers: int = 25,
-        channels: int = 32,
-        hidden_features: int = 192,
-        hidden_layers: int = 2,
-        dropout: float = 0.5,
-    ) -> TriplanarNetwork:
-        return TriplanarNetwork(num_labels, layers, channels, hidden_features, hidden_layers, dropout)
+    def build_network(self, num_labels: int) -> TriplanarNetwork:
+        config = self.config
+        return TriplanarNetwork(num_labels, config.layers, config.channels, config.hidden_features,
+                                config.hidden_layers, config.dropout)
 
     def sample_batch(
         self,
@@ -294,7 +304,7 @@ class TriplanarArchitecture(Architecture):
         ``(n, grid, grid, grid)`` (``IGNORED`` outside the volume or the foreground), ``groups``
         (task index x labels + label, for the loss weights), ``case_numbers`` and ``origins``.
         """
-        grid, margin = self.grid, self.network.margin
+        grid, margin = self.config.grid, self.network.margin
         numbers, positions = sampler.sample(batch_size, rng)
         count = len(numbers)
         side = grid + 2 * margin
@@ -352,12 +362,5 @@ class TriplanarArchitecture(Architecture):
         """Adam with Kingma & Ba's defaults; the paper names Adam but gives no settings."""
         return torch.optim.Adam(self.network.parameters(), lr=learning_rate or 1e-3, betas=(0.9, 0.999), eps=1e-8)
 
-    def predict_probabilities(
-        self,
-        image: np.ndarray,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-        cancelled: CancelCheck | None = None,
-        max_block_voxels: int | None = None,
-    ) -> np.ndarray:
-        return predict_volume(self.network, image, device, progress, cancelled, max_block_voxels)
+    def _predict(self, image: np.ndarray, device: torch.device, options: InferenceOptions) -> np.ndarray:
+        return predict_volume(self.network, image, device, options.progress, options.cancelled, options.max_block_voxels)

@@ -21,18 +21,17 @@ statistics).
 
 CMU-Net uses its presence head at inference: a slice where no requested class reaches
 ``presence_threshold`` in any of its windows is not decoded and is background;
-``predict_probabilities(..., requested_labels=[...])`` names the label-space indices the user asked
-for (default: all). The decision is made per slice, as in the paper, never per window: a window
+``InferenceOptions.requested_labels`` names the label-space indices the user asked for (default: all). The decision is made per slice, as in the paper, never per window: a window
 blanked beside a decoded neighbour would leave a straight-edged hole.
 
-Optional hooks for the trainer and the application (not part of :class:`Architecture`):
+Hooks of :class:`~.base.Architecture` that these architectures fill in:
 
-* ``make_scheduler(optimizer, steps_per_epoch=None)`` on the 2-D architectures: cosine annealing
+* ``make_scheduler(optimizer, steps_per_epoch=None)``: cosine annealing
   with warm restarts every ``restart_epochs`` epochs, as the CMU-Net paper; an epoch is
   ``steps_per_epoch`` training steps (default: the architecture's ``steps_per_epoch`` argument, the
   paper's 1,664 training slices over its batch size). Call ``scheduler.step()`` once after every
   optimiser step.
-* ``presence_by_class(image, device)`` on ``cmunet``: per label, the highest presence probability
+* ``presence_by_class(image, device)`` on ``cmunet`` (``None`` on the others): per label, the highest presence probability
   over all slices (background: 1), so the application can say which requested structures seem
   absent from the scan (e.g. below ``presence_threshold``).
 * ``unet2d_pretrained`` counts its own ``training_step`` calls (the network buffer
@@ -42,36 +41,20 @@ Optional hooks for the trainer and the application (not part of :class:`Architec
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from ..inferers import InferenceOptions, WindowGrid, blend_windows, inference_context, raise_if_cancelled, report_progress
 from ..losses import presence_focal_loss, soft_dice_loss
 from ..networks.cmunet import CMUNet
-from .base import Architecture, CancelCheck, ProgressCallback, TrainingStep
-from .unet_windows import (
-    AxisWindows,
-    as_ints,
-    check_channels,
-    crop_centred,
-    fit_window,
-    inference_context,
-    plan_axis_windows,
-    plan_gaussian_windows,
-    raise_if_cancelled,
-    report_progress,
-    round_up,
-    window_region,
-    window_weight,
-)
-
-if TYPE_CHECKING:
-    from ..sampling import BalancedVoxelSampler
+from ..sampling import BalancedVoxelSampler
+from .base import Architecture, MethodConfig, TrainingStep, default_field, network_default
+from .inputs import as_ints, check_channels, crop_centred
 
 
 def presence_targets(labels: np.ndarray, inside: np.ndarray, num_labels: int, min_voxels: int = 1) -> np.ndarray:
@@ -89,102 +72,141 @@ def presence_targets(labels: np.ndarray, inside: np.ndarray, num_labels: int, mi
 # ---------------------------------------------------------------------------------------------
 # CMU-Net paper: 2-D U-Nets on slices
 
-CMUNET_CHANNELS = (16, 32, 64, 128, 256)
 #: Share of a window's side its neighbours overlap at inference (Gaussian blending, see
-#: :func:`~.unet_windows.plan_gaussian_windows`); ``None`` in a model file: the older margin scheme.
+#: :func:`~MultiTaskSegLib.inferers.windows.plan_gaussian_windows`); ``None`` in a model file: the
+#: older margin scheme.
 WINDOW_OVERLAP = 0.5
 
 
-class _SliceUNetArchitecture(Architecture):
-    """What the three 2-D U-Nets share: slice sampling, scheduler, slice-wise prediction.
+@dataclass
+class SliceUNetConfig(MethodConfig):
+    """Arguments every 2-D U-Net takes (see :class:`CMUNetArchitecture` for their meaning)."""
 
-    A training sample is the ``patch_size`` crop, perpendicular to ``slice_axis`` (0 = axial in
+    channels: Sequence[int] = default_field(network_default(CMUNet, "channels"))
+    negative_slope: float = network_default(CMUNet, "negative_slope")
+    in_channels: int = network_default(CMUNet, "in_channels")
+    patch_size: Sequence[int] = (128, 128)
+    learning_rate: float = 1e-3
+    restart_epochs: int = 10
+    steps_per_epoch: int = 277
+    presence_min_voxels: int = 1
+    inference_margin: int = 16
+    inference_block_voxels: int = 2**20
+    window_overlap: float | None = WINDOW_OVERLAP
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(count) for count in self.channels)
+        self.patch_size = as_ints(self.patch_size, 2, "patch_size")
+        multiple = 2 ** (len(self.channels) - 1)
+        if any(side % multiple or side < 2 * multiple for side in self.patch_size):
+            raise InputError(
+                f"patch_size {list(self.patch_size)} must have sides that are multiples of {multiple} "
+                f"(2^{len(self.channels) - 1} for {len(self.channels)} encoder blocks) and at least {2 * multiple}, "
+                "so instance norm at the bottleneck sees more than one voxel"
+            )
+        if self.window_overlap is not None and not 0.0 <= float(self.window_overlap) < 1.0:
+            raise InputError(f"window_overlap must lie in 0..1 (1 excluded), or be null for margin blending; "
+                             f"got {self.window_overlap}")
+        if int(self.in_channels) < 1:
+            raise InputError(f"in_channels must be 1 or more, got {self.in_channels}")
+        self.negative_slope, self.learning_rate = float(self.negative_slope), float(self.learning_rate)
+        self.in_channels, self.restart_epochs = int(self.in_channels), int(self.restart_epochs)
+        self.steps_per_epoch, self.presence_min_voxels = int(self.steps_per_epoch), int(self.presence_min_voxels)
+        self.inference_margin, self.inference_block_voxels = int(self.inference_margin), int(self.inference_block_voxels)
+        self.window_overlap = None if self.window_overlap is None else float(self.window_overlap)
+
+
+@dataclass
+class PlanarUNetConfig(SliceUNetConfig):
+    """The CMU-Net paper's baseline U-Net on one plane (paper: learning rate 1e-2, batch 10)."""
+
+    slice_axis: int = 0
+    learning_rate: float = 1e-2
+    steps_per_epoch: int = 166
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.slice_axis not in (0, 1, 2):
+            raise InputError(f"slice_axis must be 0 (axial), 1 (coronal) or 2 (sagittal), got {self.slice_axis}")
+        self.slice_axis = int(self.slice_axis)
+
+
+def _check_focal_weights(weights: Sequence[float]) -> tuple[float, float]:
+    weights = tuple(float(weight) for weight in weights)
+    if len(weights) != 2 or min(weights) < 0:
+        raise InputError(f"focal weights are (positive, negative), two non-negative numbers; got {list(weights)}")
+    return weights
+
+
+@dataclass
+class CMUNetConfig(PlanarUNetConfig):
+    """CMU-Net (paper: learning rate 1e-3, batch 6, loss 0.5 Dice + 0.5 focal)."""
+
+    learning_rate: float = 1e-3
+    steps_per_epoch: int = 277
+    segmentation_weight: float = 0.5
+    classification_weight: float = 0.5
+    focal_weights: Sequence[float] = (0.8, 0.2)
+    focal_gamma: float = 2.0
+    presence_threshold: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.focal_weights = _check_focal_weights(self.focal_weights)
+        self.segmentation_weight, self.classification_weight = float(self.segmentation_weight), float(self.classification_weight)
+        self.focal_gamma = float(self.focal_gamma)
+        self.presence_threshold = None if self.presence_threshold is None else float(self.presence_threshold)
+
+
+@dataclass
+class PretrainedUNetConfig(PlanarUNetConfig):
+    """The two-phase baseline (paper: 100 epochs of presence pre-training, focal weights 0.5/0.5)."""
+
+    pretrain_steps: int = 16_600
+    focal_weights: Sequence[float] = (0.5, 0.5)
+    focal_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.pretrain_steps) < 0:
+            raise InputError(f"pretrain_steps must be zero or more, got {self.pretrain_steps}")
+        self.pretrain_steps = int(self.pretrain_steps)
+        self.focal_weights = _check_focal_weights(self.focal_weights)
+        self.focal_gamma = float(self.focal_gamma)
+
+
+class _SliceUNetArchitecture(Architecture):
+    """What the 2-D U-Nets share: slice sampling, scheduler, slice-wise prediction.
+
+    A training sample is the ``patch_size`` crop, perpendicular to the slice axis (0 = axial in
     (z, y, x) volumes), of the slice through a balanced position, centred on it. The batch also holds
     the crop's presence targets (see :func:`presence_targets`).
     """
 
+    Config: ClassVar[type[SliceUNetConfig]] = SliceUNetConfig
     #: Whether the network has the presence head.
     presence_head: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        num_labels: int,
-        task_names: Sequence[str],
-        *,
-        channels: Sequence[int],
-        negative_slope: float,
-        patch_size: Sequence[int],
-        slice_axis: int,
-        learning_rate: float,
-        restart_epochs: int,
-        steps_per_epoch: int,
-        inference_margin: int,
-        inference_block_voxels: int,
-        window_overlap: float | None,
-        **method_arguments: Any,
-    ) -> None:
-        channels = [int(count) for count in channels]
-        patch_size = as_ints(patch_size, 2, "patch_size")
-        multiple = 2 ** (len(channels) - 1)
-        if any(side % multiple or side < 2 * multiple for side in patch_size):
-            raise InputError(
-                f"patch_size {patch_size} must have sides that are multiples of {multiple} "
-                f"(2^{len(channels) - 1} for {len(channels)} encoder blocks) and at least {2 * multiple}, "
-                "so instance norm at the bottleneck sees more than one voxel"
-            )
-        if window_overlap is not None and not 0.0 <= float(window_overlap) < 1.0:
-            raise InputError(f"window_overlap must lie in 0..1 (1 excluded), or be null for margin blending; got {window_overlap}")
-        if slice_axis not in (0, 1, 2):
-            raise InputError(f"slice_axis must be 0 (axial), 1 (coronal) or 2 (sagittal), got {slice_axis}")
-        super().__init__(
-            num_labels,
-            task_names,
-            channels=channels,
-            negative_slope=float(negative_slope),
-            patch_size=patch_size,
-            slice_axis=int(slice_axis),
-            learning_rate=float(learning_rate),
-            restart_epochs=int(restart_epochs),
-            steps_per_epoch=int(steps_per_epoch),
-            inference_margin=int(inference_margin),
-            inference_block_voxels=int(inference_block_voxels),
-            window_overlap=None if window_overlap is None else float(window_overlap),
-            **method_arguments,
-        )
-        self.patch_size = tuple(patch_size)
-        self.slice_axis = int(slice_axis)
-        self.learning_rate = float(learning_rate)
-        self.restart_epochs = int(restart_epochs)
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.presence_min_voxels = int(self.arguments.get("presence_min_voxels", 1))
-        self.inference_margin = int(inference_margin)
-        self.inference_block_voxels = int(inference_block_voxels)
-        self.window_overlap = self.arguments["window_overlap"]
-        self.in_channels = int(self.arguments.get("in_channels", 1))
-
-    def build_network(self, num_labels: int, **arguments: Any) -> CMUNet:
-        return CMUNet(
-            num_labels,
-            in_channels=int(arguments.get("in_channels", 1)),
-            channels=arguments["channels"],
-            negative_slope=arguments["negative_slope"],
-            presence_head=self.presence_head,
-        )
+    def build_network(self, num_labels: int) -> CMUNet:
+        config = self.config
+        return CMUNet(num_labels, in_channels=config.in_channels, channels=config.channels,
+                      negative_slope=config.negative_slope, presence_head=self.presence_head)
 
     def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         numbers, positions = sampler.sample(batch_size, rng)
+        axis, size = self.config.slice_axis, self.config.patch_size
         images, labels, inside, present = [], [], [], []
         for number, position in zip(numbers, positions):
             case = sampler.cases[number]
-            centre = np.delete(position, self.slice_axis)
-            image_slice = np.take(case.image, position[self.slice_axis], axis=self.slice_axis)
-            label_slice = np.take(case.labels, position[self.slice_axis], axis=self.slice_axis)
-            image, valid = crop_centred(image_slice.astype(np.float32, copy=False), centre, self.patch_size)
-            label = crop_centred(label_slice, centre, self.patch_size)[0].astype(np.int64)
+            centre = np.delete(position, axis)
+            image_slice = np.take(case.image, position[axis], axis=axis)
+            label_slice = np.take(case.labels, position[axis], axis=axis)
+            image, valid = crop_centred(image_slice.astype(np.float32, copy=False), centre, size)
+            label = crop_centred(label_slice, centre, size)[0].astype(np.int64)
             images.append(image)
             labels.append(label)
             inside.append(valid)
-            present.append(presence_targets(label, valid, self.num_labels, self.presence_min_voxels))
+            present.append(presence_targets(label, valid, self.num_labels, self.config.presence_min_voxels))
         return {
             "image": torch.from_numpy(np.stack(images)[:, None]),
             "labels": torch.from_numpy(np.stack(labels)),
@@ -193,15 +215,15 @@ class _SliceUNetArchitecture(Architecture):
         }
 
     def make_optimizer(self, learning_rate: float | None = None) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.network.parameters(), lr=learning_rate or self.learning_rate)
+        return torch.optim.Adam(self.network.parameters(), lr=learning_rate or self.config.learning_rate)
 
     def make_scheduler(
         self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """Cosine annealing with warm restarts every ``restart_epochs`` epochs of ``steps_per_epoch``
         steps (default: the architecture's ``steps_per_epoch``); step it once per optimiser step."""
-        epoch = self.steps_per_epoch if steps_per_epoch is None else int(steps_per_epoch)
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=max(1, self.restart_epochs * epoch))
+        epoch = self.config.steps_per_epoch if steps_per_epoch is None else int(steps_per_epoch)
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=max(1, self.config.restart_epochs * epoch))
 
     def _segmentation_loss(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Dice loss of the batch, and the encoder features it came from."""
@@ -212,102 +234,54 @@ class _SliceUNetArchitecture(Architecture):
 
     # -- slice-wise prediction ----------------------------------------------------------------
 
-    def _slice_windows(self, image: np.ndarray, max_block_voxels: int | None):
-        """The volume with slices first and padded planes, the in-plane window plans, and how many
-        windows go in one batch."""
-        volume = np.moveaxis(check_channels(image, self.in_channels), 1 + self.slice_axis, 0)  # (slices, C, H, W)
+    def _slice_grid(self, image: np.ndarray, axis: int, max_block_voxels: int | None) -> WindowGrid:
+        """The slices along ``axis`` cut into in-plane windows, whole slices per batch (so that a
+        presence decision can be taken per slice)."""
+        config = self.config
+        slices = np.moveaxis(check_channels(image, config.in_channels), 1 + axis, 0)  # (slices, C, H, W)
         multiple = self.network.size_multiple
-        plane = volume.shape[2:]
-        window_size = self.inference_window(plane)
-        padded_plane = tuple(round_up(max(side, patch), multiple) for side, patch in zip(plane, window_size))
-        limit = max_block_voxels or self.inference_block_voxels
         # Windows keep at least 2x2 bottleneck voxels: instance norm needs more than one.
-        window = fit_window(window_size, limit, multiple, smallest=2 * multiple)
-        if self.window_overlap is None:
-            plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_plane, window)]
-        else:
-            plans = [plan_gaussian_windows(length, side, self.window_overlap, multiple) for length, side in zip(padded_plane, window)]
-        padded = np.zeros((*volume.shape[:2], *padded_plane), np.float32)
-        padded[:, :, : plane[0], : plane[1]] = volume
-        per_slice = math.prod(len(plan.starts) for plan in plans)
-        # Whole slices per batch, so that a presence decision can be taken per slice.
-        return padded, plans, max(1, limit // math.prod(window) // per_slice) * per_slice
+        return WindowGrid.plan(slices, self.inference_window(slices.shape[2:]), multiple,
+                               max_block_voxels or config.inference_block_voxels, overlap=config.window_overlap,
+                               margin=config.inference_margin, smallest=2 * multiple, whole_items=True)
 
     def inference_window(self, plane: Sequence[int]) -> tuple[int, ...]:
         """The in-plane window of inference for slices of size ``plane``: the training crop, as instance
         norm saw crops of that size in training."""
-        return tuple(self.patch_size)
+        return tuple(self.config.patch_size)
 
-    @staticmethod
-    def _window_batches(padded: np.ndarray, plans: Sequence[AxisWindows], batch_windows: int):
-        """Batches of ``(slice, in-plane window index)`` pairs over all slices."""
-        windows = list(itertools.product(range(padded.shape[0]), *(range(len(plan.starts)) for plan in plans)))
-        for first in range(0, len(windows), batch_windows):
-            yield windows[first : first + batch_windows], len(windows)
+    def _predict(self, image: np.ndarray, device: torch.device, options: InferenceOptions) -> np.ndarray:
+        """See the module docstring: slices along ``slice_axis``."""
+        out = np.zeros((self.num_labels, *np.shape(image)[-3:]), np.float32)
+        with inference_context(self.network, device):
+            self._add_probabilities(out, image, self.config.slice_axis, device, options)
+        return out
 
-    @staticmethod
-    def _batch_tensor(padded: np.ndarray, plans: Sequence[AxisWindows], items, device: torch.device) -> torch.Tensor:
-        crops = [padded[(number, slice(None), *window_region(plans, index))] for number, *index in items]
-        return torch.from_numpy(np.stack(crops)).to(device)
+    def _add_probabilities(self, out: np.ndarray, image: np.ndarray, axis: int, device: torch.device,
+                           options: InferenceOptions, scale: float = 1.0) -> None:
+        """Add ``scale`` times the probabilities of slices along ``axis`` into ``out`` (labels, z, y, x;
+        a view will do). Run inside :func:`~MultiTaskSegLib.inferers.inference_context`."""
+        grid = self._slice_grid(image, axis, options.max_block_voxels)
+        target = np.moveaxis(out, 1 + axis, 1)  # (labels, slices, rows, columns), a view
+
+        def predict(batch: torch.Tensor) -> np.ndarray:
+            return self._window_probabilities(batch, grid.windows_per_item, options.requested_labels)
+
+        blend_windows(grid, predict, target, device, options, scale, "Segmenting slices")
 
     def _skip_mask(self, features: list[torch.Tensor], requested_labels: Sequence[int] | None) -> torch.Tensor | None:
         """Windows whose segmentation is skipped (background); ``None`` when nothing is skipped."""
         return None
 
-    def predict_probabilities(
-        self,
-        image: np.ndarray,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-        cancelled: CancelCheck | None = None,
-        max_block_voxels: int | None = None,
-        requested_labels: Sequence[int] | None = None,
-    ) -> np.ndarray:
-        """See the module docstring; ``requested_labels`` (label-space indices, default all) only
-        matters to ``cmunet``, which skips windows where none of them is predicted present."""
-        out = np.zeros((self.num_labels, *np.shape(image)[-3:]), np.float32)
-        self._add_probabilities(out, image, device, progress, cancelled, max_block_voxels, requested_labels)
-        return out
-
-    def _add_probabilities(self, out: np.ndarray, image: np.ndarray, device: torch.device,
-                           progress: ProgressCallback | None, cancelled: CancelCheck | None,
-                           max_block_voxels: int | None, requested_labels: Sequence[int] | None = None,
-                           scale: float = 1.0) -> None:
-        """Add ``scale`` times the probabilities of slices along ``slice_axis`` into ``out`` (labels,
-        z, y, x; a view will do), window by window, each already divided by the blending weights'
-        sum: no volume of sums is held beside ``out``."""
-        padded, plans, batch_windows = self._slice_windows(image, max_block_voxels)
-        total_weight = np.zeros(padded.shape[2:], np.float32)
-        for index in itertools.product(*(range(len(plan.starts)) for plan in plans)):
-            total_weight[window_region(plans, index)] += window_weight(plans, index)
-        target = np.moveaxis(out, 1 + self.slice_axis, 1)  # (labels, slices, rows, columns), a view
-        limits = target.shape[2:]
-        stage = "Segmenting slices"
-        report_progress(progress, 0.0, stage)
-        with inference_context(self.network, device):
-            done = 0
-            for items, total in self._window_batches(padded, plans, batch_windows):
-                raise_if_cancelled(cancelled)
-                for (number, *index), window_probabilities in zip(items, self._window_probabilities(
-                        padded, plans, items, device, requested_labels)):
-                    region = window_region(plans, index)
-                    inside = tuple(slice(0, max(0, min(part.stop, limit) - part.start)) for part, limit in zip(region, limits))
-                    weight = window_weight(plans, index) * (scale / total_weight[region])
-                    target[(slice(None), number, *(slice(part.start, part.start + cut.stop) for part, cut in zip(region, inside)))] += \
-                        (window_probabilities * weight)[(slice(None), *inside)]
-                done += len(items)
-                report_progress(progress, done / total, stage)
-
-    def _window_probabilities(self, padded: np.ndarray, plans, items, device: torch.device,
-                              requested_labels: Sequence[int] | None) -> np.ndarray:
-        """Softmax probabilities of a batch of windows; windows of skipped slices are background."""
-        features = self.network.encode(self._batch_tensor(padded, plans, items, device))
+    def _window_probabilities(self, batch: torch.Tensor, per_slice: int, requested_labels: Sequence[int] | None) -> np.ndarray:
+        """Softmax probabilities of a batch of windows (whole slices of ``per_slice`` windows each);
+        windows of skipped slices are background."""
+        features = self.network.encode(batch)
         skipped = self._skip_mask(features, requested_labels)
         if skipped is not None:  # a slice is skipped only when all its windows are
-            per_slice = math.prod(len(plan.starts) for plan in plans)
             skipped = skipped.view(-1, per_slice).all(dim=1).repeat_interleave(per_slice)
-        kept = torch.ones(len(items), dtype=torch.bool, device=device) if skipped is None else ~skipped
-        probabilities = torch.zeros((len(items), self.num_labels, *features[0].shape[2:]), device=device)
+        kept = torch.ones(len(batch), dtype=torch.bool, device=batch.device) if skipped is None else ~skipped
+        probabilities = torch.zeros((len(batch), self.num_labels, *features[0].shape[2:]), device=batch.device)
         probabilities[:, 0] = 1
         if bool(kept.any()):
             logits = self.network.decode([feature[kept] for feature in features])
@@ -315,18 +289,11 @@ class _SliceUNetArchitecture(Architecture):
         return probabilities.cpu().numpy()
 
 
-def _check_focal_weights(weights: Sequence[float]) -> list[float]:
-    weights = [float(weight) for weight in weights]
-    if len(weights) != 2 or min(weights) < 0:
-        raise InputError(f"focal weights are (positive, negative), two non-negative numbers; got {weights}")
-    return weights
-
-
 class CMUNetArchitecture(_SliceUNetArchitecture):
     """CMU-Net: 2-D U-Net plus a per-class presence head, trained jointly on
     ``segmentation_weight * Dice + classification_weight * focal``.
 
-    Args (network, see :class:`~MultiTaskSegLib.networks.cmunet.CMUNet`): channels, negative_slope.
+    Args (network, see :class:`~MultiTaskSegLib.networks.cmunet.CMUNet`): channels, negative_slope, in_channels.
     Args (training):
         patch_size: (rows, columns) of a slice crop, multiples of ``2 ** (len(channels) - 1)``.
         slice_axis: axis of the (z, y, x) volume the slices are perpendicular to (0 = axial).
@@ -349,61 +316,19 @@ class CMUNetArchitecture(_SliceUNetArchitecture):
 
     name: ClassVar[str] = "cmunet"
     summary: ClassVar[str] = "CMU-Net: 2-D U-Net with a per-class presence head, Dice + focal loss, skips absent slices"
+    Config: ClassVar[type[CMUNetConfig]] = CMUNetConfig
     presence_head: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        num_labels: int,
-        task_names: Sequence[str],
-        *,
-        channels: Sequence[int] = CMUNET_CHANNELS,
-        negative_slope: float = 0.2,
-        patch_size: Sequence[int] = (128, 128),
-        slice_axis: int = 0,
-        learning_rate: float = 1e-3,
-        segmentation_weight: float = 0.5,
-        classification_weight: float = 0.5,
-        focal_weights: Sequence[float] = (0.8, 0.2),
-        focal_gamma: float = 2.0,
-        presence_min_voxels: int = 1,
-        restart_epochs: int = 10,
-        steps_per_epoch: int = 277,
-        presence_threshold: float | None = 0.5,
-        inference_margin: int = 16,
-        inference_block_voxels: int = 2**20,
-        window_overlap: float | None = WINDOW_OVERLAP,
-    ) -> None:
-        super().__init__(
-            num_labels,
-            task_names,
-            channels=channels,
-            negative_slope=negative_slope,
-            patch_size=patch_size,
-            slice_axis=slice_axis,
-            learning_rate=learning_rate,
-            restart_epochs=restart_epochs,
-            steps_per_epoch=steps_per_epoch,
-            inference_margin=inference_margin,
-            inference_block_voxels=inference_block_voxels,
-            window_overlap=window_overlap,
-            presence_min_voxels=int(presence_min_voxels),
-            segmentation_weight=float(segmentation_weight),
-            classification_weight=float(classification_weight),
-            focal_weights=_check_focal_weights(focal_weights),
-            focal_gamma=float(focal_gamma),
-            presence_threshold=None if presence_threshold is None else float(presence_threshold),
-        )
-        self.segmentation_weight = float(segmentation_weight)
-        self.classification_weight = float(classification_weight)
-        self.focal_weights = tuple(self.arguments["focal_weights"])
-        self.focal_gamma = float(focal_gamma)
-        self.presence_threshold = self.arguments["presence_threshold"]
+    @property
+    def presence_threshold(self) -> float | None:
+        return self.config.presence_threshold
 
     def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
+        config = self.config
         dice, features = self._segmentation_loss(batch, device)
         present = batch["present"].to(device, non_blocking=True)
-        focal = presence_focal_loss(self.network.classify(features[-1]), present, *self.focal_weights, self.focal_gamma)
-        loss = self.segmentation_weight * dice + self.classification_weight * focal
+        focal = presence_focal_loss(self.network.classify(features[-1]), present, *config.focal_weights, config.focal_gamma)
+        loss = config.segmentation_weight * dice + config.classification_weight * focal
         return TrainingStep(loss, {"dice_loss": float(dice.detach()), "focal_loss": float(focal.detach())})
 
     def _skip_mask(self, features: list[torch.Tensor], requested_labels: Sequence[int] | None) -> torch.Tensor | None:
@@ -422,30 +347,25 @@ class CMUNetArchitecture(_SliceUNetArchitecture):
             )
         return columns
 
-    def presence_by_class(
-        self,
-        image: np.ndarray,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-        cancelled: CancelCheck | None = None,
-        max_block_voxels: int | None = None,
-    ) -> np.ndarray:
+    def presence_by_class(self, image: np.ndarray, device: torch.device,
+                          options: InferenceOptions | None = None) -> np.ndarray:
         """``(num_labels,)`` float32: per label the highest presence probability of any slice window
         (index 0, the background, is always 1). Runs only the encoder and the head."""
-        padded, plans, batch_windows = self._slice_windows(image, max_block_voxels)
+        options = options or InferenceOptions()
+        grid = self._slice_grid(image, self.config.slice_axis, options.max_block_voxels)
         highest = np.zeros(self.num_labels, np.float32)
         highest[0] = 1
         stage = "Checking which structures are present"
-        report_progress(progress, 0.0, stage)
+        report_progress(options.progress, 0.0, stage)
         with inference_context(self.network, device):
             done = 0
-            for items, total in self._window_batches(padded, plans, batch_windows):
-                raise_if_cancelled(cancelled)
-                features = self.network.encode(self._batch_tensor(padded, plans, items, device))
+            for items, total in grid.batches():
+                raise_if_cancelled(options.cancelled)
+                features = self.network.encode(grid.tensor(items, device))
                 presence = torch.sigmoid(self.network.classify(features[-1]).float()).amax(dim=0).cpu().numpy()
                 highest[1:] = np.maximum(highest[1:], presence)
                 done += len(items)
-                report_progress(progress, done / total, stage)
+                report_progress(options.progress, done / total, stage)
         return highest
 
 
@@ -457,38 +377,8 @@ class UNet2DArchitecture(_SliceUNetArchitecture):
 
     name: ClassVar[str] = "unet2d"
     summary: ClassVar[str] = "2-D U-Net on slices with Dice loss (the CMU-Net paper's baseline)"
+    Config: ClassVar[type[PlanarUNetConfig]] = PlanarUNetConfig
     presence_head: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        num_labels: int,
-        task_names: Sequence[str],
-        *,
-        channels: Sequence[int] = CMUNET_CHANNELS,
-        negative_slope: float = 0.2,
-        patch_size: Sequence[int] = (128, 128),
-        slice_axis: int = 0,
-        learning_rate: float = 1e-2,
-        restart_epochs: int = 10,
-        steps_per_epoch: int = 166,
-        inference_margin: int = 16,
-        inference_block_voxels: int = 2**20,
-        window_overlap: float | None = WINDOW_OVERLAP,
-    ) -> None:
-        super().__init__(
-            num_labels,
-            task_names,
-            channels=channels,
-            negative_slope=negative_slope,
-            patch_size=patch_size,
-            slice_axis=slice_axis,
-            learning_rate=learning_rate,
-            restart_epochs=restart_epochs,
-            steps_per_epoch=steps_per_epoch,
-            inference_margin=inference_margin,
-            inference_block_voxels=inference_block_voxels,
-            window_overlap=window_overlap,
-        )
 
     def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
         dice, _ = self._segmentation_loss(batch, device)
@@ -513,61 +403,18 @@ class PretrainedEncoderUNet2DArchitecture(_SliceUNetArchitecture):
 
     name: ClassVar[str] = "unet2d_pretrained"
     summary: ClassVar[str] = "2-D U-Net whose encoder is first pre-trained on slice presence classification, then segmentation"
+    Config: ClassVar[type[PretrainedUNetConfig]] = PretrainedUNetConfig
     presence_head: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        num_labels: int,
-        task_names: Sequence[str],
-        *,
-        channels: Sequence[int] = CMUNET_CHANNELS,
-        negative_slope: float = 0.2,
-        patch_size: Sequence[int] = (128, 128),
-        slice_axis: int = 0,
-        learning_rate: float = 1e-2,
-        pretrain_steps: int = 16_600,
-        focal_weights: Sequence[float] = (0.5, 0.5),
-        focal_gamma: float = 2.0,
-        presence_min_voxels: int = 1,
-        restart_epochs: int = 10,
-        steps_per_epoch: int = 166,
-        inference_margin: int = 16,
-        inference_block_voxels: int = 2**20,
-        window_overlap: float | None = WINDOW_OVERLAP,
-    ) -> None:
-        if int(pretrain_steps) < 0:
-            raise InputError(f"pretrain_steps must be zero or more, got {pretrain_steps}")
-        super().__init__(
-            num_labels,
-            task_names,
-            channels=channels,
-            negative_slope=negative_slope,
-            patch_size=patch_size,
-            slice_axis=slice_axis,
-            learning_rate=learning_rate,
-            restart_epochs=restart_epochs,
-            steps_per_epoch=steps_per_epoch,
-            inference_margin=inference_margin,
-            inference_block_voxels=inference_block_voxels,
-            window_overlap=window_overlap,
-            presence_min_voxels=int(presence_min_voxels),
-            pretrain_steps=int(pretrain_steps),
-            focal_weights=_check_focal_weights(focal_weights),
-            focal_gamma=float(focal_gamma),
-        )
-        self.pretrain_steps = int(pretrain_steps)
-        self.focal_weights = tuple(self.arguments["focal_weights"])
-        self.focal_gamma = float(focal_gamma)
-
-    def build_network(self, num_labels: int, **arguments: Any) -> CMUNet:
-        network = super().build_network(num_labels, **arguments)
+    def build_network(self, num_labels: int) -> CMUNet:
+        network = super().build_network(num_labels)
         network.register_buffer("training_steps_done", torch.zeros((), dtype=torch.int64))
         return network
 
     @property
     def pretraining(self) -> bool:
         """True while the next ``training_step`` trains the encoder on presence classification."""
-        return int(self.network.training_steps_done) < self.pretrain_steps
+        return int(self.network.training_steps_done) < self.config.pretrain_steps
 
     def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
         pretraining = self.pretraining
@@ -575,7 +422,7 @@ class PretrainedEncoderUNet2DArchitecture(_SliceUNetArchitecture):
         if pretraining:
             image, present = (batch[key].to(device, non_blocking=True) for key in ("image", "present"))
             logits = self.network.classify(self.network.encode(image)[-1])
-            focal = presence_focal_loss(logits, present, *self.focal_weights, self.focal_gamma)
+            focal = presence_focal_loss(logits, present, *self.config.focal_weights, self.config.focal_gamma)
             return TrainingStep(focal, {"focal_loss": float(focal.detach()), "phase": 1.0})
         dice, _ = self._segmentation_loss(batch, device)
         return TrainingStep(dice, {"dice_loss": float(dice.detach()), "phase": 2.0})

@@ -3,7 +3,7 @@
 Training blocks are centred on positions from ``sampler.sample`` so every batch is balanced over
 the model's tasks and their classes; a block reaching past the image is padded with zeros (the
 normalised "nothing" value) and the padding is left out of the loss. Prediction accepts any volume
-size and tiles large volumes into blended windows (:mod:`.unet_windows`). On CUDA inference runs
+size and tiles large volumes into blended windows (:mod:`~MultiTaskSegLib.inferers`). On CUDA inference runs
 under float16 autocast; on the CPU in float32. ``progress(fraction, stage)`` is called after every
 window; ``cancelled()`` is checked before every window and raises
 :class:`~MultiTaskSegLib.errors.CancelledError`.
@@ -11,38 +11,53 @@ window; ``cancelled()`` is checked before every window and raises
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..inferers import InferenceOptions, WindowGrid, blend_windows, inference_context, round_up
 from ..losses import soft_iou_loss
-from ..networks.blocks import AVETISIAN_PLANE_KERNELS
 from ..networks.unet_factorised import FactorisedUNet3d
-from .base import Architecture, CancelCheck, ProgressCallback, TrainingStep
-from .unet_windows import (
-    as_ints,
-    check_volume,
-    crop_centred,
-    fit_window,
-    inference_context,
-    plan_axis_windows,
-    raise_if_cancelled,
-    report_progress,
-    round_up,
-    window_region,
-    window_weight,
-)
-
-if TYPE_CHECKING:
-    from ..sampling import BalancedVoxelSampler
+from ..sampling import BalancedVoxelSampler
+from .base import Architecture, MethodConfig, TrainingStep, default_field, network_default
+from .inputs import as_ints, check_volume, crop_centred
 
 # ---------------------------------------------------------------------------------------------
 # Avetisian: volumetric U-Net with planar-factorised convolutions
+
+
+@dataclass
+class FactorisedUNet3DConfig(MethodConfig):
+    """Arguments of :class:`FactorisedUNet3DArchitecture` (documented there)."""
+
+    first_channels: int = network_default(FactorisedUNet3d, "first_channels")
+    depth: int = network_default(FactorisedUNet3d, "depth")
+    plane_kernels: Sequence[Sequence[int]] = default_field(
+        [list(kernel) for kernel in network_default(FactorisedUNet3d, "plane_kernels")])
+    block_dropout: float = network_default(FactorisedUNet3d, "block_dropout")
+    output_dropout: float = network_default(FactorisedUNet3d, "output_dropout")
+    up_kernel_size: int = network_default(FactorisedUNet3d, "up_kernel_size")
+    block_shape: Sequence[int] = (32, 32, 32)
+    learning_rate: float = 7.6e-5
+    l2_weight: float = 3e-4
+    gradient_clip: float = 1.0
+    inference_margin: int = 16
+    inference_block_voxels: int = 128**3
+
+    def __post_init__(self) -> None:
+        self.block_shape = as_ints(self.block_shape, 3, "block_shape")
+        self.first_channels, self.depth, self.up_kernel_size = int(self.first_channels), int(self.depth), int(self.up_kernel_size)
+        if any(side % 2**self.depth for side in self.block_shape):
+            raise InputError(f"block_shape {list(self.block_shape)} must have sides that are multiples of 2^depth = {2**self.depth}")
+        self.plane_kernels = [[int(side) for side in kernel] for kernel in self.plane_kernels]
+        self.block_dropout, self.output_dropout = float(self.block_dropout), float(self.output_dropout)
+        self.learning_rate, self.l2_weight, self.gradient_clip = float(self.learning_rate), float(self.l2_weight), float(self.gradient_clip)
+        self.inference_margin, self.inference_block_voxels = int(self.inference_margin), int(self.inference_block_voxels)
 
 
 class FactorisedUNet3DArchitecture(Architecture):
@@ -67,70 +82,22 @@ class FactorisedUNet3DArchitecture(Architecture):
     summary: ClassVar[str] = (
         "Avetisian volumetric U-Net: four planar 3x3 convolutions per block, soft IoU loss, 3-D blocks"
     )
+    Config: ClassVar[type[FactorisedUNet3DConfig]] = FactorisedUNet3DConfig
 
-    def __init__(
-        self,
-        num_labels: int,
-        task_names: Sequence[str],
-        *,
-        first_channels: int = 30,
-        depth: int = 3,
-        plane_kernels: Sequence[Sequence[int]] = AVETISIAN_PLANE_KERNELS,
-        block_dropout: float = 0.15,
-        output_dropout: float = 0.15,
-        up_kernel_size: int = 2,
-        block_shape: Sequence[int] = (32, 32, 32),
-        learning_rate: float = 7.6e-5,
-        l2_weight: float = 3e-4,
-        gradient_clip: float = 1.0,
-        inference_margin: int = 16,
-        inference_block_voxels: int = 128**3,
-    ) -> None:
-        block_shape = as_ints(block_shape, 3, "block_shape")
-        if any(side % 2**depth for side in block_shape):
-            raise InputError(f"block_shape {block_shape} must have sides that are multiples of 2^depth = {2**depth}")
-        super().__init__(
-            num_labels,
-            task_names,
-            first_channels=int(first_channels),
-            depth=int(depth),
-            plane_kernels=[[int(side) for side in kernel] for kernel in plane_kernels],
-            block_dropout=float(block_dropout),
-            output_dropout=float(output_dropout),
-            up_kernel_size=int(up_kernel_size),
-            block_shape=block_shape,
-            learning_rate=float(learning_rate),
-            l2_weight=float(l2_weight),
-            gradient_clip=float(gradient_clip),
-            inference_margin=int(inference_margin),
-            inference_block_voxels=int(inference_block_voxels),
-        )
-        self.block_shape = tuple(block_shape)
-        self.learning_rate = float(learning_rate)
-        self.l2_weight = float(l2_weight)
-        self.gradient_clip = float(gradient_clip)
-        self.inference_margin = int(inference_margin)
-        self.inference_block_voxels = int(inference_block_voxels)
-
-    def build_network(self, num_labels: int, **arguments: Any) -> FactorisedUNet3d:
-        return FactorisedUNet3d(
-            num_labels,
-            first_channels=arguments["first_channels"],
-            depth=arguments["depth"],
-            plane_kernels=arguments["plane_kernels"],
-            block_dropout=arguments["block_dropout"],
-            output_dropout=arguments["output_dropout"],
-            up_kernel_size=arguments["up_kernel_size"],
-        )
+    def build_network(self, num_labels: int) -> FactorisedUNet3d:
+        config = self.config
+        return FactorisedUNet3d(num_labels, first_channels=config.first_channels, depth=config.depth,
+                                plane_kernels=config.plane_kernels, block_dropout=config.block_dropout,
+                                output_dropout=config.output_dropout, up_kernel_size=config.up_kernel_size)
 
     def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         numbers, positions = sampler.sample(batch_size, rng)
         images, labels, inside = [], [], []
         for number, position in zip(numbers, positions):
             case = sampler.cases[number]
-            image, valid = crop_centred(case.image.astype(np.float32, copy=False), position, self.block_shape)
+            image, valid = crop_centred(case.image.astype(np.float32, copy=False), position, self.config.block_shape)
             images.append(image)
-            labels.append(crop_centred(case.labels, position, self.block_shape)[0].astype(np.int64))
+            labels.append(crop_centred(case.labels, position, self.config.block_shape)[0].astype(np.int64))
             inside.append(valid)
         return {
             "image": torch.from_numpy(np.stack(images)[:, None]),
@@ -142,46 +109,30 @@ class FactorisedUNet3DArchitecture(Architecture):
         image, labels, valid = (batch[key].to(device, non_blocking=True) for key in ("image", "labels", "valid"))
         probabilities = torch.softmax(self.network(image), dim=1)
         iou = soft_iou_loss(probabilities, labels, valid)
-        l2 = self.l2_weight * sum(
+        l2 = self.config.l2_weight * sum(
             (module.weight**2).sum() / 2 for module in self.network.modules() if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d))
         )
         return TrainingStep(iou + l2, {"iou_loss": float(iou.detach()), "l2": float(l2.detach())})
 
     def make_optimizer(self, learning_rate: float | None = None) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.network.parameters(), lr=learning_rate or self.learning_rate, betas=(0.9, 0.999))
+        return torch.optim.Adam(self.network.parameters(), lr=learning_rate or self.config.learning_rate, betas=(0.9, 0.999))
 
     def clip_gradients(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.gradient_clip)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.gradient_clip)
 
-    def predict_probabilities(
-        self,
-        image: np.ndarray,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-        cancelled: CancelCheck | None = None,
-        max_block_voxels: int | None = None,
-    ) -> np.ndarray:
+    def _predict(self, image: np.ndarray, device: torch.device, options: InferenceOptions) -> np.ndarray:
         image = check_volume(image)
         multiple = self.network.size_multiple
-        padded_shape = tuple(round_up(side, multiple) for side in image.shape)
-        padded = np.zeros(padded_shape, np.float32)
-        padded[tuple(slice(0, side) for side in image.shape)] = image
-        window = fit_window(padded_shape, max_block_voxels or self.inference_block_voxels, multiple)
-        plans = [plan_axis_windows(length, side, self.inference_margin, multiple) for length, side in zip(padded_shape, window)]
-        blocks = list(itertools.product(*(range(len(plan.starts)) for plan in plans)))
-        summed = np.zeros((self.num_labels, *padded_shape), np.float32)
-        total_weight = np.zeros(padded_shape, np.float32)
-        stage = "Segmenting the volume" if len(blocks) == 1 else f"Segmenting {len(blocks)} blocks"
-        report_progress(progress, 0.0, stage)
+        grid = WindowGrid.plan(image[None, None], tuple(round_up(side, multiple) for side in image.shape), multiple,
+                               options.max_block_voxels or self.config.inference_block_voxels,
+                               margin=self.config.inference_margin)
+        out = np.zeros((self.num_labels, *image.shape), np.float32)
+        blocks = grid.windows_per_item
+        stage = "Segmenting the volume" if blocks == 1 else f"Segmenting {blocks} blocks"
+
+        def predict(batch: torch.Tensor) -> np.ndarray:
+            return torch.softmax(self.network(batch).float(), dim=1).cpu().numpy()
+
         with inference_context(self.network, device):
-            for done, index in enumerate(blocks, start=1):
-                raise_if_cancelled(cancelled)
-                region = window_region(plans, index)
-                weight = window_weight(plans, index)
-                block = torch.from_numpy(np.ascontiguousarray(padded[region]))[None, None].to(device)
-                probabilities = torch.softmax(self.network(block).float(), dim=1)[0].cpu().numpy()
-                summed[(slice(None), *region)] += probabilities * weight
-                total_weight[region] += weight
-                report_progress(progress, done / len(blocks), stage)
-        summed /= total_weight
-        return np.ascontiguousarray(summed[(slice(None), *(slice(0, side) for side in image.shape))])
+            blend_windows(grid, predict, out[:, None], device, options, stage=stage)
+        return out

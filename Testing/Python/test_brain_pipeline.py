@@ -10,7 +10,7 @@ import torch
 
 from MultiTaskSegLib.architectures.multiplanar import MultiplanarUNet2DArchitecture, nonzero_box
 from MultiTaskSegLib.augmentation import NO_AUGMENTATION, SliceAugmentation, augment_slices, synthesize_slices
-from MultiTaskSegLib.datasets import check_working_grid_size
+from MultiTaskSegLib.preprocessing import check_working_grid_size
 from MultiTaskSegLib.errors import InputError
 from MultiTaskSegLib.geometry import working_grid
 from MultiTaskSegLib.inference import segment_image
@@ -132,7 +132,7 @@ def test_multiplanar_prediction_averages_the_three_planes_and_leaves_air_as_back
     probabilities = architecture.predict_probabilities(volume, torch.device("cpu"))
     assert probabilities.shape == (3, *volume.shape)
     assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-4)
-    box = nonzero_box(volume, architecture.crop_margin)
+    box = nonzero_box(volume, architecture.config.crop_margin)
     outside = np.ones(volume.shape, bool)
     outside[box] = False
     assert np.all(probabilities[0][outside] == 1.0)
@@ -200,5 +200,5 @@ def test_label_space_of_the_multiplanar_model_round_trips_through_a_model_file(t
     model = SegmentationModel.create("tiny", "unet2d_multiplanar", LabelSpace.from_names(["brain_t1_mri"]),
                                      **TINY_MULTIPLANAR, augmentation={"rotation_degrees": 5.0})
     loaded = load_model(save_model(model, tmp_path / "tiny"))
-    assert loaded.architecture.augmentation.rotation_degrees == 5.0
-    assert loaded.architecture.planes == (0, 1, 2)
+    assert loaded.architecture.config.slice_augmentation.rotation_degrees == 5.0
+    assert loaded.architecture.config.planes == (0, 1, 2)

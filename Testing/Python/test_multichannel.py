@@ -73,7 +73,7 @@ def test_a_case_without_its_flair_image_is_refused_with_the_channel_named(tmp_pa
 
 def test_the_trained_model_reads_both_channels_and_writes_on_the_first_grid(trained, tmp_path, capsys):
     model = load_model(trained / "run" / "model")
-    assert model.architecture.in_channels == 2
+    assert model.architecture.config.in_channels == 2
     case = trained / "data" / "case0"
     output = tmp_path / "labels.nii.gz"
     assert main(["segment", "--model", str(trained / "run" / "model"), "--input", str(case / "t1c.nii.gz"),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from MultiTaskSegLib.architectures.base import PreparedCase
+from MultiTaskSegLib.sampling import PreparedCase
 from MultiTaskSegLib.errors import InputError
 from MultiTaskSegLib.sampling import BalancedVoxelSampler
 

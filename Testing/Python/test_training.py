@@ -73,7 +73,7 @@ def test_binary_tasks_are_scored_at_the_operating_point_with_the_best_dice_over_
 
     from MultiTaskSegLib.datasets import find_cases, prepare_case
     from MultiTaskSegLib.evaluation import dice
-    from MultiTaskSegLib.inference import background_outside
+    from MultiTaskSegLib.preprocessing import background_outside
     from MultiTaskSegLib.tasks import get_task
     from MultiTaskSegLib.training import validation_dice
 

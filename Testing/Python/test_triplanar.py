@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from MultiTaskSegLib.architectures import triplanar
-from MultiTaskSegLib.architectures.base import PreparedCase
+from MultiTaskSegLib.inferers import InferenceOptions
+from MultiTaskSegLib.sampling import PreparedCase
 from MultiTaskSegLib.architectures.triplanar import (
     IGNORED,
     TriplanarArchitecture,
@@ -73,7 +74,8 @@ def test_defaults_reproduce_the_paper_network():
     with torch.no_grad():
         patches = torch.zeros(2, 1, 51, 51)
         assert network.eval()(patches, patches, patches).shape == (2, 9)
-    assert architecture.arguments == {"grid": 3}
+    assert architecture.arguments == {"layers": 25, "channels": 32, "hidden_features": 192, "hidden_layers": 2,
+                                      "dropout": 0.5, "grid": 3}
 
 
 def test_model_card_line_names_the_networks_own_sizes():
@@ -112,7 +114,7 @@ def test_dense_prediction_equals_patchwise_definition_including_borders(monkeypa
     rng = np.random.default_rng(2)
     image = rng.normal(size=(13, 11, 9)).astype(np.float32)
     # Blocks of at most 5^3 voxels: several blocks, none of them fitting the volume exactly.
-    probabilities = architecture.predict_probabilities(image, CPU, max_block_voxels=5 * 5 * 5)
+    probabilities = architecture.predict_probabilities(image, CPU, InferenceOptions(max_block_voxels=5 * 5 * 5))
 
     corners = np.array([[z, y, x] for z in (0, 12) for y in (0, 10) for x in (0, 8)])
     coords = np.concatenate([corners, np.argwhere(np.ones(image.shape))[rng.choice(image.size, 40, replace=False)]])
@@ -212,7 +214,7 @@ def test_prediction_reports_progress_up_to_one():
     architecture = tiny_architecture()
     reports = []
     architecture.predict_probabilities(
-        np.zeros((10, 10, 10), np.float32), CPU, lambda f, s: reports.append((f, s)), None, 200
+        np.zeros((10, 10, 10), np.float32), CPU, InferenceOptions(lambda f, s: reports.append((f, s)), None, 200)
     )
     fractions = [fraction for fraction, _ in reports]
     assert len(reports) > 1 and fractions == sorted(fractions) and fractions[-1] == 1.0
@@ -224,7 +226,7 @@ def test_prediction_stops_when_cancelled():
     reports = []
     with pytest.raises(CancelledError):
         architecture.predict_probabilities(
-            np.zeros((10, 10, 10), np.float32), CPU, lambda f, s: reports.append(f), lambda: len(reports) >= 2, 200
+            np.zeros((10, 10, 10), np.float32), CPU, InferenceOptions(lambda f, s: reports.append(f), lambda: len(reports) >= 2, 200)
         )
     assert len(reports) == 2
 
@@ -237,5 +239,5 @@ def test_prediction_rejects_images_that_are_not_volumes():
 def test_cpu_prediction_is_deterministic():
     architecture = tiny_architecture()
     image = np.random.default_rng(11).normal(size=(9, 8, 7)).astype(np.float32)
-    first = architecture.predict_probabilities(image, CPU, max_block_voxels=100)
-    np.testing.assert_array_equal(first, architecture.predict_probabilities(image, CPU, max_block_voxels=100))
+    first = architecture.predict_probabilities(image, CPU, InferenceOptions(max_block_voxels=100))
+    np.testing.assert_array_equal(first, architecture.predict_probabilities(image, CPU, InferenceOptions(max_block_voxels=100)))

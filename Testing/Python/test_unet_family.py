@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from MultiTaskSegLib.architectures.base import PreparedCase
+from MultiTaskSegLib.sampling import PreparedCase
 from MultiTaskSegLib.architectures.unet2d import (
     CMUNetArchitecture,
     PretrainedEncoderUNet2DArchitecture,
@@ -20,7 +20,8 @@ from MultiTaskSegLib.architectures.unet2d import (
     presence_targets,
 )
 from MultiTaskSegLib.architectures.unet3d import FactorisedUNet3DArchitecture
-from MultiTaskSegLib.architectures.unet_windows import crop_centred, plan_axis_windows
+from MultiTaskSegLib.architectures.inputs import crop_centred
+from MultiTaskSegLib.inferers import InferenceOptions, plan_axis_windows
 from MultiTaskSegLib.errors import CancelledError
 from MultiTaskSegLib.losses import presence_focal_loss, soft_dice_loss, soft_iou_loss
 from MultiTaskSegLib.networks.blocks import FactorisedConvBlock3d
@@ -253,15 +254,14 @@ def test_3d_blended_blocks_equal_a_single_pass():
     assert whole.std(axis=(1, 2, 3)).min() > 0.05
     fractions = []
     blended = architecture.predict_probabilities(
-        image, CPU, progress=lambda fraction, stage: fractions.append(fraction), max_block_voxels=24**3
-    )
+        image, CPU, InferenceOptions(progress=lambda fraction, stage: fractions.append(fraction), max_block_voxels=24**3))
     assert len(fractions) - 1 >= 8, "the volume was cut into blocks along every axis"
     np.testing.assert_allclose(blended, whole, atol=1e-4)
     assert architecture.network.training, "prediction restores the training mode it found"
 
     no_context = make_architecture(FactorisedUNet3DArchitecture, inference_margin=0, **light)
     no_context.network.load_state_dict(architecture.network.state_dict())
-    seams = no_context.predict_probabilities(image, CPU, max_block_voxels=24**3)
+    seams = no_context.predict_probabilities(image, CPU, InferenceOptions(max_block_voxels=24**3))
     assert np.abs(seams - whole).max() > 1e-2, "the comparison above would notice blocks without context"
 
 
@@ -346,10 +346,10 @@ def test_cmunet_puts_background_where_no_requested_class_is_predicted_present():
     assert presence.shape == (NUM_LABELS,)
     assert presence[0] == 1.0 and presence[1] < 0.01 and presence[2] > 0.99
 
-    skipped = architecture.predict_probabilities(image, CPU, requested_labels=[1])
+    skipped = architecture.predict_probabilities(image, CPU, InferenceOptions(requested_labels=[1]))
     np.testing.assert_allclose(skipped[0], 1.0, atol=1e-6)
-    kept = architecture.predict_probabilities(image, CPU, requested_labels=[1, 2])
-    architecture.presence_threshold = None
+    kept = architecture.predict_probabilities(image, CPU, InferenceOptions(requested_labels=[1, 2]))
+    architecture.config.presence_threshold = None
     np.testing.assert_allclose(kept, architecture.predict_probabilities(image, CPU), atol=1e-6)
 
 
@@ -361,7 +361,7 @@ def test_prediction_raises_when_cancelled(cls):
     architecture = make_architecture(cls)
     image = np.zeros((8, 16, 16), np.float32)
     fractions = []
-    architecture.predict_probabilities(image, CPU, progress=lambda fraction, stage: fractions.append(fraction))
+    architecture.predict_probabilities(image, CPU, InferenceOptions(progress=lambda fraction, stage: fractions.append(fraction)))
     assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
     calls = []
 
@@ -370,7 +370,7 @@ def test_prediction_raises_when_cancelled(cls):
         return len(calls) >= 2
 
     with pytest.raises(CancelledError):
-        architecture.predict_probabilities(image, CPU, cancelled=cancel_on_second_check, max_block_voxels=8 * 8 * 8)
+        architecture.predict_probabilities(image, CPU, InferenceOptions(cancelled=cancel_on_second_check, max_block_voxels=8 * 8 * 8))
     assert len(calls) == 2, "cancellation is checked before every batch"
 
 
@@ -389,7 +389,7 @@ def test_stored_arguments_rebuild_the_same_network(cls):
 def test_2d_windows_smaller_than_the_patch_keep_instance_norm_working():
     architecture = make_architecture(CMUNetArchitecture)
     image = np.random.default_rng(0).normal(size=(2, 40, 40)).astype(np.float32)
-    probabilities = architecture.predict_probabilities(image, CPU, max_block_voxels=10)
+    probabilities = architecture.predict_probabilities(image, CPU, InferenceOptions(max_block_voxels=10))
     assert probabilities.shape == (NUM_LABELS, 2, 40, 40)
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
 
@@ -412,11 +412,11 @@ def test_overlapping_gaussian_windows_leave_no_edges_where_margin_windows_do():
     seams = np.array(plan_axis_windows(256, 32, margin, multiple=4).starts[1:-1]) + margin
     old = make_architecture(UNet2DArchitecture, window_overlap=None, inference_margin=margin)
     new = make_architecture(UNet2DArchitecture)
-    assert new.window_overlap == 0.5
+    assert new.config.window_overlap == 0.5
     for architecture, seam_ratio in ((old, lambda r: r > 1.5), (new, lambda r: r < 1.2)):
         jumps = column_jumps(architecture.predict_probabilities(image, CPU))
         typical = np.median(jumps[8:-8])
-        assert seam_ratio(jumps[seams].mean() / typical), architecture.window_overlap
+        assert seam_ratio(jumps[seams].mean() / typical), architecture.config.window_overlap
     assert jumps[8:-8].max() < 1.8 * typical  # the blended result has no edge anywhere inside
 
 
@@ -440,6 +440,6 @@ def test_cmunet_presence_decides_per_slice_never_per_window():
         return torch.stack([torch.where(bright, 10.0, -10.0), torch.full_like(logits[:, 1], -10.0)], dim=1)
 
     network.encode, network.classify = encode_and_remember, present_where_bright
-    probabilities = architecture.predict_probabilities(image, CPU, requested_labels=[1])
+    probabilities = architecture.predict_probabilities(image, CPU, InferenceOptions(requested_labels=[1]))
     assert not np.any(np.all(np.isclose(probabilities[0, 0, :, :32], 1.0), axis=0))  # left windows decoded too
     np.testing.assert_allclose(probabilities[0, 1], 1.0, atol=1e-6)  # slice 1: absent in every window, skipped

@@ -1,4 +1,4 @@
-"""Crops and overlapping windows shared by the U-Nets: any volume size, bounded memory.
+"""Overlapping windows over any volume size, aligned with a network's poolings, and their weights.
 
 A volume is padded up to a multiple of the network's pooling factor (removing the papers'
 ``2^levels`` size limit) and cut into windows on a grid aligned with the poolings; a window's
@@ -14,39 +14,16 @@ and are blended with Gaussian importance weights (nnU-Net; MONAI's ``sliding_win
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from ..errors import CancelledError, InputError
-from .base import CancelCheck, ProgressCallback
+from ..errors import InputError
 
 #: Weight of a window's context margin in the blend: tiny, so a voxel never has zero total weight.
 CONTEXT_WEIGHT = 1e-6
-
-
-def crop_centred(array: np.ndarray, centre: Sequence[int], size: Sequence[int], fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The ``size`` box of ``array`` starting ``size // 2`` before ``centre``, and a mask of the part
-    inside ``array``; the part outside is ``fill``."""
-    crop = np.full(tuple(size), fill, dtype=array.dtype)
-    inside = np.zeros(tuple(size), dtype=bool)
-    source, target = [], []
-    for middle, side, length in zip(centre, size, array.shape):
-        start = int(middle) - side // 2
-        low, high = max(start, 0), min(start + side, length)
-        source.append(slice(low, max(low, high)))
-        target.append(slice(low - start, max(low, high) - start))
-    crop[tuple(target)] = array[tuple(source)]
-    inside[tuple(target)] = True
-    return crop, inside
-
-
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -128,55 +105,3 @@ def window_weight(plans: Sequence[AxisWindows], index: Sequence[int]) -> np.ndar
 
 def window_region(plans: Sequence[AxisWindows], index: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(plan.starts[number], plan.starts[number] + plan.size) for plan, number in zip(plans, index))
-
-
-def check_volume(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3:
-        raise InputError(f"expected one single-channel (z, y, x) volume, got an array of shape {image.shape}; choose one channel")
-    if min(image.shape) < 1:
-        raise InputError(f"the volume is empty (shape {image.shape})")
-    return image.astype(np.float32, copy=False)
-
-
-def check_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
-    """``(channels, z, y, x)`` float32 from a ``(z, y, x)`` volume (one channel) or a channel stack."""
-    image = np.asarray(image)
-    if image.ndim == 3 and in_channels == 1:
-        image = image[None]
-    if image.ndim != 4 or image.shape[0] != in_channels:
-        raise InputError(f"expected {in_channels} channel(s) of one (z, y, x) volume, got an array of shape {image.shape}")
-    if min(image.shape[1:]) < 1:
-        raise InputError(f"the volume is empty (shape {image.shape[1:]})")
-    return image.astype(np.float32, copy=False)
-
-
-def raise_if_cancelled(cancelled: CancelCheck | None) -> None:
-    if cancelled is not None and cancelled():
-        raise CancelledError("prediction cancelled by the user; nothing was written")
-
-
-def report_progress(progress: ProgressCallback | None, fraction: float, stage: str) -> None:
-    if progress is not None:
-        progress(min(1.0, max(0.0, fraction)), stage)
-
-
-@contextlib.contextmanager
-def inference_context(network: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode (restored afterwards), no autograd, float16 autocast on CUDA, float32 elsewhere."""
-    device = torch.device(device)
-    was_training = network.training
-    network.to(device).eval()
-    precision = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-    try:
-        with torch.inference_mode(), precision:
-            yield
-    finally:
-        network.train(was_training)
-
-
-def as_ints(values: Sequence[Any], count: int, what: str) -> list[int]:
-    values = [int(value) for value in values]
-    if len(values) != count or min(values) < 1:
-        raise InputError(f"{what} needs {count} positive sides, got {values}")
-    return values
