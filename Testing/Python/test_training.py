@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from MultiTaskSegLib.errors import InputError
 from MultiTaskSegLib.model_files import load_model
@@ -127,3 +128,28 @@ def test_impossible_training_settings_are_refused(settings):
 
     with pytest.raises(InputError, match="training settings"):
         TrainingConfig(tasks=["breast_mri"], **settings)
+
+
+def test_a_run_started_from_another_models_weights_begins_with_them(tmp_path, tiny_dataset):
+    """Transfer (``--init-from``): a network for other tasks (here one task instead of two) starts
+    from a trained model's weights wherever names and shapes agree; the label space is its own."""
+    source = train(config(tiny_dataset, steps=2), tmp_path / "source", log=quiet)
+    one_task = dict(tasks=["breast_mri"], steps=1, learning_rate=1e-12, validation_fraction=0.0)
+    started = train(config(tiny_dataset, **one_task, init_from=str(tmp_path / "source" / "model")),
+                    tmp_path / "started", log=quiet)
+    scratch = train(config(tiny_dataset, **one_task), tmp_path / "scratch", log=quiet)
+    source_weights = source.architecture.network.state_dict()
+    started_weights = started.architecture.network.state_dict()
+    first_layer = "features.blocks.0.0.weight"
+    assert torch.allclose(started_weights[first_layer], source_weights[first_layer], atol=1e-6)
+    assert not torch.allclose(scratch.architecture.network.state_dict()[first_layer], source_weights[first_layer])
+    assert started.label_space.task_names == ("breast_mri",)
+    assert json.loads((tmp_path / "started" / "config.json").read_text())["init_from"].endswith("model")
+
+
+def test_starting_from_a_model_of_another_architecture_is_refused(tmp_path, tiny_dataset):
+    train(config(tiny_dataset, steps=1), tmp_path / "source", log=quiet)
+    other = config(tiny_dataset, architecture="unet2d", arguments={"channels": [4, 8], "patch_size": [16, 16]},
+                   steps=1, init_from=str(tmp_path / "source" / "model"))
+    with pytest.raises(InputError, match="same architecture"):
+        train(other, tmp_path / "other", log=quiet)
