@@ -21,6 +21,7 @@ from .geometry import resample_probabilities_onto
 from .imageio import check_image
 from .model_files import SegmentationModel
 from .plausibility import CARD_KEY, implausible_volumes
+from .postprocessing import keep_largest_regions
 from .preprocessing import background_outside, prepare_image
 from .tasks import Task
 
@@ -155,7 +156,9 @@ def segment_image(
     source_probabilities = resample_probabilities_onto(probabilities, grid, image)
     del probabilities
     source_probabilities /= np.clip(source_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
-    labels = sitk.GetImageFromArray(kept[label_decision(source_probabilities, kept, model)].astype(np.uint8))
+    label_array = kept[label_decision(source_probabilities, kept, model)].astype(np.uint8)
+    warnings += keep_largest_regions(label_array, image, model.label_space, tasks)
+    labels = sitk.GetImageFromArray(label_array)
     labels.CopyInformation(image)
     result.labels = labels
     warnings += implausible_volumes(labels, model.label_space, tasks, model.card.get(CARD_KEY, {}))

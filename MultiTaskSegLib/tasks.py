@@ -99,6 +99,9 @@ class Task:
     #: Whether a result whose class volumes fall outside the training range earns a warning; off
     #: where the structure's size varies too much between patients to tell (tumours).
     check_volumes: bool = True
+    #: Whether only the largest connected region of the task's classes is kept (one lesion per scan;
+    #: see :mod:`~MultiTaskSegLib.postprocessing`).
+    largest_component: bool = False
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -318,6 +321,7 @@ def task_from_dict(data: Mapping, where: str, source: Path | None = None) -> Tas
         channels=channels,
         channel_files=tuple(_names(extra_files[channel]) for channel in channels[1:]),
         check_volumes=bool(data.get("check_volumes", True)),
+        largest_component=bool(data.get("largest_component", False)),
     )
 
 
@@ -338,6 +342,8 @@ def task_to_dict(task: Task) -> dict:
         classes.append(entry)
     files = {"image": list(task.image_files), "label": list(task.label_files), "mask": list(task.mask_files)}
     extra: dict = {} if task.check_volumes else {"check_volumes": False}
+    if task.largest_component:
+        extra["largest_component"] = True
     if len(task.channels) > 1:
         files["channels"] = {channel: list(names) for channel, names in zip(task.channels[1:], task.channel_files)}
         extra["channels"] = list(task.channels)

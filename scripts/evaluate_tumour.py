@@ -11,6 +11,10 @@ of another task when the scan is segmented with all the model's tasks (not told 
         --cases runs/tumour/fold1/held_out/sarcoma_t1_mri --task sarcoma_t1_mri --out runs/tumour/fold1/mr/evaluation
     .venv/bin/python scripts/evaluate_tumour.py --summarise runs/tumour/fold*/mr/evaluation --out runs/tumour/mr_cv.md
 
+``--refresh-tasks`` judges the model with the current task definitions' settings that do not
+change what the network learnt (e.g. ``largest_component``), as ``bundle_model.py --refresh-tasks``
+would bundle it.
+
 An empty reference and an empty prediction score Dice 1; HD95 is left out (NaN) where either is empty.
 """
 
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from bundle_model import refreshed
 from MultiTaskSegLib.datasets import find_cases
 from MultiTaskSegLib.evaluation import dice, hausdorff95, task_confusion
 from MultiTaskSegLib.imageio import read_image
@@ -64,8 +69,11 @@ def score_region(predicted: np.ndarray, expected: np.ndarray, grid: sitk.Image) 
     return dice(predicted, expected), hausdorff95(*images)
 
 
-def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, device: str) -> list[dict]:
+def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, device: str,
+             refresh_tasks: bool = False) -> list[dict]:
     model = load_model(model_path)
+    if refresh_tasks:
+        model.label_space = refreshed(model.label_space)
     task = get_task(task_name)
     offset = model.label_space.offset(task_name)
     rows = []
@@ -125,6 +133,7 @@ def main() -> None:
     parser.add_argument("--summarise", nargs="*", type=Path, help="evaluation folders (with per_case.csv) to pool")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--refresh-tasks", action="store_true", help="take largest_component etc. from the task files")
     args = parser.parse_args()
     if args.summarise:
         rows = []
@@ -137,7 +146,7 @@ def main() -> None:
     if not (args.model and args.cases and args.task):
         parser.error("give --model, --cases and --task (or --summarise)")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate(args.model, args.cases, args.task, args.out, args.device)
+    rows = evaluate(args.model, args.cases, args.task, args.out, args.device, args.refresh_tasks)
     with open(args.out / "per_case.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
