@@ -26,8 +26,12 @@ patch centred there. :meth:`TriplanarNetwork.forward_block` uses this to classif
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 class PlanarConvBlock(nn.Sequential):
@@ -83,9 +87,14 @@ class PlanarFeatureStack(nn.Module):
                 "receptive field; pad them by the network margin first"
             )
         first, rest = self.blocks[0], self.blocks[1:]
+        # The first layer measures differences of nearby intensities, which rounding the image to
+        # bfloat16 or float16 would perturb by several per cent; it costs 1/C of a layer, so under
+        # autocast it keeps the input's precision.
+        with torch.autocast(slices.device.type, enabled=False):
+            features = first(slices)
         # Channels-last activations let oneDNN/cuDNN skip a layout reorder around every layer (about
         # 25 % faster on the CPU); a 1-channel input cannot carry that layout, so it starts here.
-        return rest(first(slices).contiguous(memory_format=torch.channels_last))
+        return rest(features.contiguous(memory_format=torch.channels_last))
 
 
 class PointwiseClassifier(nn.Module):
@@ -238,15 +247,42 @@ class TriplanarNetwork(nn.Module):
                     f"with margin {self.margin}, got {tuple(slices.shape)}"
                 )
         channels = self.features.channels
+        result: torch.Tensor | None = None
+        for plane, slices in enumerate((axial, coronal, sagittal)):
+            for block, part in _passes(blocks, slices.shape[1], slices_per_pass):
+                maps = self.features(slices[block, part].reshape(-1, 1, *slices.shape[2:]))
+                if result is None:  # in the stack's output type (bfloat16 under CPU autocast)
+                    result = maps.new_empty((blocks, 3 * channels, depth, height, width))
+                # Each pass goes straight to its place in the result, without a copy of the whole plane.
+                planes = result[:, plane * channels : (plane + 1) * channels].permute(PLANE_SLICE_ORDER[plane])
+                planes[block, part].copy_(maps.reshape(planes[block, part].shape))
+        return result
 
-        def stack(slices: torch.Tensor) -> torch.Tensor:
-            slices = slices.reshape(-1, 1, *slices.shape[2:])
-            if slices_per_pass is None or slices_per_pass >= len(slices):
-                return self.features(slices)
-            return torch.cat([self.features(part) for part in slices.split(slices_per_pass)])
 
-        # Each plane's feature maps are rearranged to (B, C, gz, gy, gx), aligned on the block's voxels.
-        axial_features = stack(axial).reshape(blocks, depth, channels, height, width).permute(0, 2, 1, 3, 4)
-        coronal_features = stack(coronal).reshape(blocks, height, channels, depth, width).permute(0, 2, 3, 1, 4)
-        sagittal_features = stack(sagittal).reshape(blocks, width, channels, depth, height).permute(0, 2, 3, 4, 1)
-        return torch.cat([axial_features, coronal_features, sagittal_features], dim=1)
+#: Per plane, the order that turns a plane's part (B, C, gz, gy, gx) of the features into its slices'
+#: maps (B, slices, C, rows, columns): axial slices run along z, coronal along y, sagittal along x.
+PLANE_SLICE_ORDER = ((0, 2, 1, 3, 4), (0, 3, 1, 2, 4), (0, 4, 1, 2, 3))
+
+
+def _passes(blocks: int, slices: int, slices_per_pass: int | None) -> list[tuple[Any, slice]]:
+    """(block, slices) index pairs of the stack's passes: all slices at once when ``slices_per_pass``
+    is None (batch norm in training needs them together), else per block in parts of that size."""
+    if slices_per_pass is None:
+        return [(slice(None), slice(None))]
+    return [(block, slice(start, start + slices_per_pass)) for block in range(blocks) for start in range(0, slices, slices_per_pass)]
+
+
+def fold_batch_norm(network: TriplanarNetwork) -> TriplanarNetwork:
+    """An eval-mode copy of ``network`` for prediction, each batch norm folded into the convolution before it.
+
+    In eval mode batch norm is a fixed affine map per channel, so it becomes part of the preceding
+    convolution's weights and bias: one pass over every layer's activations less. ``network``
+    itself (its training mode, its weights as saved) is left as it is; the copy is not for training.
+    """
+    folded = copy.deepcopy(network).eval().requires_grad_(False)
+    for sequence in (*folded.features.blocks, folded.classifier.layers):
+        for index in reversed(range(1, len(sequence))):
+            if isinstance(sequence[index], (nn.BatchNorm1d, nn.BatchNorm2d)):
+                sequence[index - 1] = fuse_conv_bn_eval(sequence[index - 1], sequence[index])
+                del sequence[index]
+    return folded

@@ -75,7 +75,7 @@ def test_defaults_reproduce_the_paper_network():
         patches = torch.zeros(2, 1, 51, 51)
         assert network.eval()(patches, patches, patches).shape == (2, 9)
     assert architecture.arguments == {"layers": 25, "channels": 32, "hidden_features": 192, "hidden_layers": 2,
-                                      "dropout": 0.5, "grid": 3}
+                                      "dropout": 0.5, "grid": 3, "mixed_precision": True}
 
 
 def test_model_card_line_names_the_networks_own_sizes():
