@@ -7,7 +7,8 @@ never trained on in one modality and judged in the other. BraTS cases give the g
 
 gives ``runs/tumour/foldK/train/TASK/CASE/`` and ``runs/tumour/foldK/held_out/TASK/CASE/`` for
 ``sarcoma_t1_mri``, ``sarcoma_ct``, ``brats_glioma_t1c`` and ``brats_glioma_t1c_flair`` (the same
-BraTS cases), and ``foldK/fold.json`` naming them.
+BraTS cases), and ``foldK/fold.json`` naming them; ``runs/tumour/all/train/TASK/CASE/`` holds
+every case, for a final model trained by a fold's recipe on all patients.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def main() -> None:
                    for task, cases in by_task.items()}
         (fold / "fold.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         print(fold, {task: len(part["held_out"]) for task, part in summary.items()})
+    for task, cases in by_task.items():  # every case, for the final models trained by the folds' recipe
+        for name, folder in cases.items():
+            for file_name in SOURCES[task][1]:
+                link(folder / file_name, arguments.out / "all" / "train" / task / name / file_name)
 
 
 if __name__ == "__main__":
