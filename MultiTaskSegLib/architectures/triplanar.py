@@ -46,9 +46,9 @@ DEFAULT_BLOCK_VOXELS = 128**3
 #: Activation memory of one pass of the convolution stack or classifier in prediction: small on the
 #: CPU, where page faults on large fresh tensors cost more than the arithmetic; large on a GPU.
 PASS_BYTES = {"cpu": 8 * 2**20, "cuda": 2**30}
-#: Voxels predicted around the bounding box of the non-zero voxels. Inference calls every voxel outside
-#: the foreground background, and the foreground lies inside that box; the margin covers a mask's
-#: border resampled by nearest neighbour where the image was resampled linearly.
+#: Voxels predicted around the non-zero voxels. Inference calls every voxel outside the foreground
+#: background, and the foreground lies inside the non-zero voxels; the margin covers a mask's border
+#: resampled by nearest neighbour where the image was resampled linearly.
 BOX_MARGIN = 2
 #: Label of a voxel that has no loss term (outside the volume or outside the foreground).
 IGNORED = -100
@@ -125,25 +125,28 @@ def predict_volume(
 ) -> np.ndarray:
     """Dense softmax probabilities ``(labels, z, y, x)`` float32 of a whole normalised volume.
 
-    Only the bounding box of the non-zero voxels, grown by ``BOX_MARGIN``, is predicted; every voxel
-    outside it is background with probability 1 (normalisation puts the background at exactly 0 and
-    inference calls such voxels background anyway; an image without a non-zero voxel is predicted
-    whole). The box is tiled into blocks; each block runs the shared convolution stack on all its
-    axial, coronal and sagittal slices (cut from the zero-padded volume with a margin of ``L``
-    voxels in-plane), giving three feature volumes aligned on the block's voxels, then the 1x1
-    classifier and softmax.
+    Only the voxels within ``BOX_MARGIN`` voxels of a non-zero voxel are predicted; every other voxel
+    is background with probability 1 (normalisation puts the background at exactly 0 and inference
+    calls such voxels background anyway; an image without a non-zero voxel is predicted whole). The
+    bounding box of those voxels is tiled into blocks; each block runs the shared convolution stack
+    on its axial, coronal and sagittal slices (cut from the zero-padded volume with a margin of
+    ``L`` voxels in-plane), each pass of slices cropped to the rectangle that holds the voxels to
+    predict, giving three feature volumes aligned on the block's voxels, then the 1x1 classifier
+    and softmax.
 
     The network runs as a copy with batch norm folded into the convolutions, channels-last. With
     ``mixed_precision``, it runs under float16 autocast on CUDA and bfloat16 autocast on CPUs with
-    bfloat16 arithmetic; otherwise in the network's own precision, where the result does not
-    depend on the tiling.
+    bfloat16 arithmetic (the first layer, which sees the image, in float32); otherwise in the
+    network's own precision, where the result does not depend on the tiling.
     """
     image = _check_volume(image)
     device = torch.device(device)
     network.to(device)
     dtype = _parameter_dtype(network)
-    box = nonzero_box(image, BOX_MARGIN) or tuple(slice(0, extent) for extent in image.shape)
-    region = image[box]
+    box = nonzero_box(image, BOX_MARGIN)
+    region = image[box] if box else image
+    near = torch.from_numpy(near_nonzero(region, BOX_MARGIN)).to(device) if box else None
+    box = box or tuple(slice(0, extent) for extent in image.shape)
     blocks = iterate_blocks(region.shape, choose_block_shape(region.shape, max_block_voxels or DEFAULT_BLOCK_VOXELS))
     precision = _reduced_precision(device, dtype, mixed_precision)
     pass_bytes = PASS_BYTES.get(device.type, PASS_BYTES["cpu"])
@@ -160,10 +163,28 @@ def predict_volume(
         bytes_per_value = torch.finfo(precision).bits // 8 if precision else padded.element_size()
         for number, block in enumerate(blocks):
             raise_if_cancelled(cancelled)
-            logits = _block_logits(folded, padded, block, pass_bytes // bytes_per_value)
+            needed = None if near is None else near[block][None]
+            logits = _block_logits(folded, padded, block, pass_bytes // bytes_per_value, needed)
             inside[(slice(None), *block)] = logits.float().softmax(dim=0).cpu().numpy()
             report_progress(progress, (number + 1) / len(blocks), f"triplanar prediction: block {number + 1} of {len(blocks)}")
+    if near is not None:
+        far = ~near.cpu().numpy()
+        inside[:, far] = 0.0
+        inside[0][far] = 1.0
     return probabilities
+
+
+def near_nonzero(image: np.ndarray, margin: int) -> np.ndarray:
+    """The voxels within ``margin`` voxels of a non-zero voxel along every axis (a cube around each)."""
+    near = image != 0
+    for axis in range(image.ndim):
+        grown = near.copy()
+        into, source = np.moveaxis(grown, axis, 0), np.moveaxis(near, axis, 0)
+        for shift in range(1, margin + 1):
+            into[shift:] |= source[:-shift]
+            into[:-shift] |= source[shift:]
+        near = grown
+    return near
 
 
 def _reduced_precision(device: torch.device, dtype: torch.dtype, mixed_precision: bool) -> torch.dtype | None:
@@ -176,12 +197,14 @@ def _reduced_precision(device: torch.device, dtype: torch.dtype, mixed_precision
 
 
 def _block_logits(
-    network: TriplanarNetwork, padded: torch.Tensor, block: tuple[slice, slice, slice], pass_values: int
+    network: TriplanarNetwork, padded: torch.Tensor, block: tuple[slice, slice, slice], pass_values: int,
+    needed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits ``(labels, depth, height, width)`` of one block, from the volume padded by the margin.
 
     Each pass of the convolution stack or the classifier holds at most about ``pass_values``
-    activations per layer."""
+    activations per layer. With ``needed`` ``(1, depth, height, width)``, the stack runs only on the
+    rectangles of the slices that hold those voxels; the other voxels' logits are meaningless."""
     margin = network.margin
     zs, ys, xs = block
     depth, height, width = zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start
@@ -192,7 +215,7 @@ def _block_logits(
     sagittal = region[:, :, margin : margin + width].permute(2, 0, 1)
     largest_slice = max(axial[0].numel(), coronal[0].numel(), sagittal[0].numel())
     slices_per_pass = max(1, pass_values // (network.features.channels * largest_slice))
-    features = network.block_features(axial[None], coronal[None], sagittal[None], slices_per_pass).flatten(2)
+    features = network.block_features(axial[None], coronal[None], sagittal[None], slices_per_pass, needed).flatten(2)
     widest = max(network.classifier.in_features, network.classifier.hidden_features)
     voxels_per_pass = max(1, pass_values // widest)
     logits = torch.cat([network.classifier(part) for part in features.split(voxels_per_pass, dim=2)], dim=2)

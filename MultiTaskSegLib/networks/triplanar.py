@@ -221,12 +221,15 @@ class TriplanarNetwork(nn.Module):
         coronal: torch.Tensor,
         sagittal: torch.Tensor,
         slices_per_pass: int | None = None,
+        needed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The classifier's input ``(B, 3 C, gz, gy, gx)`` for :meth:`forward_block`: axial, coronal, sagittal features.
 
         ``slices_per_pass`` runs the convolution stack on at most that many slices at a time, which
         keeps each layer's activations small (on the CPU, large tensors cost more in page faults
         than in arithmetic). Only in eval mode: in training, batch norm needs all slices in one pass.
+        ``needed`` ``(B, gz, gy, gx)`` bool marks the voxels whose features are wanted: each pass then
+        computes only the rectangle of its slices that holds them, and other voxels' features are 0.
         """
         if axial.dim() != 4 or coronal.dim() != 4 or sagittal.dim() != 4:
             raise ValueError("axial, coronal and sagittal must each be (blocks, slices, rows, columns)")
@@ -249,19 +252,39 @@ class TriplanarNetwork(nn.Module):
         channels = self.features.channels
         result: torch.Tensor | None = None
         for plane, slices in enumerate((axial, coronal, sagittal)):
+            wanted = None if needed is None else needed[:, None].permute(PLANE_SLICE_ORDER[plane])[:, :, 0]
             for block, part in _passes(blocks, slices.shape[1], slices_per_pass):
-                maps = self.features(slices[block, part].reshape(-1, 1, *slices.shape[2:]))
+                every = (slice(0, slices.shape[2] - extra), slice(0, slices.shape[3] - extra))
+                rows, columns = every if wanted is None else _rectangle(wanted[block, part])
+                if rows.start == rows.stop:
+                    continue  # no wanted voxel in these slices
+                crop = slices[block, part][..., rows.start : rows.stop + extra, columns.start : columns.stop + extra]
+                maps = self.features(crop.reshape(-1, 1, *crop.shape[-2:]))
                 if result is None:  # in the stack's output type (bfloat16 under CPU autocast)
-                    result = maps.new_empty((blocks, 3 * channels, depth, height, width))
+                    shape = (blocks, 3 * channels, depth, height, width)
+                    result = maps.new_empty(shape) if needed is None else maps.new_zeros(shape)
                 # Each pass goes straight to its place in the result, without a copy of the whole plane.
                 planes = result[:, plane * channels : (plane + 1) * channels].permute(PLANE_SLICE_ORDER[plane])
-                planes[block, part].copy_(maps.reshape(planes[block, part].shape))
+                target = planes[block, part][..., rows, columns]
+                target.copy_(maps.reshape(target.shape))
+        if result is None:  # nothing wanted
+            result = axial.new_zeros((blocks, 3 * channels, depth, height, width))
         return result
 
 
 #: Per plane, the order that turns a plane's part (B, C, gz, gy, gx) of the features into its slices'
 #: maps (B, slices, C, rows, columns): axial slices run along z, coronal along y, sagittal along x.
 PLANE_SLICE_ORDER = ((0, 2, 1, 3, 4), (0, 3, 1, 2, 4), (0, 4, 1, 2, 3))
+
+
+def _rectangle(wanted: torch.Tensor) -> tuple[slice, slice]:
+    """The rows and columns ``(start, stop)`` holding every True of ``wanted`` (``..., rows, columns``);
+    empty slices when there is none."""
+    rows = torch.nonzero(wanted.reshape(-1, *wanted.shape[-2:]).any(dim=0).any(dim=1)).flatten().tolist()
+    columns = torch.nonzero(wanted.reshape(-1, *wanted.shape[-2:]).any(dim=0).any(dim=0)).flatten().tolist()
+    if not rows:
+        return slice(0, 0), slice(0, 0)
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
 
 
 def _passes(blocks: int, slices: int, slices_per_pass: int | None) -> list[tuple[Any, slice]]:

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import torch
 
+from MultiTaskSegLib.architectures import triplanar
 from MultiTaskSegLib.architectures.multiplanar import bfloat16_ready
 from MultiTaskSegLib.architectures.triplanar import (
     TriplanarArchitecture,
@@ -62,28 +63,29 @@ def test_folded_batch_norm_gives_the_unfolded_probabilities_and_leaves_the_netwo
         assert torch.equal(value, weights[name]), f"{name} changed"
 
 
-def test_bounding_box_skip_gives_the_whole_volume_result_where_inference_keeps_it():
+def test_only_voxels_near_the_foreground_are_predicted_and_exactly_as_on_the_whole_volume(monkeypatch):
+    # One slice per pass, so each pass is cropped to the rectangle of its own slice.
+    monkeypatch.setitem(triplanar.PASS_BYTES, "cpu", 16_000)
     architecture = tiny_architecture()
     network = architecture.network.double()
     rng = np.random.default_rng(4)
-    image = np.zeros((30, 26, 28), np.float32)
-    image[9:17, 6:15, 12:22] = rng.uniform(0.1, 1.0, size=(8, 9, 10))  # foreground above 0, background 0
+    image = np.zeros((30, 26, 28), np.float32)  # background 0, two separate foreground blobs above 0
+    image[4:9, 3:8, 4:10] = rng.uniform(0.1, 1.0, size=(5, 5, 6))
+    image[20:26, 17:23, 18:25] = rng.uniform(0.1, 1.0, size=(6, 6, 7))
+    near = np.zeros(image.shape, bool)  # within 2 voxels of a blob
+    near[2:11, 1:10, 2:12] = near[18:28, 15:25, 16:27] = True
     reports = []
 
     probabilities = architecture.predict_probabilities(
-        image, CPU, InferenceOptions(lambda fraction, stage: reports.append(stage), None, 12 * 13 * 14))
+        image, CPU, InferenceOptions(lambda fraction, stage: reports.append(stage), None, 26 * 24 * 25))
 
     whole = whole_volume_probabilities(network, image)
-    foreground = image > 0
     # Both are float64 results rounded to float32: equal up to one float32 step.
-    np.testing.assert_allclose(background_outside(probabilities.copy(), foreground),
-                               background_outside(whole.copy(), foreground), rtol=0, atol=1e-7)
-    box = probabilities[:, 7:19, 4:17, 10:24]  # the non-zero box grown by the 2-voxel margin
-    np.testing.assert_allclose(box, whole[:, 7:19, 4:17, 10:24], rtol=0, atol=1e-7)
-    outside = np.ones(image.shape, bool)
-    outside[7:19, 4:17, 10:24] = False
-    assert (probabilities[0][outside] == 1).all() and (probabilities[1:][:, outside] == 0).all()
-    assert reports == ["triplanar prediction: block 1 of 1"], "only the box's 12 x 13 x 14 voxels are predicted"
+    np.testing.assert_allclose(probabilities[:, near], whole[:, near], rtol=0, atol=1e-7)
+    assert (probabilities[0][~near] == 1).all() and (probabilities[1:][:, ~near] == 0).all()
+    np.testing.assert_allclose(background_outside(probabilities.copy(), image > 0),
+                               background_outside(whole.copy(), image > 0), rtol=0, atol=1e-7)
+    assert reports == ["triplanar prediction: block 1 of 1"], "only the blobs' bounding box is tiled"
 
 
 def quickly_trained_architecture() -> TriplanarArchitecture:
