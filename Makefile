@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 benchmarks: $(STAMP)
-	$(PY) benchmarks/bench_triplanar_inference.py --threads 1
+	$(PY) benchmarks/bench_triplanar_inference.py --threads 1 --sample 8
 	$(PY) benchmarks/bench_triplanar_training.py --threads 1
 
 clean:
