@@ -364,9 +364,9 @@ def _initial_model(config: TrainingConfig, parent: SegmentationModel | None, lab
     return parent
 
 
-def initialise_from(model: SegmentationModel, source: SegmentationModel) -> list[str]:
-    """Copy ``source``'s weights into ``model`` wherever a tensor's name and shape agree; returns the
-    names copied. Refuses a source that shares no tensor (another architecture or size)."""
+def initialise_from(model: SegmentationModel, source: SegmentationModel) -> None:
+    """Copy ``source``'s weights into ``model`` wherever a tensor's name and shape agree. Refuses a
+    source that shares no tensor (another architecture or size)."""
     if source.architecture.name != model.architecture.name:
         raise InputError(f"cannot start a {model.architecture.name} network from {source.name}, a "
                          f"{source.architecture.name} network; pick a model of the same architecture")
@@ -377,7 +377,6 @@ def initialise_from(model: SegmentationModel, source: SegmentationModel) -> list
         raise InputError(f"{source.name} shares no weights with the new network (different size or channels); "
                          "train from scratch or pick a model with the same architecture arguments")
     model.architecture.network.load_state_dict(copied, strict=False)
-    return sorted(copied)
 
 
 def _final_card(model: SegmentationModel, config: TrainingConfig, parent: SegmentationModel | None,

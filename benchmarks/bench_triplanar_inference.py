@@ -53,7 +53,8 @@ from MultiTaskSegLib.architectures.triplanar import (
     predict_volume,
     predict_voxels_patchwise,
 )
-from MultiTaskSegLib.architectures.multiplanar import bfloat16_ready, nonzero_box
+from MultiTaskSegLib.architectures.inputs import nonzero_box
+from MultiTaskSegLib.inferers import bfloat16_ready
 from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.model_files import load_model
 from MultiTaskSegLib.networks.triplanar import TriplanarNetwork

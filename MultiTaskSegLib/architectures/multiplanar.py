@@ -16,7 +16,7 @@ box of the non-zero voxels only.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from ..augmentation import SliceAugmentation, augment_slices, synthesize_slices
 from ..errors import InputError
-from ..inferers import InferenceOptions, inference_context
+from ..inferers import InferenceOptions, bfloat16_ready, inference_context
 from ..losses import soft_dice_loss
 from ..sampling import BalancedVoxelSampler
 from .base import TrainingStep
-from .inputs import check_channels, crop_centred
+from .inputs import check_channels, crop_centred, nonzero_box
 from .unet2d import SliceUNetConfig, _SliceUNetArchitecture
 
 #: Slice axes of the (z, y, x) working grid: axial, coronal, sagittal.
@@ -192,31 +192,4 @@ def _plane_options(options: InferenceOptions, number: int, axis: int, planes: in
     def plane_progress(fraction: float, stage: str) -> None:
         progress((number + fraction) / planes, f"{stage} ({PLANE_NAMES[axis]})")
 
-    return InferenceOptions(plane_progress, options.cancelled, options.max_block_voxels, options.requested_labels)
-
-
-def bfloat16_ready(device: torch.device) -> bool:
-    """Whether bfloat16 autocast is fast on ``device`` (emulated bfloat16 would be slower than float32)."""
-    return _bfloat16_ready(torch.device(device).type)
-
-
-@functools.cache
-def _bfloat16_ready(device_type: str) -> bool:
-    """Asked once per device type, not at every training step."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
-
-
-def nonzero_box(image: np.ndarray, margin: int) -> tuple[slice, ...] | None:
-    """The bounding box of the non-zero voxels grown by ``margin`` (clipped to the volume); None if none."""
-    nonzero = image != 0
-    box = []
-    for axis in range(image.ndim):
-        other = tuple(a for a in range(image.ndim) if a != axis)
-        occupied = np.flatnonzero(np.any(nonzero, axis=other))
-        if occupied.size == 0:
-            return None
-        box.append(slice(max(0, int(occupied[0]) - margin), min(image.shape[axis], int(occupied[-1]) + 1 + margin)))
-    return tuple(box)
+    return dataclasses.replace(options, progress=plane_progress)

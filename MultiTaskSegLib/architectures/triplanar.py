@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..inferers import CancelCheck, InferenceOptions, ProgressCallback, raise_if_cancelled, report_progress
+from ..inferers import CancelCheck, InferenceOptions, ProgressCallback, bfloat16_ready, raise_if_cancelled, report_progress
 from ..networks.triplanar import TriplanarNetwork, fold_batch_norm
 from ..sampling import BalancedVoxelSampler
 from .base import Architecture, MethodConfig, TrainingStep, network_default
-from .multiplanar import bfloat16_ready, nonzero_box
+from .inputs import nonzero_box
 
 #: Default cap of one prediction tile: the paper's network holds 96 features per voxel of a block, about
 #: 0.4 GB in bfloat16 (0.8 GB in float32). Larger blocks spend less of the work on the slices' margins:
@@ -145,7 +145,8 @@ def predict_volume(
     dtype = _parameter_dtype(network)
     box = nonzero_box(image, BOX_MARGIN)
     region = image[box] if box else image
-    near = torch.from_numpy(near_nonzero(region, BOX_MARGIN)).to(device) if box else None
+    near_voxels = near_nonzero(region, BOX_MARGIN) if box else None
+    near = None if near_voxels is None else torch.from_numpy(near_voxels).to(device)
     box = box or tuple(slice(0, extent) for extent in image.shape)
     blocks = iterate_blocks(region.shape, choose_block_shape(region.shape, max_block_voxels or DEFAULT_BLOCK_VOXELS))
     precision = _reduced_precision(device, dtype, mixed_precision)
@@ -167,8 +168,8 @@ def predict_volume(
             logits = _block_logits(folded, padded, block, pass_bytes // bytes_per_value, needed)
             inside[(slice(None), *block)] = logits.float().softmax(dim=0).cpu().numpy()
             report_progress(progress, (number + 1) / len(blocks), f"triplanar prediction: block {number + 1} of {len(blocks)}")
-    if near is not None:
-        far = ~near.cpu().numpy()
+    if near_voxels is not None:
+        far = ~near_voxels
         inside[:, far] = 0.0
         inside[0][far] = 1.0
     return probabilities

@@ -11,6 +11,7 @@ held beside the output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -127,3 +128,17 @@ def inference_context(network: nn.Module, device: torch.device) -> Iterator[None
             yield
     finally:
         network.train(was_training)
+
+
+def bfloat16_ready(device: torch.device) -> bool:
+    """Whether bfloat16 autocast is fast on ``device`` (emulated bfloat16 would be slower than float32)."""
+    return _bfloat16_ready(torch.device(device).type)
+
+
+@functools.cache
+def _bfloat16_ready(device_type: str) -> bool:
+    """Asked once per device type, not at every training step."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)

@@ -280,8 +280,9 @@ PLANE_SLICE_ORDER = ((0, 2, 1, 3, 4), (0, 3, 1, 2, 4), (0, 4, 1, 2, 3))
 def _rectangle(wanted: torch.Tensor) -> tuple[slice, slice]:
     """The rows and columns ``(start, stop)`` holding every True of ``wanted`` (``..., rows, columns``);
     empty slices when there is none."""
-    rows = torch.nonzero(wanted.reshape(-1, *wanted.shape[-2:]).any(dim=0).any(dim=1)).flatten().tolist()
-    columns = torch.nonzero(wanted.reshape(-1, *wanted.shape[-2:]).any(dim=0).any(dim=0)).flatten().tolist()
+    plane = wanted.reshape(-1, *wanted.shape[-2:]).any(dim=0)
+    rows = torch.nonzero(plane.any(dim=1)).flatten().tolist()
+    columns = torch.nonzero(plane.any(dim=0)).flatten().tolist()
     if not rows:
         return slice(0, 0), slice(0, 0)
     return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)

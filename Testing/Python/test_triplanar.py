@@ -8,6 +8,7 @@ import torch
 
 from MultiTaskSegLib.architectures import triplanar
 from MultiTaskSegLib.inferers import InferenceOptions
+from MultiTaskSegLib.architectures.base import TrainingStep
 from MultiTaskSegLib.sampling import PreparedCase
 from MultiTaskSegLib.architectures.triplanar import (
     IGNORED,
@@ -184,22 +185,29 @@ def synthetic_two_task_cases(seed: int) -> list[PreparedCase]:
     return cases
 
 
-def test_training_learns_a_two_task_problem():
+def train_two_task_architecture(steps: int = 40) -> tuple[TriplanarArchitecture, list[TrainingStep]]:
+    """A tiny triplanar network trained ``steps`` mini-batches on :func:`synthetic_two_task_cases`."""
     torch.manual_seed(0)
     architecture = TriplanarArchitecture(3, ("a", "b"), grid=3, dropout=0.1, **TINY)
-    cases = synthetic_two_task_cases(8)
-    sampler = BalancedVoxelSampler(cases, {"a": [1], "b": [2]})
+    sampler = BalancedVoxelSampler(synthetic_two_task_cases(8), {"a": [1], "b": [2]})
     optimizer = architecture.make_optimizer(1e-2)
     rng = np.random.default_rng(9)
-    losses = []
+    history = []
     architecture.network.train()
-    for _ in range(40):
+    for _ in range(steps):
         step = architecture.training_step(architecture.sample_batch(sampler, 24, rng), CPU)
         optimizer.zero_grad()
         step.loss.backward()
         architecture.clip_gradients()
         optimizer.step()
-        losses.append(float(step.loss.detach()))
+        history.append(step)
+    return architecture, history
+
+
+def test_training_learns_a_two_task_problem():
+    architecture, history = train_two_task_architecture()
+    losses = [float(step.loss.detach()) for step in history]
+    for step in history:
         assert step.parts["voxels"] > 0.9 * 24 * 27  # a few dark voxels are below zero: not foreground
 
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])

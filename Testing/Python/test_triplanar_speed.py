@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from MultiTaskSegLib.architectures import triplanar
-from MultiTaskSegLib.architectures.multiplanar import bfloat16_ready
+from MultiTaskSegLib.inferers import bfloat16_ready
 from MultiTaskSegLib.architectures.triplanar import (
-    TriplanarArchitecture,
     pad_volume,
     predict_volume,
     predict_voxels_patchwise,
@@ -24,8 +23,7 @@ from MultiTaskSegLib.model_catalog import resolve_model_path
 from MultiTaskSegLib.model_files import load_model
 from MultiTaskSegLib.networks.triplanar import fold_batch_norm
 from MultiTaskSegLib.preprocessing import background_outside
-from MultiTaskSegLib.sampling import BalancedVoxelSampler
-from test_triplanar import TINY, synthetic_two_task_cases, tiny_architecture
+from test_triplanar import synthetic_two_task_cases, tiny_architecture, train_two_task_architecture
 
 CPU = torch.device("cpu")
 
@@ -88,23 +86,8 @@ def test_only_voxels_near_the_foreground_are_predicted_and_exactly_as_on_the_who
     assert reports == ["triplanar prediction: block 1 of 1"], "only the blobs' bounding box is tiled"
 
 
-def quickly_trained_architecture() -> TriplanarArchitecture:
-    torch.manual_seed(0)
-    architecture = TriplanarArchitecture(3, ("a", "b"), grid=3, dropout=0.1, **TINY)
-    sampler = BalancedVoxelSampler(synthetic_two_task_cases(8), {"a": [1], "b": [2]})
-    optimizer = architecture.make_optimizer(1e-2)
-    rng = np.random.default_rng(9)
-    architecture.network.train()
-    for _ in range(40):
-        step = architecture.training_step(architecture.sample_batch(sampler, 24, rng), CPU)
-        optimizer.zero_grad()
-        step.loss.backward()
-        optimizer.step()
-    return architecture
-
-
 def test_bfloat16_prediction_keeps_the_float32_labels():
-    architecture = quickly_trained_architecture()
+    architecture = train_two_task_architecture()[0]
     assert architecture.config.mixed_precision, "mixed precision is the default"
     agreement, differs = [], []
     for case in synthetic_two_task_cases(10):
