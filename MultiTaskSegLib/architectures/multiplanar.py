@@ -38,6 +38,8 @@ from .unet2d import SliceUNetConfig, _SliceUNetArchitecture
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 #: The sagittal plane has no left-right axis to flip.
 SAGITTAL = 2
+#: Rows of the located structures with fewer voxels than this share of the fullest row are strays.
+LOCATED_ROW_SHARE = 0.02
 
 
 @dataclass
@@ -53,18 +55,21 @@ class MultiplanarConfig(SliceUNetConfig):
     augmentation: Mapping[str, Any] | None = None
     whole_slice_inference: bool = False
     crop_margin: int = 8
+    locate_stride: int = 0
+    locate_margin: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.planes = tuple(sorted({int(plane) for plane in self.planes}))
         if not self.planes or any(plane not in (0, 1, 2) for plane in self.planes):
             raise InputError(f"planes must be a non-empty subset of 0 (axial), 1 (coronal), 2 (sagittal), got {list(self.planes)}")
-        if float(self.cross_entropy_weight) < 0 or int(self.crop_margin) < 0:
-            raise InputError("cross_entropy_weight and crop_margin must be zero or more")
+        if min(float(self.cross_entropy_weight), int(self.crop_margin), int(self.locate_stride), int(self.locate_margin)) < 0:
+            raise InputError("cross_entropy_weight, crop_margin, locate_stride and locate_margin must be zero or more")
         settings = SliceAugmentation.from_arguments(self.augmentation)
         self.augmentation = settings.to_arguments()
         self._slice_augmentation = settings  # not a field: not stored
         self.cross_entropy_weight, self.crop_margin = float(self.cross_entropy_weight), int(self.crop_margin)
+        self.locate_stride, self.locate_margin = int(self.locate_stride), int(self.locate_margin)
         self.mixed_precision, self.whole_slice_inference = bool(self.mixed_precision), bool(self.whole_slice_inference)
 
     @property
@@ -96,6 +101,13 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             windows: several times less work for a head, at the price of instance-norm statistics taken
             over more context than in training (measured on held-out subjects before it was made the default).
         crop_margin: voxels kept around the non-zero bounding box.
+        locate_stride: 0 predicts every plane over the whole non-zero box. N > 0 first predicts every
+            N-th slice of the first plane only, and then all planes only over the bounding box of what
+            those slices show (requested classes only), grown by ``locate_margin`` voxels plus N;
+            outside it is background. A whole-head scan is then about as fast as a skull-stripped one,
+            but a structure thinner than N slices that lies between them alone can be missed: for
+            large structures (the brain), not for small lesions.
+        locate_margin: voxels kept around the located structures.
     """
 
     name: ClassVar[str] = "unet2d_multiplanar"
@@ -164,7 +176,8 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         return self.config.mixed_precision and torch.device(device).type == "cpu" and bfloat16_ready(torch.device("cpu"))
 
     def _predict(self, image: np.ndarray, device: torch.device, options: InferenceOptions) -> np.ndarray:
-        """The mean of the per-plane probabilities inside the non-zero bounding box; background outside."""
+        """The mean of the per-plane probabilities inside the non-zero bounding box (or the located
+        structures' box); background outside."""
         config = self.config
         stack = check_channels(image, config.in_channels)
         result = np.zeros((self.num_labels, *stack.shape[1:]), np.float32)
@@ -172,24 +185,58 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         box = nonzero_box(np.any(stack != 0, axis=0), config.crop_margin)
         if box is None:
             return result
-        cropped = np.ascontiguousarray(stack[(slice(None), *box)])
-        region = result[(slice(None), *box)]  # the planes are summed in place: no extra volume in memory
-        region[0] = 0.0
         bfloat16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bfloat16_on_cpu(device))
         with inference_context(self.network, device), bfloat16:
-            for number, axis in enumerate(config.planes):
-                self._add_probabilities(region, cropped, axis, device, _plane_options(options, number, axis, len(config.planes)),
+            passes = len(config.planes) + (1 if config.locate_stride else 0)
+            if config.locate_stride:
+                box = self._locate(stack, box, device, _pass_options(options, 0, passes, "locating"))
+            cropped = np.ascontiguousarray(stack[(slice(None), *box)])
+            region = result[(slice(None), *box)]  # the planes are summed in place: no extra volume in memory
+            region[0] = 0.0
+            for number, axis in enumerate(config.planes, start=passes - len(config.planes)):
+                self._add_probabilities(region, cropped, axis, device, _pass_options(options, number, passes, PLANE_NAMES[axis]),
                                         scale=1.0 / len(config.planes))
         return result
 
+    def _locate(self, stack: np.ndarray, box: tuple[slice, ...], device: torch.device,
+                options: InferenceOptions) -> tuple[slice, ...]:
+        """The part of ``box`` around what every ``locate_stride``-th slice of the first plane shows
+        (a requested class wins the arg-max in a non-zero voxel), grown by the margin; all of ``box``
+        if they show nothing. Along each axis the range keeps the rows holding at least
+        :data:`LOCATED_ROW_SHARE` of the fullest row's voxels, so stray voxels in the neck or the
+        scalp do not stretch it."""
+        config = self.config
+        axis, stride = config.planes[0], config.locate_stride
+        cropped = stack[(slice(None), *box)]
+        picks = np.arange(stride // 2, cropped.shape[1 + axis], stride)
+        if picks.size == 0:
+            return box
+        sparse = np.ascontiguousarray(np.take(cropped, picks, axis=1 + axis))
+        probabilities = np.zeros((self.num_labels, *sparse.shape[1:]), np.float32)
+        self._add_probabilities(probabilities, sparse, axis, device, options)
+        labels = options.requested_labels or range(1, self.num_labels)
+        kept = np.asarray([0, *sorted({int(label) for label in labels})])
+        found = (kept[np.argmax(probabilities[kept], axis=0)] != 0) & np.any(sparse != 0, axis=0)
+        if not found.any():
+            return box
+        located = []
+        for number, outer in enumerate(box):
+            rows = np.count_nonzero(found, axis=tuple(other for other in range(3) if other != number))
+            first, last = np.flatnonzero(rows >= LOCATED_ROW_SHARE * rows.max())[[0, -1]]
+            grow = config.locate_margin
+            if number == axis:
+                first, last, grow = picks[first], picks[last], grow + stride
+            located.append(slice(outer.start + max(0, int(first) - grow), outer.start + min(outer.stop - outer.start, int(last) + 1 + grow)))
+        return tuple(located)
 
-def _plane_options(options: InferenceOptions, number: int, axis: int, planes: int) -> InferenceOptions:
-    """``options`` whose progress reports the ``number``-th of ``planes`` passes as its share of the whole."""
+
+def _pass_options(options: InferenceOptions, number: int, passes: int, name: str) -> InferenceOptions:
+    """``options`` whose progress reports the ``number``-th of ``passes`` passes as its share of the whole."""
     progress = options.progress
     if progress is None:
         return options
 
-    def plane_progress(fraction: float, stage: str) -> None:
-        progress((number + fraction) / planes, f"{stage} ({PLANE_NAMES[axis]})")
+    def pass_progress(fraction: float, stage: str) -> None:
+        progress((number + fraction) / passes, f"{stage} ({name})")
 
-    return dataclasses.replace(options, progress=plane_progress)
+    return dataclasses.replace(options, progress=pass_progress)

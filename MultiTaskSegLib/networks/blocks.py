@@ -2,6 +2,7 @@
 
 * :class:`FactorisedConvBlock3d`: Avetisian's volumetric block, four planar 3x3 convolutions.
 * :class:`DoubleConvBlock`: two 3x3 convolutions with instance norm and LeakyReLU (CMU-Net).
+* :class:`HalvingMaxPool`: 2x max-pooling as pairwise maxima (PyTorch's CPU max-pool is ~10x slower).
 * :class:`UpConv`: a transposed convolution that doubles every spatial side.
 * :class:`PresenceHead`: global average pooling and one fully connected layer (CMU-Net).
 """
@@ -84,6 +85,38 @@ class DoubleConvBlock(nn.Sequential):
             norm(out_channels, affine=True),
             nn.LeakyReLU(negative_slope, inplace=True),
         )
+
+
+class HalvingMaxPool(nn.Module):
+    """Max-pooling by 2 in every spatial axis, as ``nn.MaxPool2d(2)`` / ``nn.MaxPool3d(2)`` (same values).
+
+    On even sides it takes the maximum of the even and odd voxels axis by axis: on the CPU
+    PyTorch's max-pool kernel computes the arg-max indices too and took 19 % of the 2-D U-Net's
+    bfloat16 inference time, the pairwise maxima about a tenth of that. Odd sides fall back to
+    PyTorch's max-pool (which drops the last voxel).
+
+    Args:
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, spatial_dims: int) -> None:
+        super().__init__()
+        _conv_nd(spatial_dims)  # validates spatial_dims
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sides = x.shape[-self.spatial_dims:]
+        if any(side % 2 for side in sides):
+            pool = nn.functional.max_pool2d if self.spatial_dims == 2 else nn.functional.max_pool3d
+            return pool(x, 2)
+        for axis in range(x.ndim - self.spatial_dims, x.ndim):
+            x = torch.maximum(x[_every_other(x.ndim, axis, 0)], x[_every_other(x.ndim, axis, 1)])
+        return x
+
+
+def _every_other(ndim: int, axis: int, first: int) -> tuple[slice, ...]:
+    """Index of every second voxel along ``axis``, starting at ``first``."""
+    return tuple(slice(first, None, 2) if number == axis else slice(None) for number in range(ndim))
 
 
 class UpConv(nn.Module):

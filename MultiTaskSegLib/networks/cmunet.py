@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .blocks import DoubleConvBlock, PresenceHead, UpConv
+from .blocks import DoubleConvBlock, HalvingMaxPool, PresenceHead, UpConv
 
 
 class CMUNet(nn.Module):
@@ -51,7 +51,7 @@ class CMUNet(nn.Module):
         self.encoder = nn.ModuleList(
             DoubleConvBlock(2, source, target, negative_slope) for source, target in zip([in_channels, *channels[:-1]], channels)
         )
-        self.pool = nn.MaxPool2d(2)
+        self.pool = HalvingMaxPool(2)
         self.bottleneck_decoder = DoubleConvBlock(2, channels[-1], channels[-1], negative_slope)
         self.upsample = nn.ModuleList(
             UpConv(2, channels[level + 1], channels[level]) for level in reversed(range(len(channels) - 1))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .blocks import AVETISIAN_PLANE_KERNELS, FactorisedConvBlock3d, UpConv
+from .blocks import AVETISIAN_PLANE_KERNELS, FactorisedConvBlock3d, HalvingMaxPool, UpConv
 
 
 class FactorisedUNet3d(nn.Module):
@@ -58,7 +58,7 @@ class FactorisedUNet3d(nn.Module):
             FactorisedConvBlock3d(source, target, plane_kernels, block_dropout)
             for source, target in zip([in_channels, *channels[:-1]], channels)
         )
-        self.pool = nn.MaxPool3d(2)
+        self.pool = HalvingMaxPool(3)
         self.upsample = nn.ModuleList(
             UpConv(3, channels[level + 1], channels[level], up_kernel_size) for level in reversed(range(depth))
         )

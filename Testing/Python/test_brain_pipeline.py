@@ -14,6 +14,7 @@ from MultiTaskSegLib.augmentation import NO_AUGMENTATION, SliceAugmentation, aug
 from MultiTaskSegLib.preprocessing import check_working_grid_size
 from MultiTaskSegLib.errors import InputError
 from MultiTaskSegLib.geometry import working_grid
+from MultiTaskSegLib.inferers import InferenceOptions
 from MultiTaskSegLib.inference import segment_image
 from MultiTaskSegLib.model_files import SegmentationModel
 from MultiTaskSegLib.normalization import normalize
@@ -140,6 +141,29 @@ def test_multiplanar_prediction_averages_the_three_planes_and_leaves_air_as_back
     single = MultiplanarUNet2DArchitecture(3, ["brain_t1_mri"], planes=[0], **TINY_MULTIPLANAR)
     single.network.load_state_dict(architecture.network.state_dict())
     assert not np.allclose(single.predict_probabilities(volume, torch.device("cpu")), probabilities)
+
+
+@pytest.mark.parametrize("argument", ["locate_stride", "locate_margin"])
+def test_a_negative_locating_setting_is_refused_naming_it(argument):
+    with pytest.raises(InputError, match=argument):
+        MultiplanarUNet2DArchitecture(3, ["brain_t1_mri"], **TINY_MULTIPLANAR, **{argument: -1})
+
+
+def test_locating_with_nothing_found_predicts_the_whole_non_zero_box():
+    """An untrained network may find nothing on the sparse slices: then nothing is cut away."""
+    torch.manual_seed(0)
+    volume = np.zeros((20, 24, 28), np.float32)
+    volume[4:16, 5:20, 6:22] = np.random.default_rng(0).random((12, 15, 16)) + 0.5
+    plain = MultiplanarUNet2DArchitecture(3, ["brain_t1_mri"], **TINY_MULTIPLANAR)
+    locating = MultiplanarUNet2DArchitecture(3, ["brain_t1_mri"], locate_stride=3, **TINY_MULTIPLANAR)
+    locating.network.load_state_dict(plain.network.state_dict())
+    with torch.no_grad():  # a network that calls everything background
+        plain.network.output.bias.copy_(torch.tensor([50.0, 0.0, 0.0]))
+        locating.network.output.bias.copy_(torch.tensor([50.0, 0.0, 0.0]))
+    box = nonzero_box(volume, plain.config.crop_margin)
+    with torch.inference_mode():
+        assert locating._locate(volume[None], box, torch.device("cpu"), InferenceOptions()) == box
+    assert np.array_equal(locating.predict_probabilities(volume, torch.device("cpu")), plain.predict_probabilities(volume, torch.device("cpu")))
 
 
 def test_training_uses_label_maps_without_images_through_synthesis(tmp_path):

@@ -24,7 +24,7 @@ from MultiTaskSegLib.architectures.inputs import crop_centred
 from MultiTaskSegLib.inferers import InferenceOptions, plan_axis_windows
 from MultiTaskSegLib.errors import CancelledError
 from MultiTaskSegLib.losses import presence_focal_loss, soft_dice_loss, soft_iou_loss
-from MultiTaskSegLib.networks.blocks import FactorisedConvBlock3d
+from MultiTaskSegLib.networks.blocks import FactorisedConvBlock3d, HalvingMaxPool
 from MultiTaskSegLib.networks.unet_factorised import FactorisedUNet3d
 from MultiTaskSegLib.sampling import BalancedVoxelSampler
 
@@ -130,6 +130,20 @@ def test_factorised_block_uses_planar_kernels_and_fewer_weights_than_3x3x3():
     unet3d_double_conv = nn.Sequential(nn.Conv3d(8, 8, 3), nn.Conv3d(8, 8, 3))
     assert weights(block) == 4 * (8 * 8 * 9 + 8)
     assert weights(block) < weights(unet3d_double_conv) < weights(same_block_3x3x3)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 12), (2, 3, 7, 9), (1, 2, 4, 6, 8), (1, 2, 5, 6, 8)])
+def test_halving_max_pool_gives_pytorchs_max_pool_values_and_gradients(shape):
+    spatial_dims = len(shape) - 2
+    reference_pool = nn.functional.max_pool2d if spatial_dims == 2 else nn.functional.max_pool3d
+    image = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    ours_input, reference_input = image.clone().requires_grad_(), image.clone().requires_grad_()
+    ours, reference = HalvingMaxPool(spatial_dims)(ours_input), reference_pool(reference_input, 2)
+    assert torch.equal(ours, reference)
+    weights = torch.randn(reference.shape)
+    (ours * weights).sum().backward()
+    (reference * weights).sum().backward()
+    assert torch.equal(ours_input.grad, reference_input.grad)  # random values: no ties
 
 
 def test_factorised_unet_has_paper_defaults():
