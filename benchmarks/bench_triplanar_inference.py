@@ -22,7 +22,8 @@ voxels.
 The default 256^3 grid needs about 10 GB of memory: the naive stack keeps the 96 float32 features
 of every voxel before it classifies them; ``--sample N`` times the naive stack and the old dense
 path on N slices per plane / N blocks and scales them (minutes instead of half an hour on two cores). With ``--input T1.nii.gz`` it also times the new path on real scans (normalised for the brain task)
-against the naive stack on a grid of the same shape.
+against the naive stack on a grid of the same shape, and ``segment_image`` end to end on them with a
+paper-size model (the same network).
 
     .venv/bin/python benchmarks/bench_triplanar_inference.py [--size 256] [--quick] [--threads 2] [--device cuda]
         [--sample 8] [--input T1.nii.gz ...]
@@ -56,7 +57,8 @@ from MultiTaskSegLib.architectures.triplanar import (
 from MultiTaskSegLib.architectures.inputs import nonzero_box
 from MultiTaskSegLib.inferers import bfloat16_ready
 from MultiTaskSegLib.imageio import read_image
-from MultiTaskSegLib.model_files import load_model
+from MultiTaskSegLib.inference import segment_image
+from MultiTaskSegLib.model_files import SegmentationModel, load_model
 from MultiTaskSegLib.networks.triplanar import TriplanarNetwork
 from MultiTaskSegLib.phantoms import generate_case
 from MultiTaskSegLib.preprocessing import prepare_image
@@ -153,13 +155,16 @@ def real_scan(path: str) -> np.ndarray:
 
 
 def time_real_scans(paths: list[str], network: TriplanarNetwork, device: torch.device, grid_shape: tuple[int, ...],
-                    grid_naive_seconds: float, max_block_voxels: int) -> None:
+                    grid_naive_seconds: float, max_block_voxels: int) -> dict[str, float]:
     """The new path on real scans, against the naive stack on a grid of the same shape (the naive
-    stack computes every slice whatever it holds, so its time depends on the grid only)."""
+    stack computes every slice whatever it holds, so its time depends on the grid only). Returns
+    the naive seconds of each scan."""
+    naive = {}
     for path in paths:
         image = real_scan(path)
         naive_seconds = grid_naive_seconds if image.shape == grid_shape else timed(
             lambda: naive_probabilities(network, image, device), device)[1]
+        naive[path] = naive_seconds
         box = nonzero_box(image, BOX_MARGIN)
         box_share = np.prod([part.stop - part.start for part in box]) / image.size if box else 1.0
         print(f"{path}: working grid {'x'.join(map(str, image.shape))}, non-zero box {box_share:.1%} of it, "
@@ -169,6 +174,24 @@ def time_real_scans(paths: list[str], network: TriplanarNetwork, device: torch.d
                                                    mixed_precision=mixed), device)[1]
             print(f"  {name:34s} {seconds:9.2f} s   {seconds / naive_seconds:6.3f} of naive   "
                   f"{naive_seconds / seconds:6.2f}x faster than naive")
+    return naive
+
+
+def time_end_to_end(naive: dict[str, float], network: TriplanarNetwork, device: torch.device) -> None:
+    """``segment_image`` (what ``multitaskseg segment`` runs: reading aside, normalising, resampling,
+    prediction, labels on the source grid) with a paper-size triplanar model of the paper's three
+    tasks, whose network is ``network``, against the naive stack (``naive``: seconds per scan path)."""
+    label_space = load_model("triplanar-phantoms").label_space
+    model = SegmentationModel.create("paper-size-triplanar", "triplanar", label_space)
+    if len(label_space) != network.classifier.num_labels:
+        print("end to end: skipped, --labels differs from the paper's three tasks")
+        return
+    model.architecture.network.load_state_dict(network.state_dict())
+    for path, naive_seconds in naive.items():
+        image = read_image(path)
+        seconds = timed(lambda: segment_image(model, image, ["brain_t1_mri"], device=str(device)), device)[1]
+        print(f"{path}: segment_image end to end with the paper-size network {seconds:9.2f} s   "
+              f"{seconds / naive_seconds:6.3f} of naive   {naive_seconds / seconds:6.2f}x faster than naive")
 
 
 def sampled_naive_seconds(network: TriplanarNetwork, image: np.ndarray, device: torch.device, count: int) -> float:
@@ -288,7 +311,8 @@ def main() -> None:
           f"foreground labels agree, lowest Dice per label {dice:.4f}")
     print(f"max |{reference_name} - patch-wise| probability on {arguments.voxels} foreground voxels: "
           f"{patchwise_difference:.2e}")
-    time_real_scans(arguments.input, network, device, image.shape, naive_seconds, arguments.max_block_voxels)
+    naive_per_scan = time_real_scans(arguments.input, network, device, image.shape, naive_seconds, arguments.max_block_voxels)
+    time_end_to_end(naive_per_scan, network, device)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..augmentation import SliceAugmentation, augment_slices, synthesize_slices
 from ..errors import InputError
-from ..inferers import InferenceOptions, bfloat16_ready, inference_context
+from ..inferers import InferenceOptions, bfloat16_autocast, bfloat16_ready, inference_context
 from ..losses import soft_dice_loss
 from ..sampling import BalancedVoxelSampler
 from .base import TrainingStep
@@ -51,7 +51,6 @@ class MultiplanarConfig(SliceUNetConfig):
     restart_epochs: int = 1
     steps_per_epoch: int = 10_000
     cross_entropy_weight: float = 1.0
-    mixed_precision: bool = True
     augmentation: Mapping[str, Any] | None = None
     whole_slice_inference: bool = False
     crop_margin: int = 8
@@ -70,7 +69,7 @@ class MultiplanarConfig(SliceUNetConfig):
         self._slice_augmentation = settings  # not a field: not stored
         self.cross_entropy_weight, self.crop_margin = float(self.cross_entropy_weight), int(self.crop_margin)
         self.locate_stride, self.locate_margin = int(self.locate_stride), int(self.locate_margin)
-        self.mixed_precision, self.whole_slice_inference = bool(self.mixed_precision), bool(self.whole_slice_inference)
+        self.whole_slice_inference = bool(self.whole_slice_inference)
 
     @property
     def slice_augmentation(self) -> SliceAugmentation:
@@ -90,8 +89,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         restart_epochs, steps_per_epoch: cosine schedule (``restart_epochs * steps_per_epoch`` steps
             per cycle; one cycle over the whole run anneals to zero at its end).
         cross_entropy_weight: weight of cross-entropy beside the soft Dice loss.
-        mixed_precision: train under bfloat16 autocast where the processor has bfloat16 arithmetic
-            (CUDA, or CPUs with AVX-512 BF16/AMX: about 2.5x faster here); losses stay float32.
+        mixed_precision: as the other 2-D U-Nets; here prediction runs in bfloat16 too on such CPUs.
         augmentation: settings of :class:`~MultiTaskSegLib.augmentation.SliceAugmentation`
             (defaults when left out; ``{"probability": 0, "low_resolution_probability": 0}`` turns it off).
     Args (inference):
@@ -162,7 +160,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
         image, labels, valid = (batch[key].to(device, non_blocking=True) for key in ("image", "labels", "valid"))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision and bfloat16_ready(device)):
+        with bfloat16_autocast(device, self.config.mixed_precision):
             logits = self.network(image)
         logits = logits.float()
         dice = soft_dice_loss(torch.softmax(logits, dim=1), labels, valid)

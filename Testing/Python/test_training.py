@@ -153,3 +153,54 @@ def test_starting_from_a_model_of_another_architecture_is_refused(tmp_path, tiny
                    steps=1, init_from=str(tmp_path / "source" / "model"))
     with pytest.raises(InputError, match="same architecture"):
         train(other, tmp_path / "other", log=quiet)
+
+
+def _batch_for(architecture) -> dict:
+    """A fixed batch with learnable labels (bright voxels are class 1) in the architecture's layout."""
+    from MultiTaskSegLib.architectures.triplanar import PLANES
+
+    generator = torch.Generator().manual_seed(0)
+    if architecture.name == "triplanar":
+        side = 3 + 2 * architecture.network.margin
+        batch = {plane: torch.randn(6, 3, side, side, generator=generator) for plane in PLANES}
+        centre = slice(architecture.network.margin, architecture.network.margin + 3)
+        labels = (batch["axial"][:, :, centre, centre] > 0).long()  # (blocks, z, y, x) of the centre voxels
+        return {**batch, "labels": labels, "groups": labels.clone()}
+    image = torch.randn(4, 1, 32, 32, generator=generator)
+    labels = (image[:, 0] > 0).long()
+    return {"image": image, "labels": labels, "valid": torch.ones_like(labels, dtype=torch.bool),
+            "present": torch.ones(4, 1)}
+
+
+@pytest.mark.parametrize("name, arguments", [
+    ("triplanar", {"layers": 4, "channels": 8, "hidden_features": 16, "dropout": 0.0}),
+    ("cmunet", {"channels": [8, 16], "patch_size": [32, 32]}),
+    ("unet2d_multiplanar", {"channels": [8, 16], "patch_size": [32, 32]}),
+])
+def test_a_few_training_steps_in_bfloat16_stay_close_to_float32(name, arguments):
+    """mixed_precision trains under bfloat16 autocast on capable hardware: faster, and the losses
+    and weights of the first steps follow the float32 run closely."""
+    from MultiTaskSegLib.architectures import architecture_class
+    from MultiTaskSegLib.inferers import bfloat16_ready
+
+    if not bfloat16_ready(torch.device("cpu")):
+        pytest.skip("this CPU has no bfloat16 arithmetic (AVX-512 BF16 or AMX): mixed precision trains in float32 here")
+    runs = {}
+    for mixed in (False, True):
+        torch.manual_seed(0)
+        architecture = architecture_class(name)(2, ["breast_mri"], mixed_precision=mixed, **arguments)
+        optimiser = architecture.make_optimizer(1e-3)
+        losses = []
+        for _ in range(5):
+            step = architecture.training_step(_batch_for(architecture), torch.device("cpu"))
+            optimiser.zero_grad()
+            step.loss.backward()
+            optimiser.step()
+            losses.append(float(step.loss.detach()))
+        runs[mixed] = (losses, torch.cat([p.detach().flatten() for p in architecture.network.parameters()]))
+    (float32_losses, float32_weights), (bfloat16_losses, bfloat16_weights) = runs[False], runs[True]
+    assert float32_losses != bfloat16_losses, "the bfloat16 run must differ: autocast was not active"
+    assert all(abs(b - f) <= 0.03 * abs(f) + 1e-3 for f, b in zip(float32_losses, bfloat16_losses)), (float32_losses, bfloat16_losses)
+    assert bfloat16_losses[-1] < bfloat16_losses[0], "bfloat16 training learns"
+    moved = (bfloat16_weights - float32_weights).norm() / float32_weights.norm()
+    assert moved < 0.02, f"weights drifted {moved:.3%} from the float32 run"
