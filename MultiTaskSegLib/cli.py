@@ -196,7 +196,7 @@ def _add_training_commands(commands) -> None:
     """train, finetune, experiments."""
     sub = commands.add_parser("train", help="train one model on one or more tasks (resumes an interrupted run)")
     sub.add_argument("--tasks", nargs="+", required=True)
-    sub.add_argument("--data", nargs="+", required=True, help="ROOT holding ROOT/TASK/CASE/..., or TASK=FOLDER pairs")
+    sub.add_argument("--data", nargs="+", action="extend", required=True, help="ROOT holding ROOT/TASK/CASE/..., or TASK=FOLDER pairs")
     sub.add_argument("--out", required=True, help="run folder: checkpoint, learning curve, final model")
     sub.add_argument("--arch", default="triplanar")
     sub.add_argument("--arg", action="append", default=[], help="architecture argument NAME=VALUE (repeatable)")
@@ -214,7 +214,7 @@ def _add_training_commands(commands) -> None:
 
     sub = commands.add_parser("finetune", help="fine-tune a model on corrected cases (its own label space; resumable)")
     sub.add_argument("--model", required=True, help="the model to start from (it is not changed)")
-    sub.add_argument("--data", nargs="+", required=True, help="TASK=FOLDER pairs (or ROOT/TASK/CASE) of corrected cases")
+    sub.add_argument("--data", nargs="+", action="extend", required=True, help="TASK=FOLDER pairs (or ROOT/TASK/CASE) of corrected cases")
     sub.add_argument("--out", required=True, help="run folder; the new model is OUT/model")
     sub.add_argument("--steps", type=int, default=200)
     sub.add_argument("--batch-size", type=int, default=8)

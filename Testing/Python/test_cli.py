@@ -221,3 +221,13 @@ def test_a_damaged_training_state_is_an_error_that_says_how_to_start_afresh(tmp_
     assert main(arguments) == 2
     error = capsys.readouterr().err
     assert "damaged or not a training state" in error and "Traceback" not in error
+
+
+def test_repeated_data_options_add_up_instead_of_replacing_each_other():
+    """``--data a=X --data b=Y`` (one option per task) means both, as ``--data a=X b=Y`` does."""
+    from MultiTaskSegLib.cli import build_parser
+
+    for command in ("train", "finetune"):
+        extra = ["--tasks", "breast_mri", "cardiac_cta"] if command == "train" else ["--model", "brain-t1"]
+        parsed = build_parser().parse_args([command, *extra, "--data", "breast_mri=A", "--data", "cardiac_cta=B", "--out", "run"])
+        assert parsed.data == ["breast_mri=A", "cardiac_cta=B"]
