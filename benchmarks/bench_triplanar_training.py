@@ -4,7 +4,8 @@ With ``grid=1`` every sampled voxel is learnt from its own three patches (the pa
 With ``grid=g`` each sampled voxel brings the g x g x g cube around it, classified from 3 g enlarged
 slices: the network computes the same thing per voxel, but neighbours share their convolutions.
 Throughput counts voxels with a loss term per second (sampling, forward, backward, Adam step),
-for the paper-size network and a smaller one, all in the same run.
+for the paper-size network and a smaller one, in float32 and with the default ``mixed_precision``
+(bfloat16 autocast where the device has bfloat16 arithmetic), all in the same run.
 
     .venv/bin/python benchmarks/bench_triplanar_training.py [--quick] [--device cuda]
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MultiTaskSegLib.sampling import PreparedCase
 from MultiTaskSegLib.architectures.triplanar import TriplanarArchitecture
+from MultiTaskSegLib.inferers import bfloat16_ready
 from MultiTaskSegLib.sampling import BalancedVoxelSampler
 
 
@@ -45,13 +47,14 @@ def throughput(
     steps: int,
     sampler: BalancedVoxelSampler,
     device: torch.device,
+    mixed_precision: bool = True,
     warm_up: int = 2,
 ) -> tuple[float, float, float]:
     """(seconds per step, CPU seconds per step, labelled voxels per second) after ``warm_up`` untimed steps.
 
     The first steps pay for kernel selection and for growing the allocator's pools."""
     torch.manual_seed(0)
-    architecture = TriplanarArchitecture(3, ("a", "b"), grid=grid, **network_arguments)
+    architecture = TriplanarArchitecture(3, ("a", "b"), grid=grid, mixed_precision=mixed_precision, **network_arguments)
     architecture.network.to(device).train()
     optimizer = architecture.make_optimizer()
     rng = np.random.default_rng(0)
@@ -95,15 +98,20 @@ def main() -> None:
     ]
     print(f"device: {device}, torch threads: {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}, steps: {steps}")
     print("voxels/s counts voxels with a loss term per wall-clock second (CPU s/step: process CPU time)")
-    header = ("network", "grid", "batch", "s/step", "CPU s/step", "voxels/s", "vs grid 1")
-    print("{:38s} {:>4s} {:>5s} {:>8s} {:>10s} {:>10s} {:>9s}".format(*header))
+    precision = "bfloat16" if bfloat16_ready(device) else "float32 (no bfloat16 arithmetic here)"
+    header = ("network", "grid", "batch", "precision", "s/step", "CPU s/step", "voxels/s", "vs grid 1", "vs float32")
+    print("{:38s} {:>4s} {:>5s} {:>9s} {:>8s} {:>10s} {:>10s} {:>9s} {:>10s}".format(*header))
     for title, network_arguments, batch_size in settings:
         baseline = None
         for grid in grids:
-            seconds, cpu_seconds, rate = throughput(network_arguments, grid, batch_size, steps, sampler, device)
-            baseline = baseline or (rate if grid == 1 else None)
-            ratio = f"{rate / baseline:8.1f}x" if baseline else "        -"
-            print(f"{title:38s} {grid:4d} {batch_size:5d} {seconds:8.2f} {cpu_seconds:10.2f} {rate:10.1f} {ratio}")
+            float32_rate = None
+            for mixed in (False, True):
+                seconds, cpu_seconds, rate = throughput(network_arguments, grid, batch_size, steps, sampler, device, mixed)
+                baseline = baseline or (rate if grid == 1 else None)
+                float32_rate = float32_rate or rate
+                ratio = f"{rate / baseline:8.1f}x" if baseline else "        -"
+                print(f"{title:38s} {grid:4d} {batch_size:5d} {precision[:9] if mixed else 'float32':>9s} {seconds:8.2f} "
+                      f"{cpu_seconds:10.2f} {rate:10.1f} {ratio} {rate / float32_rate:9.2f}x")
 
 
 if __name__ == "__main__":
