@@ -283,9 +283,11 @@ class _SliceUNetArchitecture(Architecture):
         windows of skipped slices are background."""
         features = self.network.encode(batch)
         skipped = self._skip_mask(features, requested_labels)
-        if skipped is not None:  # a slice is skipped only when all its windows are
-            skipped = skipped.view(-1, per_slice).all(dim=1).repeat_interleave(per_slice)
-        kept = torch.ones(len(batch), dtype=torch.bool, device=batch.device) if skipped is None else ~skipped
+        if skipped is None:  # nothing to skip: no masked copies of the features
+            return torch.softmax(self.network.decode(features).float(), dim=1).cpu().numpy()
+        # A slice is skipped only when all its windows are.
+        skipped = skipped.view(-1, per_slice).all(dim=1).repeat_interleave(per_slice)
+        kept = ~skipped
         probabilities = torch.zeros((len(batch), self.num_labels, *features[0].shape[2:]), device=batch.device)
         probabilities[:, 0] = 1
         if bool(kept.any()):

@@ -92,6 +92,7 @@ def blend_windows(grid: WindowGrid, predict: BatchPredictor, target: np.ndarray,
     for index in itertools.product(*(range(len(plan.starts)) for plan in grid.plans)):
         total_weight[window_region(grid.plans, index)] += window_weight(grid.plans, index)
     limits = target.shape[2:]
+    weights: dict[tuple[int, ...], np.ndarray] = {}  # every item (slice) has the same windows: weigh them once
     report_progress(options.progress, 0.0, stage)
     done = 0
     for items, total in grid.batches():
@@ -99,7 +100,10 @@ def blend_windows(grid: WindowGrid, predict: BatchPredictor, target: np.ndarray,
         for (number, *index), probabilities in zip(items, predict(grid.tensor(items, device))):
             region = window_region(grid.plans, index)
             inside = tuple(slice(0, max(0, min(part.stop, limit) - part.start)) for part, limit in zip(region, limits))
-            weight = window_weight(grid.plans, index) * (scale / total_weight[region])
+            key = tuple(index)
+            if key not in weights:
+                weights[key] = window_weight(grid.plans, index) * (scale / total_weight[region])
+            weight = weights[key]
             destination = tuple(slice(part.start, part.start + cut.stop) for part, cut in zip(region, inside))
             target[(slice(None), number, *destination)] += (probabilities * weight)[(slice(None), *inside)]
         done += len(items)
