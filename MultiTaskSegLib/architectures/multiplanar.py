@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..augmentation import SliceAugmentation, augment_slices, synthesize_slices
 from ..errors import InputError
-from ..inferers import InferenceOptions, bfloat16_autocast, bfloat16_ready, inference_context
+from ..inferers import InferenceOptions, bfloat16_autocast, inference_context, prediction_autocast_type
 from ..losses import soft_dice_loss
 from ..sampling import BalancedVoxelSampler
 from .base import TrainingStep
@@ -171,7 +171,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
 
     def _bfloat16_on_cpu(self, device: torch.device) -> bool:
         """bfloat16 inference on CPUs with bfloat16 arithmetic (CUDA runs float16, see ``inference_context``)."""
-        return self.config.mixed_precision and torch.device(device).type == "cpu" and bfloat16_ready(torch.device("cpu"))
+        return prediction_autocast_type(device, self.config.mixed_precision) == torch.bfloat16
 
     def _predict(self, image: np.ndarray, device: torch.device, options: InferenceOptions) -> np.ndarray:
         """The mean of the per-plane probabilities inside the non-zero bounding box (or the located

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..inferers import (CancelCheck, InferenceOptions, ProgressCallback, bfloat16_autocast, bfloat16_ready, raise_if_cancelled,
-                        report_progress)
+from ..inferers import (CancelCheck, InferenceOptions, ProgressCallback, bfloat16_autocast, prediction_autocast_type,
+                        raise_if_cancelled, report_progress)
 from ..networks.triplanar import TriplanarNetwork, fold_batch_norm
 from ..sampling import BalancedVoxelSampler
 from .base import Architecture, MethodConfig, TrainingStep, network_default
@@ -150,7 +150,7 @@ def predict_volume(
     near = None if near_voxels is None else torch.from_numpy(near_voxels).to(device)
     box = box or tuple(slice(0, extent) for extent in image.shape)
     blocks = iterate_blocks(region.shape, choose_block_shape(region.shape, max_block_voxels or DEFAULT_BLOCK_VOXELS))
-    precision = _reduced_precision(device, dtype, mixed_precision)
+    precision = prediction_autocast_type(device, mixed_precision, dtype)
     pass_bytes = PASS_BYTES.get(device.type, PASS_BYTES["cpu"])
     probabilities = np.zeros((network.num_labels, *image.shape), dtype=np.float32)
     probabilities[0] = 1.0
@@ -187,15 +187,6 @@ def near_nonzero(image: np.ndarray, margin: int) -> np.ndarray:
             into[:-shift] |= source[shift:]
         near = grown
     return near
-
-
-def _reduced_precision(device: torch.device, dtype: torch.dtype, mixed_precision: bool) -> torch.dtype | None:
-    """The autocast type of prediction: float16 on CUDA, bfloat16 on CPUs with bfloat16 arithmetic, else None."""
-    if not mixed_precision or dtype == torch.float64:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if device.type == "cpu" and bfloat16_ready(device) else None
 
 
 def _block_logits(

@@ -5,13 +5,12 @@ Like MONAI's ``monai.inferers``: the architectures say how one batch of windows 
 """
 
 from .options import CancelCheck, InferenceOptions, ProgressCallback
-from .sliding_window import (WindowGrid, bfloat16_autocast, bfloat16_ready, blend_windows, inference_context, raise_if_cancelled,
-                             report_progress)
+from .sliding_window import (WindowGrid, bfloat16_autocast, bfloat16_ready, blend_windows, inference_context,
+                             prediction_autocast_type, raise_if_cancelled, report_progress)
 from .windows import AxisWindows, fit_window, plan_axis_windows, plan_gaussian_windows, round_up, window_region, window_weight
 
 __all__ = [
-    "AxisWindows", "CancelCheck", "InferenceOptions", "ProgressCallback", "WindowGrid", "bfloat16_autocast", "bfloat16_ready", "blend_windows",
-    "fit_window",
-    "inference_context", "plan_axis_windows", "plan_gaussian_windows", "raise_if_cancelled", "report_progress",
-    "round_up", "window_region", "window_weight",
+    "AxisWindows", "CancelCheck", "InferenceOptions", "ProgressCallback", "WindowGrid", "bfloat16_autocast", "bfloat16_ready",
+    "blend_windows", "fit_window", "inference_context", "plan_axis_windows", "plan_gaussian_windows",
+    "prediction_autocast_type", "raise_if_cancelled", "report_progress", "round_up", "window_region", "window_weight",
 ]

@@ -142,6 +142,18 @@ def bfloat16_autocast(device: torch.device, enabled: bool = True) -> contextlib.
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bfloat16_ready(device))
 
 
+def prediction_autocast_type(device: torch.device, mixed_precision: bool,
+                             dtype: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The autocast type of prediction with ``mixed_precision``: float16 on CUDA, bfloat16 on CPUs
+    with bfloat16 arithmetic, else None (float32; also for float64 networks)."""
+    device = torch.device(device)
+    if not mixed_precision or dtype == torch.float64:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and bfloat16_ready(device) else None
+
+
 def bfloat16_ready(device: torch.device) -> bool:
     """Whether bfloat16 autocast is fast on ``device`` (emulated bfloat16 would be slower than float32)."""
     return _bfloat16_ready(torch.device(device).type)
