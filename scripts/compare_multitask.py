@@ -40,7 +40,7 @@ def compare(single: list[dict], multi: list[dict]) -> list[str]:
 
     single_rows, multi_rows = by_case(single), by_case(multi)
     pairs = sorted(set(single_rows) & set(multi_rows))
-    regions = list(dict.fromkeys(region for _, region in pairs))
+    regions = [region for region in dict.fromkeys(row["region"] for row in single) if any(r == region for _, r in pairs)]
     task = single[0]["task"]
     lines = []
     groups = [(region, [pair for pair in pairs if pair[1] == region]) for region in regions]
