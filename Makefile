@@ -29,6 +29,8 @@ test: $(STAMP)
 benchmarks: $(STAMP)
 	$(PY) benchmarks/bench_triplanar_inference.py --threads 1 --sample 8
 	$(PY) benchmarks/bench_triplanar_training.py --threads 1
+	@if [ -f ../shared/data/brain_fs/fstd-sub-01/t1_head.nii.gz ]; then $(PY) benchmarks/bench_brain_inference.py; \
+	else echo "bench_brain_inference.py skipped: it needs a real T1 in ../shared/data (or run it with --input T1.nii.gz)"; fi
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
