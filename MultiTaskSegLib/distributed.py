@@ -170,6 +170,7 @@ class GlobalBatchNorm(nn.SyncBatchNorm):
 
     def _forward_pooled_on_cpu(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        dtype, input = input.dtype, input.float()  # statistics in float32, also under bfloat16 autocast
         group = self.process_group  # None: the default group
         reduced = [0, *range(2, input.dim())]
         per_channel = (1, -1) + (1,) * (input.dim() - 2)
@@ -188,7 +189,7 @@ class GlobalBatchNorm(nn.SyncBatchNorm):
             with torch.no_grad():
                 self.running_mean.lerp_(mean, factor)
                 self.running_var.lerp_(variance * count / (count - 1), factor)
-        return output
+        return output.to(dtype)
 
 
 def pool_batch_norm(module: nn.Module) -> nn.Module:
