@@ -111,6 +111,8 @@ def run_as_process(rank: int, ports: list[int], data: Path, runs: Path, reports:
         (reports / "interrupted_at.txt").write_text(str(state["step"]))
     os.environ["MASTER_PORT"] = str(next(ports))
     train(resumable, runs / "resumed", log=quiet)
+    os.environ["MASTER_PORT"] = str(next(ports))
+    train(config(data, arguments={**EXACT, "mixed_precision": True}), runs / "bfloat16", log=quiet)
     (reports / f"writes_of_process_{rank}.json").write_text(json.dumps(writes))
 
 
@@ -132,7 +134,7 @@ def two_processes(tmp_path_factory) -> dict[str, Path]:
     folders["runs"].mkdir()
     folders["reports"].mkdir()
     processes = multiprocessing.start_processes(
-        run_as_process, args=(free_ports(4), folders["data"], folders["runs"], folders["reports"]),
+        run_as_process, args=(free_ports(5), folders["data"], folders["runs"], folders["reports"]),
         nprocs=PROCESSES, join=False, start_method="spawn",
     )
     deadline = time.monotonic() + WORKER_TIME_LIMIT_S
@@ -170,6 +172,14 @@ def test_one_distributed_step_gives_the_weights_of_one_single_process_step(two_p
     shared = load_model(two_processes["runs"] / "one_step" / "model")
     assert_same_weights(alone, shared, tolerance=1e-6)  # batch-norm running statistics included
     assert shared.provenance["processes"] == PROCESSES
+
+
+def test_distributed_training_runs_under_bfloat16_autocast_and_lands_near_the_single_process_step(two_processes):
+    """Batch norm pools its statistics in float32 whatever the autocast type."""
+    settings = config(two_processes["data"], arguments={**EXACT, "mixed_precision": True})
+    alone = train(settings, two_processes["single"] / "bfloat16", log=quiet)
+    shared = load_model(two_processes["runs"] / "bfloat16" / "model")
+    assert_same_weights(alone, shared, tolerance=1e-2)
 
 
 def test_only_process_0_writes_the_run(two_processes):
