@@ -35,28 +35,22 @@ def bootstrap_interval(differences: np.ndarray, seed: int = 0) -> tuple[float, f
 
 def compare(single: list[dict], multi: list[dict]) -> list[str]:
     """Table lines for one task: a row per region and, with several regions, their mean per case."""
-    def by_case(rows: list[dict]) -> dict[tuple[str, str], dict]:
-        return {(row["case"], row["region"]): row for row in rows}
+    single_rows = {(row["case"], row["region"]): row for row in single}
+    multi_rows = {(row["case"], row["region"]): row for row in multi}
+    cases = sorted({case for case, _ in set(single_rows) & set(multi_rows)})
+    regions = list(dict.fromkeys(row["region"] for row in single))
 
-    single_rows, multi_rows = by_case(single), by_case(multi)
-    pairs = sorted(set(single_rows) & set(multi_rows))
-    regions = [region for region in dict.fromkeys(row["region"] for row in single) if any(r == region for _, r in pairs)]
-    task = single[0]["task"]
-    lines = []
-    groups = [(region, [pair for pair in pairs if pair[1] == region]) for region in regions]
+    def dice(rows: dict, region: str) -> np.ndarray:
+        return np.array([float(rows[(case, region)]["dice"]) for case in cases])
+
+    scores = {region: (dice(single_rows, region), dice(multi_rows, region)) for region in regions}
     if len(regions) > 1:
-        groups.append(("mean over regions", None))
-    for region, chosen in groups:
-        if chosen is None:  # per case, the mean over its regions
-            cases = sorted({case for case, _ in pairs})
-            a = np.array([np.mean([float(single_rows[(c, r)]["dice"]) for r in regions]) for c in cases])
-            b = np.array([np.mean([float(multi_rows[(c, r)]["dice"]) for r in regions]) for c in cases])
-        else:
-            a = np.array([float(single_rows[pair]["dice"]) for pair in chosen])
-            b = np.array([float(multi_rows[pair]["dice"]) for pair in chosen])
+        scores["mean over regions"] = tuple(np.mean([pair[arm] for pair in scores.values()], axis=0) for arm in (0, 1))
+    confusion = np.array([float(row.get("confusion_percent", "nan")) for row in multi])
+    confusion_text = f"{np.nanmedian(confusion):.4f}" if np.isfinite(confusion).any() else "–"
+    task, lines = single[0]["task"], []
+    for region, (a, b) in scores.items():
         low, high = bootstrap_interval(b - a)
-        confusion = np.array([float(row.get("confusion_percent", "nan")) for row in multi])
-        confusion_text = f"{np.nanmedian(confusion):.4f}" if np.isfinite(confusion).any() else "–"
         lines.append(f"| `{task}` | {region} | {len(a)} | {a.mean():.3f} ± {a.std():.3f} | {b.mean():.3f} ± {b.std():.3f} | "
                      f"{(b - a).mean():+.3f} ({low:+.3f} to {high:+.3f}) | {confusion_text} |")
     return lines

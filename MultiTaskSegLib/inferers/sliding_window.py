@@ -91,8 +91,12 @@ def blend_windows(grid: WindowGrid, predict: BatchPredictor, target: np.ndarray,
     total_weight = np.zeros(grid.padded.shape[2:], np.float32)
     for index in itertools.product(*(range(len(plan.starts)) for plan in grid.plans)):
         total_weight[window_region(grid.plans, index)] += window_weight(grid.plans, index)
+
+    @functools.lru_cache(maxsize=None if grid.padded.shape[0] > 1 else 0)  # slices share their windows; a volume does not
+    def blend_weight(index: tuple[int, ...]) -> np.ndarray:
+        return window_weight(grid.plans, index) * (scale / total_weight[window_region(grid.plans, index)])
+
     limits = target.shape[2:]
-    weights: dict[tuple[int, ...], np.ndarray] = {}  # every item (slice) has the same windows: weigh them once
     report_progress(options.progress, 0.0, stage)
     done = 0
     for items, total in grid.batches():
@@ -100,10 +104,7 @@ def blend_windows(grid: WindowGrid, predict: BatchPredictor, target: np.ndarray,
         for (number, *index), probabilities in zip(items, predict(grid.tensor(items, device))):
             region = window_region(grid.plans, index)
             inside = tuple(slice(0, max(0, min(part.stop, limit) - part.start)) for part, limit in zip(region, limits))
-            key = tuple(index)
-            if key not in weights:
-                weights[key] = window_weight(grid.plans, index) * (scale / total_weight[region])
-            weight = weights[key]
+            weight = blend_weight(tuple(index))
             destination = tuple(slice(part.start, part.start + cut.stop) for part, cut in zip(region, inside))
             target[(slice(None), number, *destination)] += (probabilities * weight)[(slice(None), *inside)]
         done += len(items)
