@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from .inferers import CancelCheck, InferenceOptions, ProgressCallback
+from .architectures.inputs import nonzero_box
 from .errors import InputError
 from .geometry import resample_probabilities_onto
 from .imageio import check_image
@@ -155,8 +156,12 @@ def segment_image(
         probabilities = probabilities[kept]  # only the classes asked for are resampled
     source_probabilities = resample_probabilities_onto(probabilities, grid, image)
     del probabilities
-    source_probabilities /= np.clip(source_probabilities.sum(axis=0, keepdims=True), 1e-6, None)
-    label_array = kept[label_decision(source_probabilities, kept, model)].astype(np.uint8)
+    label_array = np.zeros(source_probabilities.shape[1:], np.uint8)
+    box = undecided_box(source_probabilities)
+    if box is not None:
+        inside = source_probabilities[(slice(None), *box)]  # a view: normalised in place
+        inside /= np.clip(inside.sum(axis=0, keepdims=True), 1e-6, None)
+        label_array[box] = kept[label_decision(inside, kept, model)]
     warnings += keep_largest_regions(label_array, image, model.label_space, tasks)
     labels = sitk.GetImageFromArray(label_array)
     labels.CopyInformation(image)
@@ -189,6 +194,15 @@ def absent_structures(model: SegmentationModel, working: np.ndarray, device: tor
     entries = model.label_space.entries
     return [f"{entries[i].class_spec.name} ({entries[i].task}) seems absent from this scan: presence "
             f"{presence[i]:.2f} < {threshold} in every slice" for i in indices if presence[i] < threshold]
+
+
+def undecided_box(probabilities: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of the voxels whose background probability is below 1 (None if there are none).
+
+    Outside it every voxel is background whatever the decision rule, so normalising and deciding
+    skip it: more than half of a whole-head scan once the brain has been located.
+    """
+    return nonzero_box(probabilities[0] < 1.0, 0)
 
 
 def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: SegmentationModel) -> np.ndarray:

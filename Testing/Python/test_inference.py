@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_model
 
 from MultiTaskSegLib.errors import InputError
-from MultiTaskSegLib.inference import choose_device, label_decision, segment_image
+from MultiTaskSegLib.inference import choose_device, label_decision, segment_image, undecided_box
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,17 @@ def test_a_binary_task_is_thresholded_at_the_models_operating_point(model):
         assert label_decision(probabilities, kept, model).tolist() == [0, 2, 1, 0]
     finally:
         model.card = {}
+
+
+def test_only_voxels_that_are_surely_background_skip_the_decision():
+    probabilities = np.zeros((3, 10, 12, 14), np.float32)
+    probabilities[0] = 1.0
+    assert undecided_box(probabilities) is None  # nothing but background: nothing to decide
+    probabilities[:, 2:5, 3:9, 7] = [[[0.2]], [[0.5]], [[0.3]]]
+    probabilities[0, 8, 11, 0] = 0.9999  # one voxel barely unsure widens the box to it
+    probabilities[1, 8, 11, 0] = 0.0001
+    box = undecided_box(probabilities)
+    assert box == (slice(2, 9), slice(3, 12), slice(0, 8))
+    outside = np.ones(probabilities.shape[1:], bool)
+    outside[box] = False
+    assert (np.argmax(probabilities, axis=0)[outside] == 0).all()
