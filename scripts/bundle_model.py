@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("name", help="the bundled model's name")
     parser.add_argument("--card", type=Path, help="JSON file of card fields to add or replace")
     parser.add_argument("--refresh-tasks", action="store_true", help="take check_volumes etc. from the task files")
+    parser.add_argument("--version", help="the bundled model's version (default: the trained model's)")
     args = parser.parse_args()
     model = load_model(args.model)
     if args.refresh_tasks:
@@ -47,6 +48,7 @@ def main() -> None:
         cases = [prepare_case(files, model.label_space) for files in validation]
         model.card["operating_points"] = validation_dice(model, cases, choose_device("cpu"))[1]
     model.name = args.name
+    model.version = args.version or model.version
     path = save_model(model, BUNDLED_MODEL_DIR / args.name)
     assert model.weights_sha256 == before, "bundling must not change the weights"
     print(f"bundled {args.model} as {path} (weights SHA-256 {before[:16]}…, "
