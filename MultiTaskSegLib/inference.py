@@ -147,7 +147,9 @@ def segment_image(
     probabilities, used_device = predict_with_fallback(
         model, working, choose_device(device), InferenceOptions(predict_part, cancelled, max_block_voxels, requested),
         warnings)
-    probabilities = background_outside(probabilities, foreground)
+    predicted = undecided_box(probabilities)  # outside it all is background already
+    if predicted is not None:
+        background_outside(probabilities[(slice(None), *predicted)], foreground[predicted])
     report(0.9, "resampling to the input grid")
     result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
     warnings += absent_structures(model, working, used_device, result.label_indices[1:])
