@@ -9,7 +9,8 @@ of another task when the scan is segmented with all the model's tasks (not told 
 
     .venv/bin/python scripts/evaluate_tumour.py --model runs/tumour/fold1/mr/model \\
         --cases runs/tumour/fold1/held_out/sarcoma_t1_mri --task sarcoma_t1_mri --out runs/tumour/fold1/mr/evaluation
-    .venv/bin/python scripts/evaluate_tumour.py --summarise runs/tumour/fold*/mr/evaluation --out runs/tumour/mr_cv.md
+    .venv/bin/python scripts/evaluate_tumour.py --summarise runs/tumour/fold*/mr/evaluation --out runs/tumour/mr_cv.md \\
+        [--card runs/tumour/cards/sarcoma-mr.json]
 
 ``--refresh-tasks`` judges the model with the current task definitions' settings that do not
 change what the network learnt (e.g. ``largest_component``), as ``bundle_model.py --refresh-tasks``
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -125,6 +127,23 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def card_fields(rows: list[dict]) -> dict:
+    """Model-card fields of pooled held-out rows of single-region tasks (the sarcoma models): Dice
+    and HD95 per case, with the Dice mean, sd and median."""
+    dice_fields, hd_fields = {}, {}
+    for task_name in dict.fromkeys(row["task"] for row in rows):
+        chosen = [row for row in rows if row["task"] == task_name]
+        if len({row["region"] for row in chosen}) != 1:
+            raise SystemExit(f"--card takes single-region tasks; {task_name} has several")
+        values = np.array([float(row["dice"]) for row in chosen])
+        dice_fields[task_name] = {row["case"]: round(float(row["dice"]), 4) for row in chosen} | {
+            "mean": round(float(values.mean()), 3), "sd": round(float(values.std()), 3),
+            "median": round(float(np.median(values)), 3)}
+        hd_fields[task_name] = {row["case"]: round(float(row["hd95_mm"]), 2) for row in chosen
+                                if np.isfinite(float(row["hd95_mm"]))}
+    return {"cross_validated_dice": dice_fields, "cross_validated_hd95_mm": hd_fields}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
@@ -134,6 +153,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--refresh-tasks", action="store_true", help="take largest_component etc. from the task files")
+    parser.add_argument("--card", type=Path, help="with --summarise: merge the pooled per-case figures into this card JSON")
     args = parser.parse_args()
     if args.summarise:
         rows = []
@@ -142,6 +162,9 @@ def main() -> None:
                 rows += list(csv.DictReader(handle))
         args.out.write_text(summary(rows), encoding="utf-8")
         print(summary(rows))
+        if args.card:
+            card = json.loads(args.card.read_text(encoding="utf-8")) if args.card.exists() else {}
+            args.card.write_text(json.dumps(card | card_fields(rows), indent=2), encoding="utf-8")
         return
     if not (args.model and args.cases and args.task):
         parser.error("give --model, --cases and --task (or --summarise)")
