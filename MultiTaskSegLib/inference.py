@@ -16,14 +16,13 @@ import SimpleITK as sitk
 import torch
 
 from .inferers import CancelCheck, InferenceOptions, ProgressCallback
-from .architectures.inputs import nonzero_box
 from .errors import InputError
 from .geometry import resample_probabilities_onto
 from .imageio import check_image
 from .model_files import SegmentationModel
 from .plausibility import CARD_KEY, implausible_volumes
 from .postprocessing import keep_largest_regions
-from .preprocessing import background_outside, prepare_image
+from .preprocessing import background_outside, prepare_image, undecided_box
 from .tasks import Task
 
 #: Working spacing further than this factor from the input's spacing triggers a warning.
@@ -147,9 +146,7 @@ def segment_image(
     probabilities, used_device = predict_with_fallback(
         model, working, choose_device(device), InferenceOptions(predict_part, cancelled, max_block_voxels, requested),
         warnings)
-    predicted = undecided_box(probabilities)  # outside it all is background already
-    if predicted is not None:
-        background_outside(probabilities[(slice(None), *predicted)], foreground[predicted])
+    probabilities = background_outside(probabilities, foreground)
     report(0.9, "resampling to the input grid")
     result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
     warnings += absent_structures(model, working, used_device, result.label_indices[1:])
@@ -196,15 +193,6 @@ def absent_structures(model: SegmentationModel, working: np.ndarray, device: tor
     entries = model.label_space.entries
     return [f"{entries[i].class_spec.name} ({entries[i].task}) seems absent from this scan: presence "
             f"{presence[i]:.2f} < {threshold} in every slice" for i in indices if presence[i] < threshold]
-
-
-def undecided_box(probabilities: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box of the voxels whose background probability is below 1 (None if there are none).
-
-    Outside it every voxel is background whatever the decision rule, so normalising and deciding
-    skip it: more than half of a whole-head scan once the brain has been located.
-    """
-    return nonzero_box(probabilities[0] < 1.0, 0)
 
 
 def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: SegmentationModel) -> np.ndarray:

@@ -95,7 +95,33 @@ def check_working_grid_size(image: sitk.Image, spacing_mm: float) -> None:
 
 def background_outside(probabilities: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     """Voxels outside the foreground are background: they were never training samples (the paper
-    samples voxels above zero only), so the networks have no say there."""
-    np.multiply(probabilities, foreground, out=probabilities)  # a broadcast product: 10x faster than a masked write per label
-    probabilities[0][~foreground] = 1.0
+    samples voxels above zero only), so the networks have no say there. Only the undecided box is
+    touched: outside it every voxel is background already."""
+    box = undecided_box(probabilities)
+    if box is not None:
+        region, inside = probabilities[(slice(None), *box)], foreground[box]
+        np.multiply(region, inside, out=region)  # a broadcast product: 10x faster than a masked write per label
+        region[0][~inside] = 1.0
     return probabilities
+
+
+def undecided_box(probabilities: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of the voxels whose background probability is below 1 (None if there are none).
+
+    Outside it every voxel is background whatever the decision rule, so masking, normalising and
+    deciding skip it: more than half of a whole-head scan once the brain has been located.
+    """
+    return nonzero_box(probabilities[0] < 1.0, 0)
+
+
+def nonzero_box(image: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The bounding box of the non-zero voxels grown by ``margin`` (clipped to the volume); None if none."""
+    nonzero = image != 0
+    box = []
+    for axis in range(image.ndim):
+        other = tuple(a for a in range(image.ndim) if a != axis)
+        occupied = np.flatnonzero(np.any(nonzero, axis=other))
+        if occupied.size == 0:
+            return None
+        box.append(slice(max(0, int(occupied[0]) - margin), min(image.shape[axis], int(occupied[-1]) + 1 + margin)))
+    return tuple(box)

@@ -54,7 +54,7 @@ from MultiTaskSegLib.architectures.triplanar import (
     predict_volume,
     predict_voxels_patchwise,
 )
-from MultiTaskSegLib.architectures.inputs import nonzero_box
+from MultiTaskSegLib.preprocessing import nonzero_box
 from MultiTaskSegLib.inferers import bfloat16_ready
 from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.inference import segment_image

@@ -160,8 +160,9 @@ def main() -> None:
         for folder in args.summarise:
             with open(folder / "per_case.csv", encoding="utf-8") as handle:
                 rows += list(csv.DictReader(handle))
-        args.out.write_text(summary(rows), encoding="utf-8")
-        print(summary(rows))
+        table = summary(rows)
+        args.out.write_text(table, encoding="utf-8")
+        print(table)
         if args.card:
             card = json.loads(args.card.read_text(encoding="utf-8")) if args.card.exists() else {}
             args.card.write_text(json.dumps(card | card_fields(rows), indent=2), encoding="utf-8")

@@ -1,5 +1,5 @@
-"""Checks of the arrays the architectures are given, centred crops of them for training, and the
-bounding box of their non-zero voxels (no work outside it)."""
+"""Checks of the arrays the architectures are given and centred crops of them for training (the
+bounding box of their non-zero voxels is :func:`~MultiTaskSegLib.preprocessing.nonzero_box`)."""
 
 from __future__ import annotations
 
@@ -54,15 +54,3 @@ def as_ints(values: Sequence[Any], count: int, what: str) -> tuple[int, ...]:
         raise InputError(f"{what} needs {count} positive sides, got {list(values)}")
     return values
 
-
-def nonzero_box(image: np.ndarray, margin: int) -> tuple[slice, ...] | None:
-    """The bounding box of the non-zero voxels grown by ``margin`` (clipped to the volume); None if none."""
-    nonzero = image != 0
-    box = []
-    for axis in range(image.ndim):
-        other = tuple(a for a in range(image.ndim) if a != axis)
-        occupied = np.flatnonzero(np.any(nonzero, axis=other))
-        if occupied.size == 0:
-            return None
-        box.append(slice(max(0, int(occupied[0]) - margin), min(image.shape[axis], int(occupied[-1]) + 1 + margin)))
-    return tuple(box)

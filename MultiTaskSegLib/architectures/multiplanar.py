@@ -29,9 +29,10 @@ from ..augmentation import SliceAugmentation, augment_slices, synthesize_slices
 from ..errors import InputError
 from ..inferers import InferenceOptions, bfloat16_autocast, inference_context, prediction_autocast_type
 from ..losses import soft_dice_loss
+from ..preprocessing import nonzero_box
 from ..sampling import BalancedVoxelSampler
 from .base import TrainingStep
-from .inputs import check_channels, crop_centred, nonzero_box
+from .inputs import check_channels, crop_centred
 from .unet2d import SliceUNetConfig, _SliceUNetArchitecture
 
 #: Slice axes of the (z, y, x) working grid: axial, coronal, sagittal.

@@ -36,9 +36,9 @@ from ..errors import InputError
 from ..inferers import (CancelCheck, InferenceOptions, ProgressCallback, bfloat16_autocast, prediction_autocast_type,
                         raise_if_cancelled, report_progress)
 from ..networks.triplanar import TriplanarNetwork, fold_batch_norm
+from ..preprocessing import nonzero_box
 from ..sampling import BalancedVoxelSampler
 from .base import Architecture, MethodConfig, TrainingStep, network_default
-from .inputs import nonzero_box
 
 #: Default cap of one prediction tile: the paper's network holds 96 features per voxel of a block, about
 #: 0.4 GB in bfloat16 (0.8 GB in float32). Larger blocks spend less of the work on the slices' margins:

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MultiTaskSegLib.architectures.inputs import nonzero_box
+from MultiTaskSegLib.preprocessing import nonzero_box
 from MultiTaskSegLib.architectures.multiplanar import MultiplanarUNet2DArchitecture
 from MultiTaskSegLib.augmentation import NO_AUGMENTATION, SliceAugmentation, augment_slices, synthesize_slices
 from MultiTaskSegLib.preprocessing import check_working_grid_size

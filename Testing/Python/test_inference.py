@@ -7,7 +7,8 @@ import torch
 from conftest import make_tiny_model
 
 from MultiTaskSegLib.errors import InputError
-from MultiTaskSegLib.inference import choose_device, label_decision, segment_image, undecided_box
+from MultiTaskSegLib.inference import choose_device, label_decision, segment_image
+from MultiTaskSegLib.preprocessing import undecided_box
 
 
 @pytest.fixture(scope="module")
