@@ -200,16 +200,27 @@ def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: Segmentat
 
     Balanced sampling shows the network as many vessel as background voxels, so its probabilities
     over-state rare classes; like Moeskops et al., binary tasks are thresholded at the operating
-    point chosen on validation cases (``card["operating_points"]``, written by the trainer).
+    point chosen on validation cases (``card["operating_points"]``, written by the trainer). As the
+    trainer chose it, the point applies to the class against background alone,
+    ``p_class / (p_class + p_background)``: a voxel at or above it is not background (it can still go
+    to another task's class), one below it is not that class. A point below 0.5 therefore widens the
+    class, one above narrows it.
     """
     thresholds = model.card.get("operating_points", {})
-    scores = probabilities.copy() if thresholds else probabilities
+    if not thresholds:
+        return np.argmax(probabilities, axis=0)
+    scores = probabilities.copy()
+    background = scores[0]
+    passed = np.zeros(background.shape, bool)
     for task_name, threshold in thresholds.items():
         if task_name not in model.label_space.task_names:
             continue
         for position in np.flatnonzero(np.isin(kept, model.label_space.indices_for_task(task_name))):
             channel = scores[position]
-            channel[channel < threshold] = 0.0
+            above = channel >= threshold * np.clip(channel + probabilities[0], 1e-6, None)
+            channel[~above] = 0.0
+            passed |= above
+    background[passed] = 0.0
     return np.argmax(scores, axis=0)
 
 

@@ -72,19 +72,23 @@ def score_region(predicted: np.ndarray, expected: np.ndarray, grid: sitk.Image) 
 
 
 def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, device: str,
-             refresh_tasks: bool = False) -> list[dict]:
+             refresh_tasks: bool = False, save_probabilities: bool = False) -> list[dict]:
     model = load_model(model_path)
     if refresh_tasks:
         model.label_space = refreshed(model.label_space)
     task = get_task(task_name)
     offset = model.label_space.offset(task_name)
     rows = []
+    if save_probabilities:
+        (out / "probabilities.json").write_text(json.dumps({
+            "model": str(model_path), "cases": str(cases_folder), "task": task_name,
+            "operating_point": model.card.get("operating_points", {}).get(task_name)}, indent=2), encoding="utf-8")
     for case in find_cases(task, cases_folder):
         image = read_image(case.image)
         channels = [image, *(read_image(path) for path in case.channel_images)]  # e.g. T1c, FLAIR
         reference = read_image(case.label, check_values=False)
         started = time.perf_counter()
-        result = segment_image(model, channels, [task_name], device)
+        result = segment_image(model, channels, [task_name], device, with_probabilities=save_probabilities)
         seconds = time.perf_counter() - started
         labels = sitk.GetArrayFromImage(result.labels).astype(np.int32)
         predicted = np.where(labels > 0, labels - offset, 0)
@@ -100,6 +104,10 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
             rows.append({"case": case.name, "task": task_name, "region": region, "dice": round(value, 4),
                          "hd95_mm": round(hd95, 2), "seconds": round(seconds, 1), "warnings": len(result.warnings),
                          "confusion_percent": round(confusion, 4)})
+        if save_probabilities:  # the task's classes (background left out), for studies of post-processing
+            tumour = sitk.VectorIndexSelectionCast(result.probabilities, 1, sitk.sitkFloat32) \
+                if result.probabilities.GetNumberOfComponentsPerPixel() == 2 else result.probabilities
+            sitk.WriteImage(tumour, str(out / f"{case.name}_probabilities.nii.gz"), useCompression=True)
         classes = sitk.GetImageFromArray(predicted.astype(np.int16))
         classes.CopyInformation(image)
         truth = sitk.GetImageFromArray(expected.astype(np.int16))
@@ -153,6 +161,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--refresh-tasks", action="store_true", help="take largest_component etc. from the task files")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write OUT/CASE_probabilities.nii.gz (a one-class task's probability; else all classes)")
     parser.add_argument("--card", type=Path, help="with --summarise: merge the pooled per-case figures into this card JSON")
     args = parser.parse_args()
     if args.summarise:
@@ -170,7 +180,7 @@ def main() -> None:
     if not (args.model and args.cases and args.task):
         parser.error("give --model, --cases and --task (or --summarise)")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate(args.model, args.cases, args.task, args.out, args.device, args.refresh_tasks)
+    rows = evaluate(args.model, args.cases, args.task, args.out, args.device, args.refresh_tasks, args.save_probabilities)
     with open(args.out / "per_case.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -69,6 +69,21 @@ def test_a_binary_task_is_thresholded_at_the_models_operating_point(model):
         model.card = {}
 
 
+def test_an_operating_point_below_one_half_widens_the_class_as_validation_chose_it(model):
+    # the trainer picks the point on p_class / (p_class + p_background); the decision must use the same
+    probabilities = np.array([[0.62, 0.70, 0.20, 0.30],   # background
+                              [0.00, 0.00, 0.50, 0.00],   # pectoral muscle (another task)
+                              [0.38, 0.30, 0.30, 0.70]])  # coronary artery, operating point 0.35
+    kept = np.array([0, 1, 2])
+    model.card = {"operating_points": {"cardiac_cta": 0.35}}
+    try:
+        # 0.38 / 1.00 passes (arg-max alone said background); 0.30 / 1.00 does not; in the third voxel
+        # the artery passes against background (0.3 / 0.5) but the muscle is likelier
+        assert label_decision(probabilities, kept, model).tolist() == [2, 0, 1, 2]
+    finally:
+        model.card = {}
+
+
 def test_only_voxels_that_are_surely_background_skip_the_decision():
     probabilities = np.zeros((3, 10, 12, 14), np.float32)
     probabilities[0] = 1.0
