@@ -8,6 +8,9 @@ given another task's class when the scan is segmented without naming its task).
 
     .venv/bin/python scripts/compare_multitask.py --single brain_t1_mri=runs/multitask/fold1/single_brain_t1_mri/evaluation ... \\
         --multi brain_t1_mri=runs/multitask/fold1/multi/evaluation_brain_t1_mri ... --out runs/multitask/fold1/comparison.md
+
+``--names A B`` renames the two arms (e.g. ``"without position channels" "with"``) for any other
+paired comparison of two models on the same cases.
 """
 
 from __future__ import annotations
@@ -71,9 +74,12 @@ def main() -> None:
     parser.add_argument("--single", nargs="+", action="extend", required=True, help="TASK=FOLDER of the single-task model's evaluation")
     parser.add_argument("--multi", nargs="+", action="extend", required=True, help="TASK=FOLDER of the multi-task model's evaluation")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--names", nargs=2, default=["single-task", "multi-task"], metavar=("FIRST", "SECOND"),
+                        help="names of the --single and --multi arms in the table")
     args = parser.parse_args()
     single, multi = pairs_argument(args.single), pairs_argument(args.multi)
-    lines = ["| task | region | held-out cases | single-task Dice (mean ± sd) | multi-task Dice | paired difference "
+    first, second = args.names
+    lines = [f"| task | region | held-out cases | {first} Dice (mean ± sd) | {second} Dice | paired difference "
              "(mean, 95 % bootstrap interval) | task confusion (median %) |", "|---|---|---|---|---|---|---|"]
     for task in single:
         if task not in multi:

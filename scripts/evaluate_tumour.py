@@ -72,7 +72,7 @@ def score_region(predicted: np.ndarray, expected: np.ndarray, grid: sitk.Image) 
 
 
 def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, device: str,
-             refresh_tasks: bool = False, save_probabilities: bool = False) -> list[dict]:
+             refresh_tasks: bool = False, save_probabilities: bool = False, with_confusion: bool = True) -> list[dict]:
     model = load_model(model_path)
     if refresh_tasks:
         model.label_space = refreshed(model.label_space)
@@ -94,7 +94,7 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
         predicted = np.where(labels > 0, labels - offset, 0)
         expected = task.map_labels(sitk.GetArrayFromImage(reference))
         confusion = float("nan")
-        if len(model.label_space.task_names) > 1:
+        if with_confusion and len(model.label_space.task_names) > 1:
             alien = [i for other in model.label_space.task_names if other != task_name
                      for i in model.label_space.indices_for_task(other)]
             untold = sitk.GetArrayFromImage(segment_image(model, channels, None, device).labels)
@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--refresh-tasks", action="store_true", help="take largest_component etc. from the task files")
+    parser.add_argument("--no-confusion", action="store_true",
+                        help="a multi-task model: skip the second, untold segmentation that measures task confusion")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write OUT/CASE_probabilities.nii.gz (a one-class task's probability; else all classes)")
     parser.add_argument("--card", type=Path, help="with --summarise: merge the pooled per-case figures into this card JSON")
@@ -180,7 +182,8 @@ def main() -> None:
     if not (args.model and args.cases and args.task):
         parser.error("give --model, --cases and --task (or --summarise)")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate(args.model, args.cases, args.task, args.out, args.device, args.refresh_tasks, args.save_probabilities)
+    rows = evaluate(args.model, args.cases, args.task, args.out, args.device, args.refresh_tasks, args.save_probabilities,
+                    not args.no_confusion)
     with open(args.out / "per_case.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

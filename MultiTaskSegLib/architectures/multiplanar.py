@@ -39,6 +39,8 @@ from .unet2d import SliceUNetConfig, _SliceUNetArchitecture
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 #: The sagittal plane has no left-right axis to flip.
 SAGITTAL = 2
+#: Input channels added by ``position_channels``: the voxel's distance from the centre along z, y and x.
+POSITION_CHANNELS = 3
 #: Rows of the located structures with fewer voxels than this share of the fullest row are strays.
 LOCATED_ROW_SHARE = 0.02
 
@@ -57,6 +59,7 @@ class MultiplanarConfig(SliceUNetConfig):
     crop_margin: int = 8
     locate_stride: int = 0
     locate_margin: int = 16
+    position_channels: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,7 +73,7 @@ class MultiplanarConfig(SliceUNetConfig):
         self._slice_augmentation = settings  # not a field: not stored
         self.cross_entropy_weight, self.crop_margin = float(self.cross_entropy_weight), int(self.crop_margin)
         self.locate_stride, self.locate_margin = int(self.locate_stride), int(self.locate_margin)
-        self.whole_slice_inference = bool(self.whole_slice_inference)
+        self.whole_slice_inference, self.position_channels = bool(self.whole_slice_inference), bool(self.position_channels)
 
     @property
     def slice_augmentation(self) -> SliceAugmentation:
@@ -107,6 +110,12 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             but a structure thinner than N slices that lies between them alone can be missed: for
             large structures (the brain), not for small lesions.
         locate_margin: voxels kept around the located structures.
+        position_channels: three more input channels, each voxel's distance from the centre of the
+            input volume along z, y and x (0 at the centre, 1 at the edges), for tasks whose intended
+            input is a crop around the structure (the sarcoma crops): the crop is then a box prompt,
+            as in box-prompted segmentation (MedSAM), and the network can learn that the structure is
+            the one near the crop's centre. Distances, not signed positions: instance norm removes a
+            slice's mean, which would shift a signed ramp's zero but leaves the V of a distance at the centre.
     """
 
     name: ClassVar[str] = "unet2d_multiplanar"
@@ -118,6 +127,10 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
     presence_head: ClassVar[bool] = False
     synthesises_images: ClassVar[bool] = True
     reads_channels: ClassVar[bool] = True
+
+    @property
+    def network_channels(self) -> int:
+        return self.config.in_channels + (POSITION_CHANNELS if self.config.position_channels else 0)
 
     def inference_window(self, plane: Sequence[int]) -> tuple[int, ...]:
         patch_size = self.config.patch_size
@@ -157,6 +170,11 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             torch.from_numpy(images), torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(inside)),
             rng, config.slice_augmentation, flippable=axes != SAGITTAL,
         )
+        if config.position_channels:  # after augmentation: distances are not intensities to change
+            shapes = [sampler.cases[number].labels.shape for number in numbers]
+            positions_of_crops = np.stack([slice_positions(shape, position, axis, config.patch_size)
+                                           for shape, position, axis in zip(shapes, positions, axes)])
+            image_tensor = torch.cat([image_tensor, torch.from_numpy(positions_of_crops)], dim=1)
         return {"image": image_tensor, "labels": label_tensor, "valid": valid_tensor}
 
     def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
@@ -184,6 +202,8 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         box = nonzero_box(np.any(stack != 0, axis=0), config.crop_margin)
         if box is None:
             return result
+        if config.position_channels:  # positions in the whole input volume, before any cropping
+            stack = np.concatenate([stack, volume_positions(stack.shape[1:])])
         bfloat16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bfloat16_on_cpu(device))
         with inference_context(self.network, device), bfloat16:
             passes = len(config.planes) + (1 if config.locate_stride else 0)
@@ -215,7 +235,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         self._add_probabilities(probabilities, sparse, axis, device, options)
         labels = options.requested_labels or range(1, self.num_labels)
         kept = np.asarray([0, *sorted({int(label) for label in labels})])
-        found = (kept[np.argmax(probabilities[kept], axis=0)] != 0) & np.any(sparse != 0, axis=0)
+        found = (kept[np.argmax(probabilities[kept], axis=0)] != 0) & np.any(sparse[:self.config.in_channels] != 0, axis=0)
         if not found.any():
             return box
         located = []
@@ -227,6 +247,32 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
                 first, last, grow = picks[first], picks[last], grow + stride
             located.append(slice(outer.start + max(0, int(first) - grow), outer.start + min(outer.stop - outer.start, int(last) + 1 + grow)))
         return tuple(located)
+
+
+def volume_positions(shape: Sequence[int]) -> np.ndarray:
+    """``(3, z, y, x)`` float32: each voxel's distance from the volume's centre along z, y and x,
+    0 at the centre, 1 at the first and last voxel."""
+    axes = [np.abs(np.linspace(-1.0, 1.0, side, dtype=np.float32)) if side > 1 else np.zeros(1, np.float32) for side in shape]
+    return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+
+def slice_positions(shape: Sequence[int], position: Sequence[int], axis: int, patch_size: Sequence[int]) -> np.ndarray:
+    """``(3, rows, columns)`` float32: :func:`volume_positions` of a volume of ``shape`` over the
+    ``patch_size`` crop of the slice through ``position`` along ``axis``, centred on it as
+    :func:`~.inputs.crop_centred` cuts it (growing on past the volume's edges)."""
+    result = np.empty((POSITION_CHANNELS, *patch_size), np.float32)
+    in_plane = [other for other in range(3) if other != axis]
+    for channel in range(3):
+        scale = 2.0 / (shape[channel] - 1) if shape[channel] > 1 else 0.0
+        if channel == axis:
+            result[channel] = abs(position[channel] * scale - 1.0) if scale else 0.0
+            continue
+        which = in_plane.index(channel)
+        side = patch_size[which]
+        indices = int(position[channel]) - side // 2 + np.arange(side, dtype=np.float32)
+        values = np.abs(indices * scale - 1.0) if scale else np.zeros(side, np.float32)
+        result[channel] = values[:, None] if which == 0 else values[None, :]
+    return result
 
 
 def _pass_options(options: InferenceOptions, number: int, passes: int, name: str) -> InferenceOptions:

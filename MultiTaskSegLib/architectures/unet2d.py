@@ -190,9 +190,14 @@ class _SliceUNetArchitecture(Architecture):
     #: Whether the network has the presence head.
     presence_head: ClassVar[bool] = True
 
+    @property
+    def network_channels(self) -> int:
+        """Input channels of the network: the task's images (and, where an architecture adds them, more)."""
+        return self.config.in_channels
+
     def build_network(self, num_labels: int) -> CMUNet:
         config = self.config
-        return CMUNet(num_labels, in_channels=config.in_channels, channels=config.channels,
+        return CMUNet(num_labels, in_channels=self.network_channels, channels=config.channels,
                       negative_slope=config.negative_slope, presence_head=self.presence_head)
 
     def sample_batch(self, sampler: BalancedVoxelSampler, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -243,7 +248,7 @@ class _SliceUNetArchitecture(Architecture):
         """The slices along ``axis`` cut into in-plane windows, whole slices per batch (so that a
         presence decision can be taken per slice)."""
         config = self.config
-        slices = np.moveaxis(check_channels(image, config.in_channels), 1 + axis, 0)  # (slices, C, H, W)
+        slices = np.moveaxis(check_channels(image, self.network_channels), 1 + axis, 0)  # (slices, C, H, W)
         multiple = self.network.size_multiple
         # Windows keep at least 2x2 bottleneck voxels: instance norm needs more than one.
         return WindowGrid.plan(slices, self.inference_window(slices.shape[2:]), multiple,

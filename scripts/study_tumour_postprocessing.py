@@ -1,0 +1,119 @@
+"""How the choice of threshold and of the kept region changes held-out tumour Dice, from saved
+probabilities (no network run): which post-processing a one-tumour task should have.
+
+Reads evaluation folders written by ``evaluate_tumour.py --save-probabilities`` (one-class tasks:
+the sarcoma crops) and scores, per case, every pair of
+
+* threshold: the model's operating point (chosen on its 3-5 validation patients) or a fixed value;
+* region rule: ``all`` (nothing removed), ``largest`` (the largest 26-connected region, the
+  current setting) or ``central`` (the region nearest the centre of the crop: the intended input is
+  a crop around the tumour, so a large region at its edge is more likely muscle or fat).
+
+    .venv/bin/python scripts/study_tumour_postprocessing.py runs/tumour/fold2/mr/evaluation_p \\
+        --out runs/tumour/postprocessing_mr.md
+
+Choosing a rule on the patients it is then judged on is optimistic; the report says which folds
+it saw, so a rule picked on some folds can be checked on others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiTaskSegLib.datasets import find_cases
+from MultiTaskSegLib.evaluation import dice
+from MultiTaskSegLib.imageio import read_image
+from MultiTaskSegLib.tasks import get_task
+
+RULES = ("all", "largest", "central")
+FIXED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected regions of ``mask`` numbered 1..N by falling size, and N."""
+    numbered = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True),
+                                     sortByObjectSize=True)
+    array = sitk.GetArrayFromImage(numbered)
+    return array, int(array.max())
+
+
+def distance_to_centre_mm(numbered: np.ndarray, count: int, spacing_zyx: np.ndarray) -> np.ndarray:
+    """For regions 1..count, the distance in mm from the crop's centre to the region's nearest voxel."""
+    centre = (np.array(numbered.shape) - 1) / 2.0
+    coordinates = np.argwhere(numbered > 0)
+    distances = np.sqrt((((coordinates - centre) * spacing_zyx) ** 2).sum(axis=1))
+    owners = numbered[tuple(coordinates.T)]
+    nearest = np.full(count + 1, np.inf)
+    np.minimum.at(nearest, owners, distances)
+    return nearest[1:]
+
+
+def apply_rule(mask: np.ndarray, rule: str, spacing_zyx: np.ndarray) -> np.ndarray:
+    if rule == "all" or not mask.any():
+        return mask
+    numbered, count = regions(mask)
+    if rule == "largest":
+        return numbered == 1
+    nearest = distance_to_centre_mm(numbered, count, spacing_zyx)
+    return numbered == int(np.argmin(nearest)) + 1  # ties go to the larger region (lower number)
+
+
+def study(folder: Path) -> list[dict]:
+    meta = json.loads((folder / "probabilities.json").read_text(encoding="utf-8"))
+    task = get_task(meta["task"])
+    operating_point = meta["operating_point"] if meta["operating_point"] is not None else 0.5
+    rows = []
+    for case in find_cases(task, Path(meta["cases"])):
+        image = sitk.ReadImage(str(folder / f"{case.name}_probabilities.nii.gz"))
+        probabilities = sitk.GetArrayFromImage(image)
+        reference = task.map_labels(sitk.GetArrayFromImage(read_image(case.label, check_values=False))) > 0
+        spacing = np.array(image.GetSpacing())[::-1]
+        for name, threshold in [("operating point", operating_point), *((f"{t:.1f}", t) for t in FIXED_THRESHOLDS)]:
+            mask = probabilities >= threshold
+            for rule in RULES:
+                kept = apply_rule(mask, rule, spacing)
+                value = dice(kept, reference) if kept.any() or reference.any() else 1.0
+                rows.append({"fold": folder.as_posix(), "case": case.name, "threshold": name, "rule": rule,
+                             "dice": float(value), "operating_point": operating_point})
+    return rows
+
+
+def report(rows: list[dict], folders: list[Path]) -> str:
+    thresholds = list(dict.fromkeys(row["threshold"] for row in rows))
+    cases = sorted({(row["fold"], row["case"]) for row in rows})
+    lines = [f"Held-out cases: {len(cases)} from {', '.join(f.as_posix() for f in folders)}", "",
+             "| threshold | " + " | ".join(f"{rule}: mean Dice (cases < 0.1)" for rule in RULES) + " |",
+             "|---|" + "---|" * len(RULES)]
+    for threshold in thresholds:
+        cells = []
+        for rule in RULES:
+            values = np.array([row["dice"] for row in rows if row["threshold"] == threshold and row["rule"] == rule])
+            cells.append(f"{values.mean():.3f} ({int((values < 0.1).sum())})")
+        lines.append(f"| {threshold} | " + " | ".join(cells) + " |")
+    lines += ["", "Per case at the operating point (Dice):", "",
+              "| evaluation | case | " + " | ".join(RULES) + " |", "|---|---|" + "---|" * len(RULES)]
+    for fold, case in cases:
+        values = {row["rule"]: row["dice"] for row in rows
+                  if row["fold"] == fold and row["case"] == case and row["threshold"] == "operating point"}
+        lines.append(f"| {'/'.join(Path(fold).parts[-3:-1])} | {case} | " + " | ".join(f"{values[r]:.3f}" for r in RULES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("evaluations", nargs="+", type=Path, help="folders written with --save-probabilities")
+    parser.add_argument("--out", type=Path, required=True, help="the report (markdown)")
+    args = parser.parse_args()
+    rows = [row for folder in args.evaluations for row in study(folder)]
+    text = report(rows, args.evaluations)
+    args.out.write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
