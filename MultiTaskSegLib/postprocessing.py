@@ -17,13 +17,20 @@ import SimpleITK as sitk
 from .tasks import LabelSpace
 
 
+def connected_regions(mask: np.ndarray, grid: sitk.Image | None = None) -> np.ndarray:
+    """The 26-connected regions of ``mask``, numbered 1, 2, ... from the largest down (0 outside);
+    ``grid`` gives the geometry when there is one."""
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    if grid is not None:
+        image.CopyInformation(grid)
+    return sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(image, True), sortByObjectSize=True))
+
+
 def keep_largest_region(labels: np.ndarray, grid: sitk.Image, indices: Sequence[int]) -> tuple[int, float]:
     """Set to background (in place) every voxel of ``indices`` outside the largest connected region
     (26-connected) of those labels; ``grid`` gives the geometry. Returns the number of regions
     removed and their volume in ml."""
-    mask = sitk.GetImageFromArray(np.isin(labels, indices).astype(np.uint8))
-    mask.CopyInformation(grid)
-    regions = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(mask, True), sortByObjectSize=True))
+    regions = connected_regions(np.isin(labels, indices), grid)
     removed = regions > 1
     count = int(regions.max()) - 1 if regions.max() > 1 else 0
     labels[removed] = 0

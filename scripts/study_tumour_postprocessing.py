@@ -28,18 +28,11 @@ import SimpleITK as sitk
 from MultiTaskSegLib.datasets import find_cases
 from MultiTaskSegLib.evaluation import dice
 from MultiTaskSegLib.imageio import read_image
+from MultiTaskSegLib.postprocessing import connected_regions
 from MultiTaskSegLib.tasks import get_task
 
 RULES = ("all", "largest", "central")
 FIXED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """26-connected regions of ``mask`` numbered 1..N by falling size, and N."""
-    numbered = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True),
-                                     sortByObjectSize=True)
-    array = sitk.GetArrayFromImage(numbered)
-    return array, int(array.max())
 
 
 def distance_to_centre_mm(numbered: np.ndarray, count: int, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -56,7 +49,8 @@ def distance_to_centre_mm(numbered: np.ndarray, count: int, spacing_zyx: np.ndar
 def apply_rule(mask: np.ndarray, rule: str, spacing_zyx: np.ndarray) -> np.ndarray:
     if rule == "all" or not mask.any():
         return mask
-    numbered, count = regions(mask)
+    numbered = connected_regions(mask)
+    count = int(numbered.max())
     if rule == "largest":
         return numbered == 1
     nearest = distance_to_centre_mm(numbered, count, spacing_zyx)
@@ -79,7 +73,7 @@ def study(folder: Path) -> list[dict]:
                 kept = apply_rule(mask, rule, spacing)
                 value = dice(kept, reference) if kept.any() or reference.any() else 1.0
                 rows.append({"fold": folder.as_posix(), "case": case.name, "threshold": name, "rule": rule,
-                             "dice": float(value), "operating_point": operating_point})
+                             "dice": float(value)})
     return rows
 
 

@@ -249,30 +249,30 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         return tuple(located)
 
 
+def _distances(indices: np.ndarray, side: int) -> np.ndarray:
+    """Distance of ``indices`` along an axis of ``side`` voxels from its centre: 0 there, 1 at both ends."""
+    return np.abs(indices * (2.0 / (side - 1)) - 1.0).astype(np.float32) if side > 1 else np.zeros(np.shape(indices), np.float32)
+
+
 def volume_positions(shape: Sequence[int]) -> np.ndarray:
     """``(3, z, y, x)`` float32: each voxel's distance from the volume's centre along z, y and x,
     0 at the centre, 1 at the first and last voxel."""
-    axes = [np.abs(np.linspace(-1.0, 1.0, side, dtype=np.float32)) if side > 1 else np.zeros(1, np.float32) for side in shape]
-    return np.stack(np.meshgrid(*axes, indexing="ij"))
+    return np.stack(np.meshgrid(*(_distances(np.arange(side), side) for side in shape), indexing="ij"))
 
 
 def slice_positions(shape: Sequence[int], position: Sequence[int], axis: int, patch_size: Sequence[int]) -> np.ndarray:
     """``(3, rows, columns)`` float32: :func:`volume_positions` of a volume of ``shape`` over the
     ``patch_size`` crop of the slice through ``position`` along ``axis``, centred on it as
     :func:`~.inputs.crop_centred` cuts it (growing on past the volume's edges)."""
-    result = np.empty((POSITION_CHANNELS, *patch_size), np.float32)
-    in_plane = [other for other in range(3) if other != axis]
+    sides, along = iter(patch_size), []  # the voxel indices the crop covers along z, y and x
     for channel in range(3):
-        scale = 2.0 / (shape[channel] - 1) if shape[channel] > 1 else 0.0
         if channel == axis:
-            result[channel] = abs(position[channel] * scale - 1.0) if scale else 0.0
-            continue
-        which = in_plane.index(channel)
-        side = patch_size[which]
-        indices = int(position[channel]) - side // 2 + np.arange(side, dtype=np.float32)
-        values = np.abs(indices * scale - 1.0) if scale else np.zeros(side, np.float32)
-        result[channel] = values[:, None] if which == 0 else values[None, :]
-    return result
+            along.append(np.array([position[axis]]))
+        else:
+            side = next(sides)
+            along.append(int(position[channel]) - side // 2 + np.arange(side))
+    grids = np.meshgrid(*(_distances(indices, side) for indices, side in zip(along, shape)), indexing="ij")
+    return np.stack([np.squeeze(grid, axis=axis) for grid in grids])
 
 
 def _pass_options(options: InferenceOptions, number: int, passes: int, name: str) -> InferenceOptions:
