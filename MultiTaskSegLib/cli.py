@@ -55,6 +55,9 @@ def command_train(args) -> int:
     from .distributed import is_main_process
     from .training import TrainingConfig, train
 
+    if args.checkpoint_minutes < 0:
+        raise InputError(f"--checkpoint-minutes {args.checkpoint_minutes} is negative; give minutes between "
+                         "checkpoints, or 0 to checkpoint only at validations")
     data = {task: str(folder) for task, folder in parse_data_arguments(args.data, args.tasks).items()}
     config = TrainingConfig(
         tasks=list(args.tasks), architecture=args.arch, arguments=_arguments(args.arg), batch_size=args.batch_size,
@@ -62,7 +65,7 @@ def command_train(args) -> int:
         validation_fraction=args.validation_fraction, seed=args.seed, device=args.device,
         model_name=args.name or Path(args.out).name, data=data, init_from=args.init_from,
     )
-    model = train(config, args.out)
+    model = train(config, args.out, checkpoint_minutes=args.checkpoint_minutes or None)
     if is_main_process():  # under torchrun, process 0 wrote the model
         print(f"model written to {Path(args.out) / 'model'} (weights SHA-256 {model.weights_sha256[:16]}…)")
     return 0
@@ -210,6 +213,9 @@ def _add_training_commands(commands) -> None:
     sub.add_argument("--name", help="model name (default: the run folder's name)")
     sub.add_argument("--init-from", metavar="MODEL",
                      help="start from this model's weights where names and shapes agree (same architecture)")
+    sub.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
+                     help="also checkpoint every M minutes between validations, so an interrupted run loses "
+                          "at most M minutes (default 10; 0: only at validations); the result is the same")
     sub.set_defaults(run=command_train)
 
     sub = commands.add_parser("finetune", help="fine-tune a model on corrected cases (its own label space; resumable)")

@@ -221,16 +221,21 @@ def train(
     run: str | os.PathLike,
     log: Callable[[str], None] = print,
     stop_after: int | None = None,
+    checkpoint_minutes: float | None = 10.0,
 ) -> SegmentationModel:
     """Train (or resume) the run in folder ``run``; returns the final model.
 
     Started by ``torchrun``, every process calls this with the same arguments: ``batch_size`` is the
     global mini-batch, shared by the processes; only process 0 logs and writes to ``run``.
     ``stop_after`` ends the process after that many steps of this call without finishing the run
-    (used to test resumption; a killed process behaves the same).
+    (used to test resumption; a killed process behaves the same). Besides the checkpoint at every
+    validation, one is written once ``checkpoint_minutes`` have passed since the last (None: only at
+    validations), so a run killed between slow validations loses minutes, not hours. It does not
+    change the result: a resumed run ends with the same weights.
     """
     with distributed.session(config.device) as context:
-        return _train(context, config, Path(run), log if context.is_main_process else _quiet, stop_after)
+        return _train(context, config, Path(run), log if context.is_main_process else _quiet, stop_after,
+                      checkpoint_minutes)
 
 
 def _quiet(message: str) -> None:
@@ -238,7 +243,8 @@ def _quiet(message: str) -> None:
 
 
 def _train(context: distributed.DistributedContext, config: TrainingConfig, run: Path,
-           log: Callable[[str], None], stop_after: int | None) -> SegmentationModel:
+           log: Callable[[str], None], stop_after: int | None,
+           checkpoint_minutes: float | None = None) -> SegmentationModel:
     """The loop of :func:`train`, inside its process group (a process group of one when alone)."""
     main = context.is_main_process
     if main:
@@ -264,7 +270,8 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
             curve.drop_after(step)
         log(f"resuming {run} at step {step}")
     else:
-        if main:
+        if main:  # a run killed before its first checkpoint starts again: forget what it logged
+            curve.drop_after(0)
             (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
         model = _initial_model(config, parent, label_space, arguments)
         model.architecture.network.to(device)
@@ -278,6 +285,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     architecture.network.train()
 
     started, steps_this_call = time.perf_counter(), 0
+    last_checkpoint = time.monotonic()
     operating_points = None  # those of the latest validation: the final model's, once the loop ends
     keep_best = parent is not None and bool(validation_cases)  # early stopping on the held-back case(s)
     if keep_best and step == 0:
@@ -299,7 +307,12 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
             if keep_best:
                 remember_if_best(run, model, rows, step)
             _save_checkpoint(run, model, optimizer, step, rng, config)
+            last_checkpoint = time.monotonic()
             log(f"step {step}/{config.steps} loss {loss:.4f} " + curve.summary(step))
+        elif main and checkpoint_minutes is not None and time.monotonic() - last_checkpoint >= 60 * checkpoint_minutes:
+            model.provenance = provenance(config, step, train_files, validation_files, started, context.world_size)
+            _save_checkpoint(run, model, optimizer, step, rng, config)
+            last_checkpoint = time.monotonic()
         if stop_after is not None and steps_this_call >= stop_after:
             return model
     if main:

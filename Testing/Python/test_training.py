@@ -37,6 +37,19 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     assert steps == [1, 2, 3, 4, 5, 6]  # the lost step was logged once, after resuming
 
 
+def test_a_timed_checkpoint_between_validations_keeps_the_steps_and_not_the_result(tmp_path, tiny_dataset):
+    once = config(tiny_dataset, validate_every=6)  # the only validation checkpoint is the last step's
+    straight = train(once, tmp_path / "straight", log=quiet)
+    interrupted = tmp_path / "interrupted"
+    train(once, interrupted, log=quiet, stop_after=4, checkpoint_minutes=None)
+    assert not (interrupted / "checkpoint").exists()  # without timed checkpoints, four steps are lost
+    train(once, interrupted, log=quiet, stop_after=4, checkpoint_minutes=0)  # starts afresh, checkpoints each step
+    assert json.loads((interrupted / "checkpoint" / "training_state.json").read_text())["step"] == 4
+    resumed = train(once, interrupted, log=quiet)
+    assert resumed.weights_sha256 == straight.weights_sha256
+    assert [int(row["step"]) for row in csv.DictReader(open(interrupted / "loss.csv"))] == [1, 2, 3, 4, 5, 6]
+
+
 def test_the_same_seed_gives_the_same_model_and_another_seed_does_not(tmp_path, tiny_dataset):
     first = train(config(tiny_dataset, steps=2), tmp_path / "a", log=quiet)
     second = train(config(tiny_dataset, steps=2), tmp_path / "b", log=quiet)
