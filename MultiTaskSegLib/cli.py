@@ -106,7 +106,8 @@ def command_segment(args) -> int:
     model = load_model(args.model)
     images = [read_image(path, channel=args.channel) for path in args.input]
     result = segment_image(model, images, tasks=args.tasks, device=args.device,
-                           with_probabilities=args.probabilities is not None, progress=_print_progress)
+                           with_probabilities=args.probabilities is not None, progress=_print_progress,
+                           mirror=args.mirror)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     write_result(result, args.output, args.probabilities)
@@ -260,6 +261,9 @@ def _add_segmenting_commands(commands) -> None:
     sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     sub.add_argument("--probabilities", help="also write per-class probabilities (vector image) here")
     sub.add_argument("--channel", type=int, help="the channel to use from a 4-D or multi-component input")
+    sub.add_argument("--mirror", action=argparse.BooleanOptionalAction,
+                     help="average with the prediction of the left-right mirrored scan (twice the time); "
+                          "default: as the model card says")
     sub.set_defaults(run=command_segment)
 
     sub = commands.add_parser("batch", help="segment many scans: resumable, shardable over machines, with metrics")

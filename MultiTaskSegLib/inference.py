@@ -25,6 +25,8 @@ from .postprocessing import keep_largest_regions
 from .preprocessing import background_outside, prepare_image, undecided_box
 from .tasks import Task
 
+#: Model-card key: true when the model segments as the mean of the scan's and its mirror's predictions.
+MIRROR_KEY = "test_time_mirroring"
 #: Working spacing further than this factor from the input's spacing triggers a warning.
 SPACING_WARNING_FACTOR = 3.0
 
@@ -121,11 +123,13 @@ def segment_image(
     progress: ProgressCallback | None = None,
     cancelled: CancelCheck | None = None,
     max_block_voxels: int | None = None,
+    mirror: bool | None = None,
 ) -> SegmentationResult:
     """Segment ``image`` with ``model``; labels come back on the input's exact grid.
 
     A multi-channel task takes one image per channel, in the task's order (e.g. T1c, FLAIR); the
-    labels come back on the first one's grid.
+    labels come back on the first one's grid. ``mirror`` averages the prediction of the scan and of
+    its left-right mirror (twice the time); None: as the model card says (``test_time_mirroring``).
     """
     report = progress or (lambda fraction, stage: None)
     images = [image] if isinstance(image, sitk.Image) else list(image)
@@ -143,9 +147,11 @@ def segment_image(
 
     requested = [index for name in tasks for index in model.label_space.indices_for_task(name)]
 
-    probabilities, used_device = predict_with_fallback(
-        model, working, choose_device(device), InferenceOptions(predict_part, cancelled, max_block_voxels, requested),
-        warnings)
+    options = InferenceOptions(predict_part, cancelled, max_block_voxels, requested)
+    if mirror is None:
+        mirror = bool(model.card.get(MIRROR_KEY, False))
+    predict = predict_mirrored if mirror else predict_with_fallback
+    probabilities, used_device = predict(model, working, choose_device(device), options, warnings)
     probabilities = background_outside(probabilities, foreground)
     report(0.9, "resampling to the input grid")
     result = SegmentationResult(labels=image, model=model, tasks=tasks, device=str(used_device), warnings=warnings)
@@ -222,6 +228,28 @@ def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: Segmentat
             passed |= above
     background[passed] = 0.0
     return np.argmax(scores, axis=0)
+
+
+def predict_mirrored(
+    model: SegmentationModel,
+    working: np.ndarray,
+    device: torch.device,
+    options: InferenceOptions,
+    warnings: list[str],
+) -> tuple[np.ndarray, torch.device]:
+    """The mean of the predictions of the scan and of its left-right mirror (test-time mirroring, as
+    nnU-Net does). The working grid is LPS, so its last axis runs right to left; the networks learnt
+    with left-right flips, and no task here has a left or right class."""
+    report = options.progress or (lambda fraction, stage: None)
+
+    def half(offset: float) -> InferenceOptions:
+        return dataclasses.replace(options, progress=lambda fraction, stage: report(offset + fraction / 2, stage))
+
+    probabilities, used = predict_with_fallback(model, working, device, half(0.0), warnings)
+    mirrored, used = predict_with_fallback(model, np.ascontiguousarray(working[..., ::-1]), used, half(0.5), warnings)
+    probabilities += mirrored[..., ::-1]
+    probabilities /= 2
+    return probabilities, used
 
 
 def predict_with_fallback(

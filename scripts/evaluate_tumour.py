@@ -34,7 +34,7 @@ from bundle_model import refreshed
 from MultiTaskSegLib.datasets import find_cases
 from MultiTaskSegLib.evaluation import dice, hausdorff95, task_confusion
 from MultiTaskSegLib.imageio import read_image
-from MultiTaskSegLib.inference import segment_image
+from MultiTaskSegLib.inference import MIRROR_KEY, segment_image
 from MultiTaskSegLib.model_files import load_model
 from MultiTaskSegLib.overlay import class_colors, save_overlay_png
 from MultiTaskSegLib.tasks import get_task
@@ -72,7 +72,8 @@ def score_region(predicted: np.ndarray, expected: np.ndarray, grid: sitk.Image) 
 
 
 def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, device: str,
-             refresh_tasks: bool = False, save_probabilities: bool = False, with_confusion: bool = True) -> list[dict]:
+             refresh_tasks: bool = False, save_probabilities: bool = False, with_confusion: bool = True,
+             mirror: bool | None = None) -> list[dict]:
     model = load_model(model_path)
     if refresh_tasks:
         model.label_space = refreshed(model.label_space)
@@ -82,13 +83,15 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
     if save_probabilities:
         (out / "probabilities.json").write_text(json.dumps({
             "model": str(model_path), "cases": str(cases_folder), "task": task_name,
-            "operating_point": model.card.get("operating_points", {}).get(task_name)}, indent=2), encoding="utf-8")
+            "operating_point": model.card.get("operating_points", {}).get(task_name),
+            "mirror": bool(model.card.get(MIRROR_KEY, False)) if mirror is None else mirror}, indent=2), encoding="utf-8")
     for case in find_cases(task, cases_folder):
         image = read_image(case.image)
         channels = [image, *(read_image(path) for path in case.channel_images)]  # e.g. T1c, FLAIR
         reference = read_image(case.label, check_values=False)
         started = time.perf_counter()
-        result = segment_image(model, channels, [task_name], device, with_probabilities=save_probabilities)
+        result = segment_image(model, channels, [task_name], device, with_probabilities=save_probabilities,
+                               mirror=mirror)
         seconds = time.perf_counter() - started
         labels = sitk.GetArrayFromImage(result.labels).astype(np.int32)
         predicted = np.where(labels > 0, labels - offset, 0)
@@ -97,7 +100,7 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
         if with_confusion and len(model.label_space.task_names) > 1:
             alien = [i for other in model.label_space.task_names if other != task_name
                      for i in model.label_space.indices_for_task(other)]
-            untold = sitk.GetArrayFromImage(segment_image(model, channels, None, device).labels)
+            untold = sitk.GetArrayFromImage(segment_image(model, channels, None, device, mirror=mirror).labels)
             confusion = task_confusion(untold, alien)
         for region, names in regions_of(task_name).items():
             value, hd95 = score_region(region_mask(predicted, task_name, names), region_mask(expected, task_name, names), image)
@@ -165,6 +168,8 @@ def main() -> None:
                         help="a multi-task model: skip the second, untold segmentation that measures task confusion")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write OUT/CASE_probabilities.nii.gz (a one-class task's probability; else all classes)")
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction,
+                        help="test-time mirroring on or off (default: as the model card says)")
     parser.add_argument("--card", type=Path, help="with --summarise: merge the pooled per-case figures into this card JSON")
     args = parser.parse_args()
     if args.summarise:
@@ -183,7 +188,7 @@ def main() -> None:
         parser.error("give --model, --cases and --task (or --summarise)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = evaluate(args.model, args.cases, args.task, args.out, args.device, args.refresh_tasks, args.save_probabilities,
-                    not args.no_confusion)
+                    not args.no_confusion, args.mirror)
     with open(args.out / "per_case.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -47,6 +47,36 @@ def test_cpu_results_are_deterministic(model):
     assert np.array_equal(sitk.GetArrayViewFromImage(first.probabilities), sitk.GetArrayViewFromImage(second.probabilities))
 
 
+def mirrored(image: sitk.Image) -> sitk.Image:
+    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[:, :, ::-1].copy())
+    flipped.CopyInformation(image)
+    return flipped
+
+
+def test_test_time_mirroring_segments_a_mirrored_scan_as_the_mirror_of_the_scan(model):
+    scan = mr_scan()  # air on one side only: the scan is not its own mirror
+
+    def probabilities(image, **options):
+        result = segment_image(model, image, device="cpu", with_probabilities=True, **options)  # all classes
+        return sitk.GetArrayFromImage(result.probabilities), sitk.GetArrayFromImage(result.labels)
+
+    plain, plain_labels = probabilities(scan)
+    plain_of_mirror, _ = probabilities(mirrored(scan))
+    assert not np.allclose(plain_of_mirror, plain[:, :, ::-1], atol=1e-3)  # the untrained network is not symmetric
+    both, labels = probabilities(scan, mirror=True)
+    both_of_mirror, labels_of_mirror = probabilities(mirrored(scan), mirror=True)
+    np.testing.assert_allclose(both_of_mirror, both[:, :, ::-1], atol=1e-6)
+    assert np.array_equal(labels_of_mirror, labels[:, :, ::-1])
+    np.testing.assert_allclose(both, (plain + plain_of_mirror[:, :, ::-1]) / 2, atol=1e-6)  # the mean of the two
+
+    carded = make_tiny_model(["breast_mri", "cardiac_cta"], seed=11, varied=True)
+    carded.card["test_time_mirroring"] = True  # the model's own setting applies unless the caller says otherwise
+    by_card = segment_image(carded, scan, device="cpu", with_probabilities=True)
+    assert np.array_equal(sitk.GetArrayFromImage(by_card.probabilities), both)
+    overruled = segment_image(carded, scan, device="cpu", with_probabilities=True, mirror=False)
+    assert np.array_equal(sitk.GetArrayFromImage(overruled.probabilities), plain)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_asking_for_cuda_without_a_gpu_says_so():
     with pytest.raises(InputError, match="no CUDA GPU; use --device cpu or auto"):
