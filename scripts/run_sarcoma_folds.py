@@ -1,0 +1,76 @@
+"""Run the sarcoma models' cross-validation (the README's fold recipe) to the end, resumably.
+
+For each fold: the MR network (3,000 mini-batches), its held-out evaluation, the CT network started
+from it (3,000 more), its evaluation. Every evaluation is done once as one pass and once with
+test-time mirroring, with probabilities saved, so ``study_tumour_postprocessing.py`` can rescore
+any threshold afterwards. On two CPU cores without AVX-512 a fold takes about three and a half
+hours, longer than a session: run it again and it picks up where it stopped (a training run from
+its last checkpoint, at most ten minutes back; a finished step is skipped).
+
+    python scripts/run_sarcoma_folds.py --root runs/tumour --folds 1 3 2 --threads 2
+
+The folds must exist (``prepare_tumour_data.py``). Data paths are given to the trainer as absolute
+paths, so a run resumes only from the same checkout folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+#: The fold recipe of README "Tumour models" (sarcoma-mr; sarcoma-ct the same from the MR network).
+RECIPE = ["--arch", "unet2d_multiplanar", "--arg", "patch_size=[160,160]", "--arg", "whole_slice_inference=true",
+          "--arg", "steps_per_epoch=3000", "--steps", "3000", "--batch-size", "16", "--validate-every", "1000",
+          "--validation-fraction", "0.15", "--device", "cpu"]
+MODALITIES = {"mr": ("sarcoma_t1_mri", "sarcoma-mr"), "ct_from_mr": ("sarcoma_ct", "sarcoma-ct")}
+
+
+def run(command: list[str], threads: int) -> None:
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def train(fold: Path, step: str, threads: int) -> Path:
+    task, name = MODALITIES[step]
+    out = fold / step
+    if not (out / "model" / "model.json").exists():
+        command = [sys.executable, "-m", "MultiTaskSegLib.cli", "train", "--tasks", task,
+                   "--data", f"{task}={fold / 'train' / task}", "--out", str(out), "--name", name, *RECIPE]
+        if step == "ct_from_mr":
+            command += ["--init-from", str(fold / "mr" / "model")]
+        run(command, threads)
+    return out / "model"
+
+
+def evaluate(fold: Path, step: str, threads: int) -> None:
+    task = MODALITIES[step][0]
+    for mirror in ("no-mirror", "mirror"):
+        out = fold / step / f"evaluation_{mirror}"
+        if (out / "per_case.csv").exists():
+            continue
+        run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(fold / step / "model"),
+             "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
+             "--save-probabilities", f"--{mirror}"], threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("runs/tumour"), help="written by prepare_tumour_data.py")
+    parser.add_argument("--folds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    for number in args.folds:
+        fold = (args.root / f"fold{number}").resolve()
+        if not (fold / "fold.json").exists():
+            parser.error(f"{fold} is not a fold; run scripts/prepare_tumour_data.py first")
+        for step in MODALITIES:
+            train(fold, step, args.threads)
+            evaluate(fold, step, args.threads)
+    print("finished", flush=True)
+
+
+if __name__ == "__main__":
+    main()
