@@ -133,6 +133,32 @@ def test_train_refuses_a_folder_that_is_not_a_run_and_keeps_its_files(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["model", "notes.txt"]
 
 
+def test_a_negative_checkpoint_interval_is_refused_before_training(tmp_path, tiny_dataset, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--tasks", "breast_mri", "--data", str(tiny_dataset), "--out", str(out), "--steps", "2",
+                 "--checkpoint-minutes", "-5", "--device", "cpu"]) == 2
+    assert "--checkpoint-minutes -5.0 is negative" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_segment_mirror_averages_the_scan_and_its_mirror_and_is_off_by_default(tmp_path, model_path, scan):
+    from MultiTaskSegLib.inference import segment_image
+    from MultiTaskSegLib.model_files import load_model
+
+    path, _ = scan
+    written = {}
+    for option in ([], ["--mirror"], ["--no-mirror"]):
+        probabilities = tmp_path / f"p{len(written)}.nrrd"
+        assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / "l.nii.gz"),
+                     "--probabilities", str(probabilities), "--device", "cpu", *option]) == 0
+        written[" ".join(option)] = sitk.GetArrayFromImage(sitk.ReadImage(str(probabilities)))
+    expected = segment_image(load_model(model_path), sitk.ReadImage(str(path)), device="cpu", with_probabilities=True,
+                             mirror=True)
+    assert np.array_equal(written["--mirror"], sitk.GetArrayFromImage(expected.probabilities))
+    assert np.array_equal(written[""], written["--no-mirror"])  # the model's card does not ask for it
+    assert not np.allclose(written[""], written["--mirror"], atol=1e-3)
+
+
 def test_train_refuses_to_redo_a_finished_run_whose_checkpoint_is_gone(tmp_path, tiny_dataset, capsys):
     import shutil
 
