@@ -264,20 +264,9 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     validation_cases = [prepare_case(files, label_space) for files in validation_files] if main else []
 
     curve = LearningCurve(run)
-    if (run / CHECKPOINT_DIR).exists():
-        model, optimizer, rng, step = _resume(run, config, device)
-        if main:
-            curve.drop_after(step)
-        log(f"resuming {run} at step {step}")
-    else:
-        if main:  # a run killed before its first checkpoint starts again: forget what it logged
-            curve.drop_after(0)
-            (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
-        model = _initial_model(config, parent, label_space, arguments)
-        model.architecture.network.to(device)
-        optimizer = model.architecture.make_optimizer(config.learning_rate)
-        rng = np.random.default_rng(config.seed)
-        step = 0
+    model, optimizer, rng, step = _start_or_resume(run, config, parent, label_space, arguments, device, main, log)
+    if main:  # forget what was logged after the checkpoint (all of it, when a run starts again)
+        curve.drop_after(step)
     architecture = model.architecture
     distributed.replicate_network(architecture.network, context)
     scheduler = _scheduler(architecture, optimizer, config.steps if parent else None, step)
@@ -330,6 +319,20 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
         save_model(model, run / "model")
         curve.plot()
     return model
+
+
+def _start_or_resume(run: Path, config: TrainingConfig, parent: SegmentationModel | None, label_space: LabelSpace,
+                     arguments: dict, device: torch.device, main: bool, log: Callable[[str], None]):
+    """Model, optimiser, random generator and step: the run's checkpoint's, or a fresh start's."""
+    if (run / CHECKPOINT_DIR).exists():
+        model, optimizer, rng, step = _resume(run, config, device)
+        log(f"resuming {run} at step {step}")
+        return model, optimizer, rng, step
+    if main:
+        (run / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
+    model = _initial_model(config, parent, label_space, arguments)
+    model.architecture.network.to(device)
+    return model, model.architecture.make_optimizer(config.learning_rate), np.random.default_rng(config.seed), 0
 
 
 def _scheduler(architecture, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None, step: int):
