@@ -148,9 +148,7 @@ def segment_image(
     requested = [index for name in tasks for index in model.label_space.indices_for_task(name)]
 
     options = InferenceOptions(predict_part, cancelled, max_block_voxels, requested)
-    if mirror is None:
-        mirror = bool(model.card.get(MIRROR_KEY, False))
-    predict = predict_mirrored if mirror else predict_with_fallback
+    predict = predict_mirrored if mirroring(model, mirror) else predict_with_fallback
     probabilities, used_device = predict(model, working, choose_device(device), options, warnings)
     probabilities = background_outside(probabilities, foreground)
     report(0.9, "resampling to the input grid")
@@ -228,6 +226,11 @@ def label_decision(probabilities: np.ndarray, kept: np.ndarray, model: Segmentat
             passed |= above
     background[passed] = 0.0
     return np.argmax(scores, axis=0)
+
+
+def mirroring(model: SegmentationModel, mirror: bool | None) -> bool:
+    """Whether a segmentation asked for with ``mirror`` is mirrored: as asked, else as the card says."""
+    return bool(model.card.get(MIRROR_KEY, False)) if mirror is None else mirror
 
 
 def predict_mirrored(

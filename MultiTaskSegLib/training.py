@@ -244,7 +244,7 @@ def _quiet(message: str) -> None:
 
 def _train(context: distributed.DistributedContext, config: TrainingConfig, run: Path,
            log: Callable[[str], None], stop_after: int | None,
-           checkpoint_minutes: float | None = None) -> SegmentationModel:
+           checkpoint_minutes: float | None) -> SegmentationModel:
     """The loop of :func:`train`, inside its process group (a process group of one when alone)."""
     main = context.is_main_process
     if main:

@@ -34,7 +34,7 @@ from bundle_model import refreshed
 from MultiTaskSegLib.datasets import find_cases
 from MultiTaskSegLib.evaluation import dice, hausdorff95, task_confusion
 from MultiTaskSegLib.imageio import read_image
-from MultiTaskSegLib.inference import MIRROR_KEY, segment_image
+from MultiTaskSegLib.inference import mirroring, segment_image
 from MultiTaskSegLib.model_files import load_model
 from MultiTaskSegLib.overlay import class_colors, save_overlay_png
 from MultiTaskSegLib.tasks import get_task
@@ -84,7 +84,7 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
         (out / "probabilities.json").write_text(json.dumps({
             "model": str(model_path), "cases": str(cases_folder), "task": task_name,
             "operating_point": model.card.get("operating_points", {}).get(task_name),
-            "mirror": bool(model.card.get(MIRROR_KEY, False)) if mirror is None else mirror}, indent=2), encoding="utf-8")
+            "mirror": mirroring(model, mirror)}, indent=2), encoding="utf-8")
     for case in find_cases(task, cases_folder):
         image = read_image(case.image)
         channels = [image, *(read_image(path) for path in case.channel_images)]  # e.g. T1c, FLAIR
