@@ -12,6 +12,15 @@ the sarcoma crops) and scores, per case, every pair of
     .venv/bin/python scripts/study_tumour_postprocessing.py runs/tumour/fold2/mr/evaluation_p \\
         --out runs/tumour/postprocessing_mr.md
 
+Given each fold's evaluation once as one pass and once with test-time mirroring (as
+``run_sarcoma_folds.py`` writes them), the report ends with every setting (threshold, region rule,
+mirroring) against the bundled models' current one (0.5, largest region, one pass): the mean Dice
+over all folds' cases, the paired difference with a 95 % bootstrap interval, and the difference
+per fold (per model), so a setting that helps on one fold only shows as such.
+
+    .venv/bin/python scripts/study_tumour_postprocessing.py runs/tumour/fold*/mr/evaluation_*mirror \
+        --out runs/tumour/settings_mr.md
+
 Choosing a rule on the patients it is then judged on is optimistic; the report says which folds
 it saw, so a rule picked on some folds can be checked on others.
 """
@@ -25,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from compare_multitask import bootstrap_interval
 from MultiTaskSegLib.datasets import find_cases
 from MultiTaskSegLib.evaluation import dice
 from MultiTaskSegLib.imageio import read_image
@@ -33,6 +43,8 @@ from MultiTaskSegLib.tasks import get_task
 
 RULES = ("all", "largest", "central")
 FIXED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+#: What the bundled sarcoma models do now: threshold, region rule, mirroring.
+CURRENT_SETTING = ("0.5", "largest", False)
 
 
 def distance_to_centre_mm(numbered: np.ndarray, count: int, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -72,8 +84,8 @@ def study(folder: Path) -> list[dict]:
             for rule in RULES:
                 kept = apply_rule(mask, rule, spacing)
                 value = dice(kept, reference) if kept.any() or reference.any() else 1.0
-                rows.append({"fold": folder.as_posix(), "case": case.name, "threshold": name, "rule": rule,
-                             "dice": float(value)})
+                rows.append({"fold": folder.as_posix(), "model": meta["model"], "mirror": bool(meta.get("mirror", False)),
+                             "case": case.name, "threshold": name, "rule": rule, "dice": float(value)})
     return rows
 
 
@@ -95,7 +107,36 @@ def report(rows: list[dict], folders: list[Path]) -> str:
         values = {row["rule"]: row["dice"] for row in rows
                   if row["fold"] == fold and row["case"] == case and row["threshold"] == "operating point"}
         lines.append(f"| {'/'.join(Path(fold).parts[-3:-1])} | {case} | " + " | ".join(f"{values[r]:.3f}" for r in RULES) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + settings_against_current(rows)) + "\n"
+
+
+def settings_against_current(rows: list[dict]) -> list[str]:
+    """Lines comparing every setting with :data:`CURRENT_SETTING` on the cases that have both, pooled
+    over models (folds); empty when the current setting was not evaluated."""
+    scores = {(row["threshold"], row["rule"], row["mirror"], row["model"], row["case"]): row["dice"] for row in rows}
+    current = {key[3:]: value for key, value in scores.items() if key[:3] == CURRENT_SETTING}
+    if not current:
+        return []
+    settings = sorted({key[:3] for key in scores}, key=lambda s: (s[2], s[0] != "operating point", s[0], RULES.index(s[1])))
+    models = sorted({model for model, _ in current})
+    lines = ["", f"Every setting against the current one (threshold {CURRENT_SETTING[0]}, {CURRENT_SETTING[1]} region, "
+             f"one pass), paired per case over {len(current)} cases of {len(models)} model(s):", "",
+             "| threshold | region | mirroring | mean Dice | paired difference (95 % bootstrap interval) | better / worse | "
+             "difference per model |", "|---|---|---|---|---|---|---|"]
+    for setting in settings:
+        pairs = [(current[case], scores[setting + case]) for case in sorted(current) if setting + case in scores]
+        if len(pairs) < len(current):
+            continue
+        before, after = np.array(pairs).T
+        low, high = bootstrap_interval(after - before)
+        per_model = [np.mean([scores[setting + case] - current[case] for case in current if case[0] == model])
+                     for model in models]
+        lines.append(f"| {setting[0]} | {setting[1]} | {'yes' if setting[2] else 'no'} | {after.mean():.3f} | "
+                     f"{(after - before).mean():+.3f} ({low:+.3f} to {high:+.3f}) | "
+                     f"{int((after > before + 0.01).sum())} / {int((after < before - 0.01).sum())} | "
+                     + ", ".join(f"{value:+.3f}" for value in per_model) + " |")
+    lines += ["", "Models, in the order of the last column: " + ", ".join(models)]
+    return lines
 
 
 def main() -> None:
