@@ -63,7 +63,7 @@ def command_train(args) -> int:
         tasks=list(args.tasks), architecture=args.arch, arguments=_arguments(args.arg), batch_size=args.batch_size,
         steps=args.steps, learning_rate=args.learning_rate, validate_every=args.validate_every,
         validation_fraction=args.validation_fraction, seed=args.seed, device=args.device,
-        model_name=args.name or Path(args.out).name, data=data, init_from=args.init_from,
+        model_name=args.name or Path(args.out).name, data=data, init_from=args.init_from, sampling=args.sampling,
     )
     model = train(config, args.out, checkpoint_minutes=args.checkpoint_minutes or None)
     if is_main_process():  # under torchrun, process 0 wrote the model
@@ -214,6 +214,9 @@ def _add_training_commands(commands) -> None:
     sub.add_argument("--name", help="model name (default: the run folder's name)")
     sub.add_argument("--init-from", metavar="MODEL",
                      help="start from this model's weights where names and shapes agree (same architecture)")
+    sub.add_argument("--sampling", choices=("voxels", "cases"), default="voxels",
+                     help="spread each class's samples over the cases in proportion to its volume (voxels, "
+                          "Moeskops et al.) or evenly over the cases (cases, nnU-Net: small tumours seen as often)")
     sub.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
                      help="also checkpoint every M minutes between validations, so an interrupted run loses "
                           "at most M minutes (default 10; 0: only at validations); the result is the same")

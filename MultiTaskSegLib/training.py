@@ -43,6 +43,10 @@ STATE_TENSORS = "training_state.pt"
 STATE_JSON = "training_state.json"
 
 
+#: Values of :attr:`TrainingConfig.sampling`.
+SAMPLING_CHOICES = ("voxels", "cases")
+
+
 @dataclass
 class TrainingConfig:
     """Everything that defines a training run; stored in the run folder and in the model's provenance."""
@@ -66,6 +70,10 @@ class TrainingConfig:
     #: a tensor's name and shape agree (e.g. a CT network started from an MR network of the same
     #: architecture); the label space and the rest are the new run's own.
     init_from: str | None = None
+    #: How a class's samples are spread over the training cases: ``"voxels"`` (in proportion to the
+    #: class's volume in each case, as Moeskops et al.) or ``"cases"`` (evenly over the cases that
+    #: hold it, as nnU-Net: a small tumour is seen as often as a large one).
+    sampling: str = "voxels"
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,16 +86,20 @@ class TrainingConfig:
             problems.append(f"the validation fraction must lie in 0..1 (1 excluded), got {self.validation_fraction}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             problems.append(f"the learning rate must be positive, got {self.learning_rate}")
+        if self.sampling not in SAMPLING_CHOICES:
+            problems.append(f"sampling must be one of {', '.join(SAMPLING_CHOICES)}, got {self.sampling!r}")
         if problems:
             raise InputError("training settings: " + "; ".join(problems))
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the interrupted one."""
         keys = ("tasks", "architecture", "arguments", "batch_size", "learning_rate", "validation_fraction", "seed", "data",
-                "parent", "init_from")
+                "parent", "init_from", "sampling")
         identity = {key: getattr(self, key) for key in keys}
         if identity["init_from"] is None:  # runs from before transfer existed stay resumable
             del identity["init_from"]
+        if identity["sampling"] == "voxels":  # so do runs from before the sampling choice
+            del identity["sampling"]
         return identity
 
 
@@ -173,7 +185,7 @@ def _load_checkpoint(run: Path, config: TrainingConfig, device: torch.device):
     state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
     stored = json.loads(json.dumps(config.identity()))
     if state["config"] != stored:
-        changed = [key for key in stored if state["config"].get(key) != stored[key]]
+        changed = [key for key in {**state["config"], **stored} if state["config"].get(key) != stored.get(key)]
         raise InputError(
             f"{run} holds a run with different settings ({', '.join(changed)}); "
             "use another --out folder, or the same settings to resume"
@@ -270,7 +282,8 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     architecture = model.architecture
     distributed.replicate_network(architecture.network, context)
     scheduler = _scheduler(architecture, optimizer, config.steps if parent else None, step)
-    sampler = BalancedVoxelSampler(train_cases, {t: label_space.indices_for_task(t) for t in config.tasks})
+    sampler = BalancedVoxelSampler(train_cases, {t: label_space.indices_for_task(t) for t in config.tasks},
+                                   per_case=config.sampling == "cases")
     architecture.network.train()
 
     started, steps_this_call = time.perf_counter(), 0

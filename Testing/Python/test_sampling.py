@@ -60,3 +60,34 @@ def test_same_seed_gives_the_same_batch(cases):
 def test_a_task_without_cases_is_refused(cases):
     with pytest.raises(InputError, match="no training cases for task"):
         BalancedVoxelSampler(cases, {"brain": (1, 2), "cardiac": (4,)})
+
+
+def tumour_cases() -> list[PreparedCase]:
+    """Two crops, one with a tumour of 8 voxels, one with a tumour of 512 voxels."""
+    small, large = np.zeros((12, 12, 12), np.int16), np.zeros((12, 12, 12), np.int16)
+    small[5:7, 5:7, 5:7] = 1
+    large[2:10, 2:10, 2:10] = 1
+    return [case("sarcoma", "small", small), case("sarcoma", "large", large)]
+
+
+def tumour_samples_per_case(sampler: BalancedVoxelSampler, cases: list[PreparedCase]) -> np.ndarray:
+    numbers, coordinates = sampler.sample(4000, np.random.default_rng(0))
+    tumour = np.array([cases[n].labels[tuple(c)] == 1 for n, c in zip(numbers, coordinates)])
+    assert tumour.sum() == 2000  # half the batch is tumour either way
+    return np.bincount(numbers[tumour], minlength=len(cases))
+
+
+def test_by_voxels_a_small_tumour_is_drawn_in_proportion_to_its_volume():
+    cases = tumour_cases()
+    small, large = tumour_samples_per_case(BalancedVoxelSampler(cases, {"sarcoma": (1,)}), cases)
+    assert 10 < small < 60 and small + large == 2000  # expected 2000 * 8 / 520 = 31
+
+
+def test_by_cases_a_small_tumour_is_drawn_as_often_as_a_large_one():
+    cases = tumour_cases()
+    sampler = BalancedVoxelSampler(cases, {"sarcoma": (1,)}, per_case=True)
+    small, large = tumour_samples_per_case(sampler, cases)
+    assert abs(small - large) < 150
+    numbers, coordinates = sampler.sample(4000, np.random.default_rng(1))
+    drawn = {tuple(c) for n, c in zip(numbers, coordinates) if n == 0 and cases[0].labels[tuple(c)] == 1}
+    assert len(drawn) == 8  # every voxel of the small tumour, none outside it

@@ -80,6 +80,17 @@ def test_resuming_with_other_settings_is_refused(tmp_path, tiny_dataset):
         train(config(tiny_dataset, batch_size=24), run, log=quiet)
 
 
+def test_sampling_by_cases_trains_another_network_and_a_run_resumes_only_with_its_own_sampling(tmp_path, tiny_dataset):
+    by_voxels = train(config(tiny_dataset, steps=2), tmp_path / "voxels", log=quiet)
+    run = tmp_path / "cases"
+    train(config(tiny_dataset, sampling="cases"), run, log=quiet, stop_after=2)
+    with pytest.raises(InputError, match="different settings \\(sampling\\)"):
+        train(config(tiny_dataset), run, log=quiet)
+    by_cases = train(config(tiny_dataset, sampling="cases", steps=2), tmp_path / "cases_short", log=quiet)
+    assert by_cases.weights_sha256 != by_voxels.weights_sha256
+    assert json.loads((run / "config.json").read_text())["sampling"] == "cases"
+
+
 def test_binary_tasks_are_scored_at_the_operating_point_with_the_best_dice_over_validation(tiny_dataset):
     import numpy as np
     import torch
@@ -134,7 +145,7 @@ def test_binary_labels_stored_as_255_are_refused_with_the_values_the_task_reads(
 
 
 @pytest.mark.parametrize("settings", [{"validation_fraction": 1.5}, {"steps": -5}, {"batch_size": 0},
-                                      {"validate_every": 0}, {"learning_rate": -1.0}])
+                                      {"validate_every": 0}, {"learning_rate": -1.0}, {"sampling": "slices"}])
 def test_impossible_training_settings_are_refused(settings):
     from MultiTaskSegLib.errors import InputError
     from MultiTaskSegLib.training import TrainingConfig
