@@ -7,7 +7,10 @@ any threshold afterwards. On two CPU cores without AVX-512 a fold takes about th
 hours, longer than a session: run it again and it picks up where it stopped (a training run from
 its last checkpoint, at most ten minutes back; a finished step is skipped).
 
-    python scripts/run_sarcoma_folds.py --root runs/tumour --folds 1 3 2 --threads 2
+    python scripts/run_sarcoma_folds.py --root runs/tumour --folds 1 3 2 --threads 2 [--sampling cases]
+
+``--sampling cases`` runs the recipe with per-case sampling (``train --sampling cases``) into
+``mr_cases`` and ``ct_from_mr_cases`` beside the default recipe's ``mr`` and ``ct_from_mr``.
 
 The folds must exist (``prepare_tumour_data.py``). Data paths are given to the trainer as absolute
 paths, so a run resumes only from the same checkout folder.
@@ -33,25 +36,29 @@ def run(command: list[str], threads: int) -> None:
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def train(fold: Path, step: str, threads: int) -> Path:
+def folder_name(step: str, sampling: str) -> str:
+    return step if sampling == "voxels" else f"{step}_{sampling}"
+
+
+def train(fold: Path, step: str, threads: int, sampling: str) -> None:
     task, name = MODALITIES[step]
-    out = fold / step
+    out = fold / folder_name(step, sampling)
     if not (out / "model" / "model.json").exists():
         command = [sys.executable, "-m", "MultiTaskSegLib.cli", "train", "--tasks", task,
-                   "--data", f"{task}={fold / 'train' / task}", "--out", str(out), "--name", name, *RECIPE]
+                   "--data", f"{task}={fold / 'train' / task}", "--out", str(out), "--name", name, *RECIPE,
+                   "--sampling", sampling]
         if step == "ct_from_mr":
-            command += ["--init-from", str(fold / "mr" / "model")]
+            command += ["--init-from", str(fold / folder_name("mr", sampling) / "model")]
         run(command, threads)
-    return out / "model"
 
 
-def evaluate(fold: Path, step: str, threads: int) -> None:
+def evaluate(fold: Path, step: str, threads: int, sampling: str) -> None:
     task = MODALITIES[step][0]
     for mirror in ("no-mirror", "mirror"):
-        out = fold / step / f"evaluation_{mirror}"
+        out = fold / folder_name(step, sampling) / f"evaluation_{mirror}"
         if (out / "per_case.csv").exists():
             continue
-        run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(fold / step / "model"),
+        run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(out.parent / "model"),
              "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
              "--save-probabilities", f"--{mirror}"], threads)
 
@@ -61,14 +68,15 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("runs/tumour"), help="written by prepare_tumour_data.py")
     parser.add_argument("--folds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sampling", choices=("voxels", "cases"), default="voxels", help="train --sampling")
     args = parser.parse_args()
     for number in args.folds:
         fold = (args.root / f"fold{number}").resolve()
         if not (fold / "fold.json").exists():
             parser.error(f"{fold} is not a fold; run scripts/prepare_tumour_data.py first")
         for step in MODALITIES:
-            train(fold, step, args.threads)
-            evaluate(fold, step, args.threads)
+            train(fold, step, args.threads, args.sampling)
+            evaluate(fold, step, args.threads, args.sampling)
     print("finished", flush=True)
 
 
