@@ -9,7 +9,8 @@ its last checkpoint, at most ten minutes back; a finished step is skipped).
 
     python scripts/run_sarcoma_folds.py --root runs/tumour --folds 1 3 2 --threads 2 [--sampling cases]
 
-``--sampling cases`` runs the recipe with per-case sampling (``train --sampling cases``) into
+``--steps mr`` runs the MR networks only; ``--final`` then trains the bundled models' recipe on every
+patient (``ROOT/all``, no evaluation: nobody is left out). ``--sampling cases`` runs the recipe with per-case sampling (``train --sampling cases``) into
 ``mr_cases`` and ``ct_from_mr_cases`` beside the default recipe's ``mr`` and ``ct_from_mr``.
 
 The folds must exist (``prepare_tumour_data.py``). Data paths are given to the trainer as absolute
@@ -69,14 +70,22 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sampling", choices=("voxels", "cases"), default="voxels", help="train --sampling")
+    parser.add_argument("--steps", nargs="+", choices=tuple(MODALITIES), default=list(MODALITIES),
+                        help="which networks: the MR one, the CT one (started from the fold's MR network), or both")
+    parser.add_argument("--final", action="store_true",
+                        help="then train the same networks on every patient (ROOT/all/train): the models to bundle")
     args = parser.parse_args()
-    for number in args.folds:
-        fold = (args.root / f"fold{number}").resolve()
+    folds = [(args.root / f"fold{number}").resolve() for number in args.folds]
+    for fold in folds:
         if not (fold / "fold.json").exists():
             parser.error(f"{fold} is not a fold; run scripts/prepare_tumour_data.py first")
-        for step in MODALITIES:
+    for fold in folds:
+        for step in args.steps:
             train(fold, step, args.threads, args.sampling)
             evaluate(fold, step, args.threads, args.sampling)
+    if args.final:
+        for step in args.steps:
+            train((args.root / "all").resolve(), step, args.threads, args.sampling)
     print("finished", flush=True)
 
 
