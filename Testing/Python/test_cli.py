@@ -141,6 +141,19 @@ def test_a_negative_checkpoint_interval_is_refused_before_training(tmp_path, tin
     assert not out.exists()
 
 
+def test_train_sampling_by_cases_is_recorded_in_the_run_and_the_models_provenance(tmp_path, tiny_dataset):
+    import json
+
+    from MultiTaskSegLib.model_files import load_model
+
+    out = tmp_path / "run"
+    assert main(["train", "--tasks", "breast_mri", "--data", str(tiny_dataset), "--out", str(out), "--steps", "1",
+                 "--arg", "layers=2", "--arg", "channels=4", "--arg", "hidden_features=8", "--batch-size", "4",
+                 "--validate-every", "1", "--device", "cpu", "--sampling", "cases"]) == 0
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["sampling"] == "cases"
+    assert load_model(out / "model").provenance["config"]["sampling"] == "cases"
+
+
 def test_segment_mirror_averages_the_scan_and_its_mirror_and_is_off_by_default(tmp_path, model_path, scan):
     from MultiTaskSegLib.inference import segment_image
     from MultiTaskSegLib.model_files import load_model
