@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import InputError
+from .sampling import SAMPLING_CHOICES
 
 
 def _parse_value(text: str):
@@ -214,7 +215,7 @@ def _add_training_commands(commands) -> None:
     sub.add_argument("--name", help="model name (default: the run folder's name)")
     sub.add_argument("--init-from", metavar="MODEL",
                      help="start from this model's weights where names and shapes agree (same architecture)")
-    sub.add_argument("--sampling", choices=("voxels", "cases"), default="voxels",
+    sub.add_argument("--sampling", choices=SAMPLING_CHOICES, default=SAMPLING_CHOICES[0],
                      help="spread each class's samples over the cases in proportion to its volume (voxels, "
                           "Moeskops et al.) or evenly over the cases (cases, nnU-Net: small tumours seen as often)")
     sub.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",

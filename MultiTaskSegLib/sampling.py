@@ -20,6 +20,10 @@ import numpy as np
 
 from .errors import InputError
 
+#: How a class's samples are spread over the training cases (``train --sampling``): in proportion to
+#: its volume in each (``voxels``, the default) or evenly over the cases that hold it (``cases``).
+SAMPLING_CHOICES = ("voxels", "cases")
+
 
 @dataclass
 class PreparedCase:

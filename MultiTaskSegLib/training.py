@@ -35,16 +35,12 @@ from .preprocessing import background_outside
 from .learning_curve import LearningCurve
 from .model_files import SegmentationModel, load_model, save_model
 from .plausibility import CARD_KEY, training_volume_ranges
-from .sampling import BalancedVoxelSampler, PreparedCase
+from .sampling import SAMPLING_CHOICES, BalancedVoxelSampler, PreparedCase
 from .tasks import LabelSpace, get_task
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = "training_state.pt"
 STATE_JSON = "training_state.json"
-
-
-#: Values of :attr:`TrainingConfig.sampling`.
-SAMPLING_CHOICES = ("voxels", "cases")
 
 
 @dataclass

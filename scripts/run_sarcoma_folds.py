@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from MultiTaskSegLib.sampling import SAMPLING_CHOICES
+
 #: The fold recipe of README "Tumour models" (sarcoma-mr; sarcoma-ct the same from the MR network).
 RECIPE = ["--arch", "unet2d_multiplanar", "--arg", "patch_size=[160,160]", "--arg", "whole_slice_inference=true",
           "--arg", "steps_per_epoch=3000", "--steps", "3000", "--batch-size", "16", "--validate-every", "1000",
@@ -38,7 +40,7 @@ def run(command: list[str], threads: int) -> None:
 
 
 def folder_name(step: str, sampling: str) -> str:
-    return step if sampling == "voxels" else f"{step}_{sampling}"
+    return step if sampling == SAMPLING_CHOICES[0] else f"{step}_{sampling}"
 
 
 def train(fold: Path, step: str, threads: int, sampling: str) -> None:
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("runs/tumour"), help="written by prepare_tumour_data.py")
     parser.add_argument("--folds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sampling", choices=("voxels", "cases"), default="voxels", help="train --sampling")
+    parser.add_argument("--sampling", choices=SAMPLING_CHOICES, default=SAMPLING_CHOICES[0], help="train --sampling")
     parser.add_argument("--steps", nargs="+", choices=tuple(MODALITIES), default=list(MODALITIES),
                         help="which networks: the MR one, the CT one (started from the fold's MR network), or both")
     parser.add_argument("--final", action="store_true",
