@@ -43,6 +43,10 @@ STATE_TENSORS = "training_state.pt"
 STATE_JSON = "training_state.json"
 
 
+#: Settings of :class:`TrainingConfig` added after runs were made, with the value those runs had.
+FIELDS_ADDED_LATER = {"init_from": None, "sampling": SAMPLING_CHOICES[0]}
+
+
 @dataclass
 class TrainingConfig:
     """Everything that defines a training run; stored in the run folder and in the model's provenance."""
@@ -69,7 +73,7 @@ class TrainingConfig:
     #: How a class's samples are spread over the training cases: ``"voxels"`` (in proportion to the
     #: class's volume in each case, as Moeskops et al.) or ``"cases"`` (evenly over the cases that
     #: hold it, as nnU-Net: a small tumour is seen as often as a large one).
-    sampling: str = "voxels"
+    sampling: str = SAMPLING_CHOICES[0]
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,13 +94,11 @@ class TrainingConfig:
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the interrupted one."""
         keys = ("tasks", "architecture", "arguments", "batch_size", "learning_rate", "validation_fraction", "seed", "data",
-                "parent", "init_from", "sampling")
+                "parent", *FIELDS_ADDED_LATER)
         identity = {key: getattr(self, key) for key in keys}
-        if identity["init_from"] is None:  # runs from before transfer existed stay resumable
-            del identity["init_from"]
-        if identity["sampling"] == "voxels":  # so do runs from before the sampling choice
-            del identity["sampling"]
-        return identity
+        # A field at the value every run had before it existed is left out: older runs stay resumable.
+        return {key: value for key, value in identity.items()
+                if key not in FIELDS_ADDED_LATER or value != FIELDS_ADDED_LATER[key]}
 
 
 def set_seed(seed: int) -> None:

@@ -10,8 +10,9 @@ its last checkpoint, at most ten minutes back; a finished step is skipped).
     python scripts/run_sarcoma_folds.py --root runs/tumour --folds 1 3 2 --threads 2 [--sampling cases]
 
 ``--steps mr`` runs the MR networks only; ``--final`` then trains the bundled models' recipe on every
-patient (``ROOT/all``, no evaluation: nobody is left out). ``--sampling cases`` runs the recipe with per-case sampling (``train --sampling cases``) into
-``mr_cases`` and ``ct_from_mr_cases`` beside the default recipe's ``mr`` and ``ct_from_mr``.
+patient (``ROOT/all``, no evaluation: nobody is left out). ``--sampling cases`` runs the recipe with
+per-case sampling (``train --sampling cases``) into ``mr_cases`` and ``ct_from_mr_cases`` beside
+the default recipe's ``mr`` and ``ct_from_mr``.
 
 The folds must exist (``prepare_tumour_data.py``). Data paths are given to the trainer as absolute
 paths, so a run resumes only from the same checkout folder.

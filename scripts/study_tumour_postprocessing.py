@@ -123,17 +123,19 @@ def settings_against_current(rows: list[dict]) -> list[str]:
              f"one pass), paired per case over {len(current)} cases of {len(models)} model(s):", "",
              "| threshold | region | mirroring | mean Dice | paired difference (95 % bootstrap interval) | better / worse | "
              "difference per model |", "|---|---|---|---|---|---|---|"]
+    cases = sorted(current)
+    before = np.array([current[case] for case in cases])
+    owners = np.array([model for model, _ in cases])
     for setting in settings:
-        pairs = [(current[case], scores[setting + case]) for case in sorted(current) if setting + case in scores]
-        if len(pairs) < len(current):
+        if any(setting + case not in scores for case in cases):
             continue
-        before, after = np.array(pairs).T
-        low, high = bootstrap_interval(after - before)
-        per_model = [np.mean([scores[setting + case] - current[case] for case in current if case[0] == model])
-                     for model in models]
+        after = np.array([scores[setting + case] for case in cases])
+        differences = after - before
+        low, high = bootstrap_interval(differences)
+        per_model = [differences[owners == model].mean() for model in models]
         lines.append(f"| {setting[0]} | {setting[1]} | {'yes' if setting[2] else 'no'} | {after.mean():.3f} | "
-                     f"{(after - before).mean():+.3f} ({low:+.3f} to {high:+.3f}) | "
-                     f"{int((after > before + 0.01).sum())} / {int((after < before - 0.01).sum())} | "
+                     f"{differences.mean():+.3f} ({low:+.3f} to {high:+.3f}) | "
+                     f"{int((differences > 0.01).sum())} / {int((differences < -0.01).sum())} | "
                      + ", ".join(f"{value:+.3f}" for value in per_model) + " |")
     lines += ["", "Models, in the order of the last column: " + ", ".join(models)]
     return lines
