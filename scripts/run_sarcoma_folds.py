@@ -3,7 +3,8 @@
 For each fold: the MR network (3,000 mini-batches), its held-out evaluation, the CT network started
 from it (3,000 more), its evaluation. Every evaluation is done once as one pass and once with
 test-time mirroring, with probabilities saved, so ``study_tumour_postprocessing.py`` can rescore
-any threshold afterwards. On two CPU cores without AVX-512 a fold takes about three and a half
+any threshold afterwards. The one-pass evaluations (the figures that decide) and the final models
+come first; the mirrored evaluations (three times the inference) last. On two CPU cores without AVX-512 a fold takes about three and a half
 hours, longer than a session: run it again and it picks up where it stopped (a training run from
 its last checkpoint, at most ten minutes back; a finished step is skipped).
 
@@ -56,15 +57,13 @@ def train(fold: Path, step: str, threads: int, sampling: str) -> None:
         run(command, threads)
 
 
-def evaluate(fold: Path, step: str, threads: int, sampling: str) -> None:
+def evaluate(fold: Path, step: str, threads: int, sampling: str, mirror: str) -> None:
     task = MODALITIES[step][0]
-    for mirror in ("no-mirror", "mirror"):
-        out = fold / folder_name(step, sampling) / f"evaluation_{mirror}"
-        if (out / "per_case.csv").exists():
-            continue
+    out = fold / folder_name(step, sampling) / f"evaluation_{mirror}"
+    if not (out / "per_case.csv").exists():
         run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(out.parent / "model"),
-             "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
-             "--save-probabilities", f"--{mirror}"], threads)
+            "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
+            "--save-probabilities", f"--{mirror}"], threads)
 
 
 def main() -> None:
@@ -85,10 +84,13 @@ def main() -> None:
     for fold in folds:
         for step in args.steps:
             train(fold, step, args.threads, args.sampling)
-            evaluate(fold, step, args.threads, args.sampling)
+            evaluate(fold, step, args.threads, args.sampling, "no-mirror")
     if args.final:
         for step in args.steps:
             train((args.root / "all").resolve(), step, args.threads, args.sampling)
+    for fold in folds:
+        for step in args.steps:
+            evaluate(fold, step, args.threads, args.sampling, "mirror")
     print("finished", flush=True)
 
 
