@@ -10,23 +10,48 @@ given another task's class when the scan is segmented without naming its task).
         --multi brain_t1_mri=runs/multitask/fold1/multi/evaluation_brain_t1_mri ... --out runs/multitask/fold1/comparison.md
 
 ``--names A B`` renames the two arms (e.g. ``"without position channels" "with"``) for any other
-paired comparison of two models on the same cases.
+paired comparison of two models on the same cases. An arm may also be a model folder whose card
+holds ``cross_validated_dice`` (a bundled one-region model, e.g. ``Resources/Models/sarcoma-mr``):
+its per-patient held-out figures are paired with the other arm's patients (a fold's, or all).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 
+from MultiTaskSegLib.tasks import get_task
+
 BOOTSTRAP_SAMPLES = 10_000
+#: keys of a card's cross_validated_dice that are not patients
+SUMMARY_KEYS = ("mean", "sd", "median")
 
 
-def read_rows(folder: Path) -> list[dict]:
-    with open(folder / "per_case.csv", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+def read_rows(folder: Path, task: str) -> list[dict]:
+    """The rows of an evaluation folder, or ``task``'s cross-validated figures in a model card."""
+    if (folder / "per_case.csv").exists():
+        with open(folder / "per_case.csv", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    return card_rows(folder, task)
+
+
+def card_rows(model_folder: Path, task: str) -> list[dict]:
+    """Rows like evaluate_tumour.py's from a one-region model card's cross-validated per-patient figures."""
+    card_file = model_folder / "model.json"
+    if not card_file.exists():
+        raise SystemExit(f"{model_folder} holds neither per_case.csv (evaluate_tumour.py) nor model.json")
+    card = json.loads(card_file.read_text(encoding="utf-8")).get("card", {})
+    figures = card.get("cross_validated_dice", {}).get(task)
+    if not figures:
+        raise SystemExit(f"the card of {model_folder} has no cross_validated_dice for {task}")
+    hd95 = card.get("cross_validated_hd95_mm", {}).get(task, {})
+    (region,) = get_task(task).class_names  # the cards hold one-region tasks' figures only
+    return [{"case": case, "task": task, "region": region, "dice": value, "hd95_mm": hd95.get(case, "nan")}
+            for case, value in figures.items() if case not in SUMMARY_KEYS]
 
 
 def bootstrap_interval(differences: np.ndarray, seed: int = 0) -> tuple[float, float]:
@@ -41,6 +66,8 @@ def compare(single: list[dict], multi: list[dict]) -> list[str]:
     single_rows = {(row["case"], row["region"]): row for row in single}
     multi_rows = {(row["case"], row["region"]): row for row in multi}
     cases = sorted({case for case, _ in set(single_rows) & set(multi_rows)})
+    if not cases:
+        raise SystemExit(f"the two arms of {single[0]['task']} share no case and region: nothing to pair")
     regions = list(dict.fromkeys(row["region"] for row in single))
 
     def dice(rows: dict, region: str) -> np.ndarray:
@@ -59,20 +86,27 @@ def compare(single: list[dict], multi: list[dict]) -> list[str]:
     return lines
 
 
-def pairs_argument(values: list[str]) -> dict[str, Path]:
+def pairs_argument(values: list[str]) -> dict[str, list[Path]]:
+    """TASK=FOLDER values by task; a task given several folders (e.g. one per fold) pools them."""
     parsed = {}
     for value in values:
         task, separator, folder = value.partition("=")
         if not separator:
             raise SystemExit(f"give TASK=EVALUATION_FOLDER, got {value!r}")
-        parsed[task] = Path(folder)
+        parsed.setdefault(task, []).append(Path(folder))
     return parsed
+
+
+def pooled_rows(folders: list[Path], task: str) -> list[dict]:
+    return [row for folder in folders for row in read_rows(folder, task)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--single", nargs="+", action="extend", required=True, help="TASK=FOLDER of the single-task model's evaluation")
-    parser.add_argument("--multi", nargs="+", action="extend", required=True, help="TASK=FOLDER of the multi-task model's evaluation")
+    parser.add_argument("--single", nargs="+", action="extend", required=True,
+                        help="TASK=FOLDER of the single-task model's evaluation (a task given twice: folds pooled)")
+    parser.add_argument("--multi", nargs="+", action="extend", required=True,
+                        help="TASK=FOLDER of the multi-task model's evaluation (likewise)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--names", nargs=2, default=["single-task", "multi-task"], metavar=("FIRST", "SECOND"),
                         help="names of the --single and --multi arms in the table")
@@ -84,7 +118,7 @@ def main() -> None:
     for task in single:
         if task not in multi:
             raise SystemExit(f"task {task} has a single-task evaluation but no multi-task one")
-        lines += compare(read_rows(single[task]), read_rows(multi[task]))
+        lines += compare(pooled_rows(single[task], task), pooled_rows(multi[task], task))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

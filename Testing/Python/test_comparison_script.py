@@ -1,0 +1,74 @@
+"""scripts/compare_multitask.py: paired comparisons of held-out figures, the tables behind README's A/Bs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT_ROOT
+
+SCRIPT = PROJECT_ROOT / "scripts" / "compare_multitask.py"
+FIELDS = ["case", "task", "region", "dice", "hd95_mm", "seconds", "warnings", "confusion_percent"]
+
+
+def write_evaluation(folder, dice_by_case):
+    """An evaluation folder as evaluate_tumour.py writes it (the columns the comparison reads)."""
+    folder.mkdir(parents=True)
+    with open(folder / "per_case.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(FIELDS)
+        for case, value in dice_by_case.items():
+            writer.writerow([case, "sarcoma_t1_mri", "Sarcoma", value, 5.0, 1.0, 0, "nan"])
+    return folder
+
+
+def compare(tmp_path, *arguments):
+    out = tmp_path / "table.md"
+    result = subprocess.run([sys.executable, str(SCRIPT), *arguments, "--out", str(out)],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT)
+    return result, (out.read_text(encoding="utf-8") if out.exists() else "")
+
+
+def test_folds_given_twice_are_pooled_and_a_card_arm_pairs_by_patient(tmp_path):
+    fold1 = write_evaluation(tmp_path / "fold1", {"P1": 0.8, "P2": 0.6})
+    fold3 = write_evaluation(tmp_path / "fold3", {"P3": 0.5})
+    model = tmp_path / "bundled"
+    model.mkdir()
+    card = {"cross_validated_dice": {"sarcoma_t1_mri": {"P1": 0.7, "P2": 0.4, "P3": 0.5, "P9": 0.1,
+                                                        "mean": 0.43, "sd": 0.2, "median": 0.45}}}
+    (model / "model.json").write_text(json.dumps({"card": card}), encoding="utf-8")
+
+    result, table = compare(tmp_path, "--single", f"sarcoma_t1_mri={model}",
+                            "--multi", f"sarcoma_t1_mri={fold1}", f"sarcoma_t1_mri={fold3}")
+
+    assert result.returncode == 0, result.stderr
+    row = table.splitlines()[-1]
+    # P9 is in the card only, so three patients pair: 0.533 against 0.633, each better by 0.1 or equal
+    assert "| 3 | 0.533 ± " in row and "| 0.633 ± " in row and "+0.100" in row
+
+
+@pytest.mark.parametrize("card", [None, {"cross_validated_dice": {}}])
+def test_an_arm_without_figures_is_refused_by_name(tmp_path, card):
+    fold1 = write_evaluation(tmp_path / "fold1", {"P1": 0.8})
+    model = tmp_path / "bundled"
+    model.mkdir()
+    if card is not None:
+        (model / "model.json").write_text(json.dumps({"card": card}), encoding="utf-8")
+
+    result, _ = compare(tmp_path, "--single", f"sarcoma_t1_mri={model}", "--multi", f"sarcoma_t1_mri={fold1}")
+
+    assert result.returncode != 0
+    assert str(model) in result.stderr and ("per_case.csv" in result.stderr or "cross_validated_dice" in result.stderr)
+
+
+def test_arms_without_a_shared_patient_are_refused(tmp_path):
+    first = write_evaluation(tmp_path / "a", {"P1": 0.8})
+    second = write_evaluation(tmp_path / "b", {"P2": 0.7})
+
+    result, _ = compare(tmp_path, "--single", f"sarcoma_t1_mri={first}", "--multi", f"sarcoma_t1_mri={second}")
+
+    assert result.returncode != 0 and "share no case" in result.stderr
