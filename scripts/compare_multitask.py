@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from MultiTaskSegLib.tasks import get_task
+from evaluate_tumour import regions_of
 
 BOOTSTRAP_SAMPLES = 10_000
 #: keys of a card's cross_validated_dice that are not patients
@@ -48,9 +48,10 @@ def card_rows(model_folder: Path, task: str) -> list[dict]:
     figures = card.get("cross_validated_dice", {}).get(task)
     if not figures:
         raise SystemExit(f"the card of {model_folder} has no cross_validated_dice for {task}")
-    hd95 = card.get("cross_validated_hd95_mm", {}).get(task, {})
-    (region,) = get_task(task).class_names  # the cards hold one-region tasks' figures only
-    return [{"case": case, "task": task, "region": region, "dice": value, "hd95_mm": hd95.get(case, "nan")}
+    regions = list(regions_of(task))
+    if len(regions) != 1:
+        raise SystemExit(f"{task} has {len(regions)} regions; a card's figures pair for one-region tasks only")
+    return [{"case": case, "task": task, "region": regions[0], "dice": value}
             for case, value in figures.items() if case not in SUMMARY_KEYS]
 
 

@@ -4,9 +4,10 @@ For each fold: the MR network (3,000 mini-batches), its held-out evaluation, the
 from it (3,000 more), its evaluation. Every evaluation is done once as one pass and once with
 test-time mirroring, with probabilities saved, so ``study_tumour_postprocessing.py`` can rescore
 any threshold afterwards. The one-pass evaluations (the figures that decide) and the final models
-come first; the mirrored evaluations (three times the inference) last. On two CPU cores without AVX-512 a fold takes about three and a half
-hours, longer than a session: run it again and it picks up where it stopped (a training run from
-its last checkpoint, at most ten minutes back; a finished step is skipped).
+come first; the mirrored evaluations (three times the inference) last. On two CPU cores without
+AVX-512 a fold takes about three and a half hours, longer than a session: run it again and it picks
+up where it stopped (a training run from its last checkpoint, at most ten minutes back; a finished
+step is skipped).
 
     python scripts/run_sarcoma_folds.py --root runs/tumour --folds 1 3 2 --threads 2 [--sampling cases]
 
