@@ -1,4 +1,4 @@
-"""The ``multitaskseg`` command: phantoms, train, finetune, segment, evaluate, experiments, batch, models, demo.
+"""The ``multitaskseg`` command: phantoms, train, finetune, ensemble, segment, evaluate, experiments, batch, models, demo.
 
 Each sub-command parses its arguments and calls one library function; heavy imports happen
 inside the command so ``multitaskseg --help`` answers at once.
@@ -88,6 +88,21 @@ def command_finetune(args) -> int:
                      batch_size=args.batch_size, seed=args.seed, device=args.device, name=args.name)
     print(f"model written to {Path(args.out) / 'model'} (fine-tuned from {parent.name} {parent.version}, "
           f"kept step {model.provenance.get('kept_step', args.steps)})")
+    return 0
+
+
+def command_ensemble(args) -> int:
+    from .ensembles import assemble_ensemble
+    from .model_files import save_model
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out} exists; give a new folder or .zip for the ensemble (nothing is overwritten)")
+    model = assemble_ensemble(args.models, name=args.name)
+    save_model(model, out)
+    points = model.card.get("operating_points", {})
+    print(f"ensemble of {len(args.models)} {model.architecture.config.member_architecture} networks written to {out}"
+          + (f" (operating points, the members' mean: {points})" if points else ""))
     return 0
 
 
@@ -198,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_training_commands(commands) -> None:
-    """train, finetune, experiments."""
+    """train, finetune, ensemble, experiments."""
     sub = commands.add_parser("train", help="train one model on one or more tasks (resumes an interrupted run)")
     sub.add_argument("--tasks", nargs="+", required=True)
     sub.add_argument("--data", nargs="+", action="extend", required=True, help="ROOT holding ROOT/TASK/CASE/..., or TASK=FOLDER pairs")
@@ -234,6 +249,12 @@ def _add_training_commands(commands) -> None:
     sub.add_argument("--device", default="auto")
     sub.add_argument("--name", help="the new model's name (default: PARENT-finetuned)")
     sub.set_defaults(run=command_finetune)
+
+    sub = commands.add_parser("ensemble", help="one model averaging the probabilities of trained models of one recipe")
+    sub.add_argument("--models", nargs="+", required=True, help="two or more trained models (same tasks, architecture, arguments)")
+    sub.add_argument("--out", required=True, help="a new model folder or .zip")
+    sub.add_argument("--name", help="the ensemble's name (default: the first model's)")
+    sub.set_defaults(run=command_ensemble)
 
     sub = commands.add_parser("experiments", help="the paper's seven training experiments, figure and table")
     sub.add_argument("--data", required=True, help="root with one folder per paper task (see `phantoms`)")

@@ -9,7 +9,9 @@ implausible-result warning) are measured on its training cases, as the trainer n
 of a run. ``--card FILE.json`` merges more card fields (intended input, cross-validated results).
 ``--refresh-tasks`` takes the tasks' settings that do not change what the network learnt (e.g.
 ``check_volumes``) from the current task definitions; classes, label values, channels, spacing
-and normalisation must be those the model was trained with.
+and normalisation must be those the model was trained with. ``--ensemble-with RUN2/model ...``
+bundles the mean of the models' probabilities (``multitaskseg ensemble``); the first model's run
+gives the training volume ranges, the operating points are the members' mean.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import json
 from pathlib import Path
 
 from MultiTaskSegLib.datasets import prepare_case
+from MultiTaskSegLib.ensembles import assemble_ensemble
 from MultiTaskSegLib.inference import choose_device
 from MultiTaskSegLib.model_catalog import BUNDLED_MODEL_DIR
 from MultiTaskSegLib.model_files import load_model, save_model
@@ -32,11 +35,15 @@ def main() -> None:
     parser.add_argument("--card", type=Path, help="JSON file of card fields to add or replace")
     parser.add_argument("--refresh-tasks", action="store_true", help="take check_volumes etc. from the task files")
     parser.add_argument("--version", help="the bundled model's version (default: the trained model's)")
+    parser.add_argument("--ensemble-with", nargs="+", type=Path, default=[], metavar="MODEL",
+                        help="more trained models of the same recipe: bundle the ensemble of all")
     args = parser.parse_args()
     model = load_model(args.model)
+    if args.ensemble_with:
+        model = assemble_ensemble([model, *args.ensemble_with])
     if args.refresh_tasks:
         model.label_space = refreshed(model.label_space)
-    before = model.weights_sha256
+    before = model.weights_sha256  # empty for an ensemble assembled here: its file is new
     config = TrainingConfig(**json.loads((args.model.parent / "config.json").read_text(encoding="utf-8")))
     training, validation = collect_cases(config)
     if CARD_KEY not in model.card:
@@ -50,8 +57,8 @@ def main() -> None:
     model.name = args.name
     model.version = args.version or model.version
     path = save_model(model, BUNDLED_MODEL_DIR / args.name)
-    assert model.weights_sha256 == before, "bundling must not change the weights"
-    print(f"bundled {args.model} as {path} (weights SHA-256 {before[:16]}…, "
+    assert model.weights_sha256 == before or not before, "bundling must not change the weights"
+    print(f"bundled {args.model} as {path} (weights SHA-256 {model.weights_sha256[:16]}…, "
           f"operating points {model.card['operating_points']})")
 
 

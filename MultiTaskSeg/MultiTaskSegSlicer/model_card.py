@@ -43,13 +43,22 @@ def _task_item(task: dict[str, Any], intended: dict[str, Any], dice: dict[str, A
     return item + "</li>"
 
 
+def architecture_text(architecture: dict[str, Any]) -> str:
+    """The architecture's name; an ensemble's with its members' (``ensemble of 2 unet2d_multiplanar``)."""
+    name = str(architecture.get("name", "?"))
+    arguments = architecture.get("arguments", {})
+    if name == "ensemble" and isinstance(arguments, dict):
+        return f"ensemble of {arguments.get('members', '?')} {arguments.get('member_architecture', '?')}"
+    return name
+
+
 def model_card_html(card: dict[str, Any], model_path: str | Path | None = None) -> str:
     """HTML for a QTextBrowser: name, version, architecture, description, then per task its modality,
     classes, intended input and validation Dice, and links to the validation figures."""
     details = card.get("card", {})
     header = [
         f"<b>{escape(str(card.get('name', '?')))}</b> version {escape(str(card.get('version', '?')))}",
-        f"Architecture: {escape(str(card.get('architecture', {}).get('name', '?')))}",
+        f"Architecture: {escape(architecture_text(card.get('architecture', {})))}",
     ]
     if details.get("description"):
         header.append(escape(str(details["description"])))

@@ -15,6 +15,7 @@ _ARCHITECTURES = {
     "unet2d": "MultiTaskSegLib.architectures.unet2d:UNet2DArchitecture",
     "unet2d_pretrained": "MultiTaskSegLib.architectures.unet2d:PretrainedEncoderUNet2DArchitecture",
     "unet2d_multiplanar": "MultiTaskSegLib.architectures.multiplanar:MultiplanarUNet2DArchitecture",
+    "ensemble": "MultiTaskSegLib.architectures.ensemble:EnsembleArchitecture",
 }
 
 

@@ -19,7 +19,7 @@ LAYERS = {
     "networks": ("networks",),
     "inferers": ("inferers",),
     "methods": ("architectures", "sampling", "losses", "augmentation"),
-    "models": ("model_files", "model_catalog"),
+    "models": ("model_files", "model_catalog", "ensembles"),
     "workflows": ("datasets", "training", "finetuning", "distributed", "inference", "postprocessing", "segments",
                   "evaluation",
                   "evaluate_run", "experiments", "learning_curve"),

@@ -159,6 +159,13 @@ def test_model_card_shows_tasks_classes_intended_input_and_validation(helpers, t
     assert "<phantoms>" not in html
 
 
+def test_an_ensembles_card_names_its_members_architecture(helpers):
+    _, model_card = helpers
+    card = {"name": "sarcoma", "architecture": {"name": "ensemble", "arguments": {
+        "member_architecture": "unet2d_multiplanar", "member_arguments": {}, "members": 3}}}
+    assert "Architecture: ensemble of 3 unet2d_multiplanar" in model_card.model_card_html(card)
+
+
 def test_a_multi_channel_model_asks_for_one_volume_per_further_channel(helpers):
     from MultiTaskSegLib.tasks import get_task, task_to_dict
 
