@@ -11,7 +11,10 @@ step is skipped).
 
     python scripts/run_sarcoma_folds.py --root runs/tumour --folds 1 3 2 --threads 2 [--sampling cases]
 
-``--steps mr`` runs the MR networks only; ``--final`` then trains the bundled models' recipe on every
+``--seed 1`` trains the same recipe with another seed into ``mr_cases_seed1`` (other initial weights,
+mini-batches and validation patients; the held-out patients stay the fold's); ``--ensemble 0 1``
+then assembles each fold's seed-0 and seed-1 networks (``multitaskseg ensemble``, into
+``mr_cases_ensemble0-1``) and evaluates the ensemble. ``--steps mr`` runs the MR networks only; ``--final`` then trains the bundled models' recipe on every
 patient (``ROOT/all``, no evaluation: nobody is left out). ``--sampling cases`` runs the recipe with
 per-case sampling (``train --sampling cases``) into ``mr_cases`` and ``ct_from_mr_cases`` beside
 the default recipe's ``mr`` and ``ct_from_mr``.
@@ -42,25 +45,40 @@ def run(command: list[str], threads: int) -> None:
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def folder_name(step: str, sampling: str) -> str:
-    return step if sampling == SAMPLING_CHOICES[0] else f"{step}_{sampling}"
+def folder_name(step: str, sampling: str, seed: int | str = 0) -> str:
+    """``mr``, ``mr_cases``, ``mr_cases_seed1``, ``mr_cases_ensemble0-1``: the run folder of a recipe."""
+    name = step if sampling == SAMPLING_CHOICES[0] else f"{step}_{sampling}"
+    if isinstance(seed, str):
+        return f"{name}_{seed}"
+    return name if seed == 0 else f"{name}_seed{seed}"
 
 
-def train(fold: Path, step: str, threads: int, sampling: str) -> None:
+def train(fold: Path, step: str, threads: int, sampling: str, seed: int = 0) -> None:
     task, name = MODALITIES[step]
-    out = fold / folder_name(step, sampling)
+    out = fold / folder_name(step, sampling, seed)
     if not (out / "model" / "model.json").exists():
         command = [sys.executable, "-m", "MultiTaskSegLib.cli", "train", "--tasks", task,
                    "--data", f"{task}={fold / 'train' / task}", "--out", str(out), "--name", name, *RECIPE,
-                   "--sampling", sampling]
+                   "--sampling", sampling, "--seed", str(seed)]
         if step == "ct_from_mr":
-            command += ["--init-from", str(fold / folder_name("mr", sampling) / "model")]
+            command += ["--init-from", str(fold / folder_name("mr", sampling, seed) / "model")]
         run(command, threads)
 
 
-def evaluate(fold: Path, step: str, threads: int, sampling: str, mirror: str) -> None:
+def assemble(fold: Path, step: str, sampling: str, seeds: list[int]) -> str:
+    """The ensemble of the seeds' networks (``multitaskseg ensemble``); returns its label for :func:`folder_name`."""
+    label = "ensemble" + "-".join(str(seed) for seed in seeds)
+    folder = folder_name(step, sampling, label)
+    if not (fold / folder / "model" / "model.json").exists():
+        run([sys.executable, "-m", "MultiTaskSegLib.cli", "ensemble", "--models",
+             *(str(fold / folder_name(step, sampling, seed) / "model") for seed in seeds),
+             "--out", str(fold / folder / "model"), "--name", MODALITIES[step][1]], 1)
+    return label
+
+
+def evaluate(fold: Path, step: str, threads: int, sampling: str, mirror: str, seed: int | str = 0) -> None:
     task = MODALITIES[step][0]
-    out = fold / folder_name(step, sampling) / f"evaluation_{mirror}"
+    out = fold / folder_name(step, sampling, seed) / f"evaluation_{mirror}"
     if not (out / "per_case.csv").exists():
         run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(out.parent / "model"),
             "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
@@ -75,6 +93,9 @@ def main() -> None:
     parser.add_argument("--sampling", choices=SAMPLING_CHOICES, default=SAMPLING_CHOICES[0], help="train --sampling")
     parser.add_argument("--steps", nargs="+", choices=tuple(MODALITIES), default=list(MODALITIES),
                         help="which networks: the MR one, the CT one (started from the fold's MR network), or both")
+    parser.add_argument("--seed", type=int, default=0, help="train --seed; other than 0 the folders end in _seedN")
+    parser.add_argument("--ensemble", nargs="+", type=int, metavar="SEED",
+                        help="then assemble each fold's networks of these seeds (trained before) and evaluate the ensemble")
     parser.add_argument("--final", action="store_true",
                         help="then train the same networks on every patient (ROOT/all/train): the models to bundle")
     args = parser.parse_args()
@@ -84,14 +105,17 @@ def main() -> None:
             parser.error(f"{fold} is not a fold; run scripts/prepare_tumour_data.py first")
     for fold in folds:
         for step in args.steps:
-            train(fold, step, args.threads, args.sampling)
-            evaluate(fold, step, args.threads, args.sampling, "no-mirror")
+            train(fold, step, args.threads, args.sampling, args.seed)
+            evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.seed)
+            if args.ensemble:
+                label = assemble(fold, step, args.sampling, args.ensemble)
+                evaluate(fold, step, args.threads, args.sampling, "no-mirror", label)
     if args.final:
         for step in args.steps:
-            train((args.root / "all").resolve(), step, args.threads, args.sampling)
+            train((args.root / "all").resolve(), step, args.threads, args.sampling, args.seed)
     for fold in folds:
         for step in args.steps:
-            evaluate(fold, step, args.threads, args.sampling, "mirror")
+            evaluate(fold, step, args.threads, args.sampling, "mirror", args.seed)
     print("finished", flush=True)
 
 
