@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="train --seed; other than 0 the folders end in _seedN")
     parser.add_argument("--ensemble", nargs="+", type=int, metavar="SEED",
                         help="then assemble each fold's networks of these seeds (trained before) and evaluate the ensemble")
+    parser.add_argument("--mirrored-evaluations", action=argparse.BooleanOptionalAction, default=True,
+                        help="end with every evaluation once more with test-time mirroring (informational; "
+                             "it has changed nothing measurable so far)")
     parser.add_argument("--final", action="store_true",
                         help="then train the same networks on every patient (ROOT/all/train): the models to bundle")
     args = parser.parse_args()
@@ -113,7 +116,7 @@ def main() -> None:
     if args.final:
         for step in args.steps:
             train((args.root / "all").resolve(), step, args.threads, args.sampling, args.seed)
-    for fold in folds:
+    for fold in folds if args.mirrored_evaluations else []:
         for step in args.steps:
             evaluate(fold, step, args.threads, args.sampling, "mirror", args.seed)
     print("finished", flush=True)
