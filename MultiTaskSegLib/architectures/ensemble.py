@@ -11,7 +11,6 @@ trains every member on the same mini-batches, the mean of their losses.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..sampling import BalancedVoxelSampler
+from ..inferers import part_options
 from .base import Architecture, InferenceOptions, MethodConfig, TrainingStep, default_field
 
 
@@ -94,7 +94,8 @@ class EnsembleArchitecture(Architecture):
     def _predict(self, image: np.ndarray, device: torch.device, options: InferenceOptions) -> np.ndarray:
         total = None
         for number, member in enumerate(self.members):
-            probabilities = member.predict_probabilities(image, device, _member_options(options, number, len(self.members)))
+            probabilities = member.predict_probabilities(
+                image, device, part_options(options, number, len(self.members), f"network {number + 1} of {len(self.members)}"))
             total = probabilities if total is None else np.add(total, probabilities, out=total)
         return total / np.float32(len(self.members))
 
@@ -102,15 +103,3 @@ class EnsembleArchitecture(Architecture):
                           options: InferenceOptions | None = None) -> np.ndarray | None:
         presences = [member.presence_by_class(image, device, options) for member in self.members]
         return None if any(presence is None for presence in presences) else np.mean(presences, axis=0)
-
-
-def _member_options(options: InferenceOptions, number: int, count: int) -> InferenceOptions:
-    """``options`` whose progress reports member ``number`` of ``count`` as its share of the whole."""
-    progress = options.progress
-    if progress is None:
-        return options
-
-    def member_progress(fraction: float, stage: str) -> None:
-        progress((number + fraction) / count, f"{stage}, network {number + 1} of {count}")
-
-    return dataclasses.replace(options, progress=member_progress)

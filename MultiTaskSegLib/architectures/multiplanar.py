@@ -16,7 +16,6 @@ box of the non-zero voxels only.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from ..augmentation import SliceAugmentation, augment_slices, synthesize_slices
 from ..errors import InputError
-from ..inferers import InferenceOptions, bfloat16_autocast, inference_context, prediction_autocast_type
+from ..inferers import InferenceOptions, bfloat16_autocast, inference_context, part_options, prediction_autocast_type
 from ..losses import soft_dice_loss
 from ..preprocessing import nonzero_box
 from ..sampling import BalancedVoxelSampler
@@ -208,12 +207,12 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         with inference_context(self.network, device), bfloat16:
             passes = len(config.planes) + (1 if config.locate_stride else 0)
             if config.locate_stride:
-                box = self._locate(stack, box, device, _pass_options(options, 0, passes, "locating"))
+                box = self._locate(stack, box, device, part_options(options, 0, passes, "locating"))
             cropped = np.ascontiguousarray(stack[(slice(None), *box)])
             region = result[(slice(None), *box)]  # the planes are summed in place: no extra volume in memory
             region[0] = 0.0
             for number, axis in enumerate(config.planes, start=passes - len(config.planes)):
-                self._add_probabilities(region, cropped, axis, device, _pass_options(options, number, passes, PLANE_NAMES[axis]),
+                self._add_probabilities(region, cropped, axis, device, part_options(options, number, passes, PLANE_NAMES[axis]),
                                         scale=1.0 / len(config.planes))
         return result
 
@@ -273,15 +272,3 @@ def slice_positions(shape: Sequence[int], position: Sequence[int], axis: int, pa
             along.append(int(position[channel]) - side // 2 + np.arange(side))
     grids = np.meshgrid(*(_distances(indices, side) for indices, side in zip(along, shape)), indexing="ij")
     return np.stack([np.squeeze(grid, axis=axis) for grid in grids])
-
-
-def _pass_options(options: InferenceOptions, number: int, passes: int, name: str) -> InferenceOptions:
-    """``options`` whose progress reports the ``number``-th of ``passes`` passes as its share of the whole."""
-    progress = options.progress
-    if progress is None:
-        return options
-
-    def pass_progress(fraction: float, stage: str) -> None:
-        progress((number + fraction) / passes, f"{stage} ({name})")
-
-    return dataclasses.replace(options, progress=pass_progress)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 #: progress(fraction in 0..1, stage description); returns nothing.
@@ -27,3 +27,16 @@ class InferenceOptions:
     cancelled: CancelCheck | None = None
     max_block_voxels: int | None = None
     requested_labels: Sequence[int] | None = None
+
+
+def part_options(options: InferenceOptions, number: int, parts: int, name: str) -> InferenceOptions:
+    """``options`` whose progress reports the ``number``-th of ``parts`` equal parts (a plane, an
+    ensemble's network) as its share of the whole, its stage tagged with ``name``."""
+    progress = options.progress
+    if progress is None:
+        return options
+
+    def part_progress(fraction: float, stage: str) -> None:
+        progress((number + fraction) / parts, f"{stage} ({name})")
+
+    return replace(options, progress=part_progress)
