@@ -51,8 +51,12 @@ def card_rows(model_folder: Path, task: str) -> list[dict]:
     regions = list(regions_of(task))
     if len(regions) != 1:
         raise SystemExit(f"{task} has {len(regions)} regions; a card's figures pair for one-region tasks only")
-    return [{"case": case, "task": task, "region": regions[0], "dice": value}
+    rows = [{"case": case, "task": task, "region": regions[0], "dice": value}
             for case, value in figures.items() if case not in SUMMARY_KEYS]
+    if not rows:
+        raise SystemExit(f"the card of {model_folder} gives only summary figures for {task}, no patient to pair: "
+                         "compare against the folds' evaluation folders (per_case.csv) instead")
+    return rows
 
 
 def bootstrap_interval(differences: np.ndarray, seed: int = 0) -> tuple[float, float]:

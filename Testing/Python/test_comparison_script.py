@@ -51,7 +51,8 @@ def test_folds_given_twice_are_pooled_and_a_card_arm_pairs_by_patient(tmp_path):
     assert "| 3 | 0.533 ± " in row and "| 0.633 ± " in row and "+0.100" in row
 
 
-@pytest.mark.parametrize("card", [None, {"cross_validated_dice": {}}])
+@pytest.mark.parametrize("card", [None, {"cross_validated_dice": {}},
+                                  {"cross_validated_dice": {"sarcoma_t1_mri": {"mean": 0.6, "sd": 0.2, "median": 0.7}}}])
 def test_an_arm_without_figures_is_refused_by_name(tmp_path, card):
     fold1 = write_evaluation(tmp_path / "fold1", {"P1": 0.8})
     model = tmp_path / "bundled"
@@ -63,6 +64,7 @@ def test_an_arm_without_figures_is_refused_by_name(tmp_path, card):
 
     assert result.returncode != 0
     assert str(model) in result.stderr and ("per_case.csv" in result.stderr or "cross_validated_dice" in result.stderr)
+    assert "Traceback" not in result.stderr
 
 
 def test_arms_without_a_shared_patient_are_refused(tmp_path):
