@@ -19,6 +19,10 @@ patient (``ROOT/all``, no evaluation: nobody is left out). ``--sampling cases`` 
 per-case sampling (``train --sampling cases``) into ``mr_cases`` and ``ct_from_mr_cases`` beside
 the default recipe's ``mr`` and ``ct_from_mr``.
 
+Each evaluation's per-patient table is also copied to ``docs/results/sarcoma/`` (``--record``) as
+``FOLD_RUN_EVALUATION.csv``: commit it, as ``runs/`` stays on the machine and a later session may not
+get that machine (the CT-by-cases folds of 2026-12-02 were lost so).
+
 The folds must exist (``prepare_tumour_data.py``). Data paths are given to the trainer as absolute
 paths, so a run resumes only from the same checkout folder.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,13 +81,18 @@ def assemble(fold: Path, step: str, sampling: str, seeds: list[int]) -> str:
     return label
 
 
-def evaluate(fold: Path, step: str, threads: int, sampling: str, mirror: str, seed: int | str = 0) -> None:
+def evaluate(fold: Path, step: str, threads: int, sampling: str, mirror: str, record: Path,
+             seed: int | str = 0) -> None:
+    """Judge the fold's network on its held-out patients; the per-patient table is also copied to
+    ``record`` (a folder in the repository), as the run folders do not outlive the machine."""
     task = MODALITIES[step][0]
     out = fold / folder_name(step, sampling, seed) / f"evaluation_{mirror}"
     if not (out / "per_case.csv").exists():
         run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(out.parent / "model"),
             "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
             "--save-probabilities", f"--{mirror}"], threads)
+    record.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "per_case.csv", record / f"{fold.name}_{out.parent.name}_{out.name}.csv")
 
 
 def main() -> None:
@@ -99,6 +109,8 @@ def main() -> None:
     parser.add_argument("--mirrored-evaluations", action=argparse.BooleanOptionalAction, default=True,
                         help="end with every evaluation once more with test-time mirroring (informational; "
                              "it has changed nothing measurable so far)")
+    parser.add_argument("--record", type=Path, default=Path("docs/results/sarcoma"),
+                        help="where each evaluation's per-patient table is copied, to commit (default: %(default)s)")
     parser.add_argument("--final", action="store_true",
                         help="then train the same networks on every patient (ROOT/all/train): the models to bundle")
     args = parser.parse_args()
@@ -109,16 +121,16 @@ def main() -> None:
     for fold in folds:
         for step in args.steps:
             train(fold, step, args.threads, args.sampling, args.seed)
-            evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.seed)
+            evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.record, args.seed)
             if args.ensemble:
                 label = assemble(fold, step, args.sampling, args.ensemble)
-                evaluate(fold, step, args.threads, args.sampling, "no-mirror", label)
+                evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.record, label)
     if args.final:
         for step in args.steps:
             train((args.root / "all").resolve(), step, args.threads, args.sampling, args.seed)
     for fold in folds if args.mirrored_evaluations else []:
         for step in args.steps:
-            evaluate(fold, step, args.threads, args.sampling, "mirror", args.seed)
+            evaluate(fold, step, args.threads, args.sampling, "mirror", args.record, args.seed)
     print("finished", flush=True)
 
 

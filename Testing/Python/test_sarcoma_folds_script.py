@@ -1,0 +1,45 @@
+"""scripts/run_sarcoma_folds.py: a rerun skips what is finished and keeps every per-patient table in the repository."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import PROJECT_ROOT
+
+SCRIPT = PROJECT_ROOT / "scripts" / "run_sarcoma_folds.py"
+
+
+def finished_fold(root, number):
+    """A fold whose MR network and its held-out evaluation are done (as a previous run leaves them)."""
+    fold = root / f"fold{number}"
+    (fold / "mr_cases" / "model").mkdir(parents=True)
+    (fold / "mr_cases" / "model" / "model.json").write_text("{}", encoding="utf-8")
+    (fold / "mr_cases" / "evaluation_no-mirror").mkdir()
+    (fold / "mr_cases" / "evaluation_no-mirror" / "per_case.csv").write_text(
+        f"case,task,region,dice\nSTS_00{number},sarcoma_t1_mri,tumour,0.7\n", encoding="utf-8")
+    (fold / "fold.json").write_text("{}", encoding="utf-8")
+
+
+def test_finished_steps_are_skipped_and_their_tables_recorded(tmp_path):
+    for number in (1, 2):
+        finished_fold(tmp_path / "runs", number)
+    record = tmp_path / "record"
+
+    result = subprocess.run([sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--folds", "1", "2",
+                             "--steps", "mr", "--sampling", "cases", "--no-mirrored-evaluations", "--record", str(record)],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert "$ " not in result.stdout  # nothing trained or evaluated again
+    assert sorted(path.name for path in record.iterdir()) == ["fold1_mr_cases_evaluation_no-mirror.csv",
+                                                             "fold2_mr_cases_evaluation_no-mirror.csv"]
+    assert "STS_002" in (record / "fold2_mr_cases_evaluation_no-mirror.csv").read_text(encoding="utf-8")
+
+
+def test_a_folder_that_is_not_a_fold_is_refused_by_name(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--root", str(tmp_path), "--folds", "1"],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    assert result.returncode != 0
+    assert "fold1" in result.stderr and "prepare_tumour_data.py" in result.stderr
