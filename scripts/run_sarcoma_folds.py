@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--mirrored-evaluations", action=argparse.BooleanOptionalAction, default=True,
                         help="end with every evaluation once more with test-time mirroring (informational; "
                              "it has changed nothing measurable so far)")
-    parser.add_argument("--record", type=Path, default=Path("docs/results/sarcoma"),
+    parser.add_argument("--record", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results" / "sarcoma",
                         help="where each evaluation's per-patient table is copied, to commit (default: %(default)s)")
     parser.add_argument("--final", action="store_true",
                         help="then train the same networks on every patient (ROOT/all/train): the models to bundle")

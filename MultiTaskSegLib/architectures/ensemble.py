@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..sampling import BalancedVoxelSampler
 from ..inferers import part_options
+from ..sampling import BalancedVoxelSampler
 from .base import Architecture, InferenceOptions, MethodConfig, TrainingStep, default_field
 
 
