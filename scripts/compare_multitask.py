@@ -12,7 +12,8 @@ given another task's class when the scan is segmented without naming its task).
 ``--names A B`` renames the two arms (e.g. ``"without position channels" "with"``) for any other
 paired comparison of two models on the same cases. An arm may also be a model folder whose card
 holds ``cross_validated_dice`` (a bundled one-region model, e.g. ``Resources/Models/sarcoma-mr``):
-its per-patient held-out figures are paired with the other arm's patients (a fold's, or all).
+its per-patient held-out figures are paired with the other arm's patients (a fold's, or all). An arm
+may also be a per-patient table itself (``docs/results/sarcoma/fold3_mr_cases_evaluation_no-mirror.csv``).
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ SUMMARY_KEYS = ("mean", "sd", "median")
 
 
 def read_rows(folder: Path, task: str) -> list[dict]:
-    """The rows of an evaluation folder, or ``task``'s cross-validated figures in a model card."""
-    if (folder / "per_case.csv").exists():
-        with open(folder / "per_case.csv", encoding="utf-8") as handle:
+    """The rows of an evaluation folder or of a per-patient table copied from one (a ``.csv`` file,
+    as ``docs/results/sarcoma/`` keeps them), or ``task``'s cross-validated figures in a model card."""
+    table = folder if folder.suffix == ".csv" else folder / "per_case.csv"
+    if table.is_file():
+        with open(table, encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
+    if folder.suffix == ".csv":
+        raise SystemExit(f"{folder} does not exist; give an evaluate_tumour.py per-patient table or its folder")
     return card_rows(folder, task)
 
 

@@ -74,3 +74,20 @@ def test_arms_without_a_shared_patient_are_refused(tmp_path):
     result, _ = compare(tmp_path, "--single", f"sarcoma_t1_mri={first}", "--multi", f"sarcoma_t1_mri={second}")
 
     assert result.returncode != 0 and "share no case" in result.stderr
+
+
+def test_a_recorded_table_file_is_an_arm_and_a_missing_one_is_named(tmp_path):
+    """The per-patient tables run_sarcoma_folds.py copies into docs/results outlive runs/: they pair as files."""
+    recorded = tmp_path / "results" / "fold3_mr_cases_evaluation_no-mirror.csv"
+    write_evaluation(tmp_path / "results_source", {"P1": 0.6, "P2": 0.5})
+    recorded.parent.mkdir()
+    (tmp_path / "results_source" / "per_case.csv").rename(recorded)
+    seed1 = write_evaluation(tmp_path / "seed1", {"P1": 0.7, "P2": 0.6})
+
+    result, table = compare(tmp_path, "--single", f"sarcoma_t1_mri={recorded}", "--multi", f"sarcoma_t1_mri={seed1}")
+    assert result.returncode == 0, result.stderr
+    assert "| 2 | 0.550 ± " in table.splitlines()[-1] and "+0.100" in table.splitlines()[-1]
+
+    missing = recorded.with_name("fold1_mr_cases_evaluation_no-mirror.csv")
+    result, _ = compare(tmp_path, "--single", f"sarcoma_t1_mri={missing}", "--multi", f"sarcoma_t1_mri={seed1}")
+    assert result.returncode != 0 and str(missing) in result.stderr and "Traceback" not in result.stderr
