@@ -32,16 +32,17 @@ BOOTSTRAP_SAMPLES = 10_000
 SUMMARY_KEYS = ("mean", "sd", "median")
 
 
-def read_rows(folder: Path, task: str) -> list[dict]:
-    """The rows of an evaluation folder or of a per-patient table copied from one (a ``.csv`` file,
-    as ``docs/results/sarcoma/`` keeps them), or ``task``'s cross-validated figures in a model card."""
-    table = folder if folder.suffix == ".csv" else folder / "per_case.csv"
-    if table.is_file():
-        with open(table, encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    if folder.suffix == ".csv":
-        raise SystemExit(f"{folder} does not exist; give an evaluate_tumour.py per-patient table or its folder")
-    return card_rows(folder, task)
+def read_rows(source: Path, task: str) -> list[dict]:
+    """The rows of a per-patient table (a ``.csv`` file, as ``docs/results/sarcoma/`` keeps them), of
+    an evaluation folder (its ``per_case.csv``), or ``task``'s cross-validated figures in a model card."""
+    if source.suffix != ".csv":
+        if not (source / "per_case.csv").is_file():
+            return card_rows(source, task)
+        source = source / "per_case.csv"
+    if not source.is_file():
+        raise SystemExit(f"{source} does not exist; give an evaluate_tumour.py per-patient table or its folder")
+    with open(source, encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def card_rows(model_folder: Path, task: str) -> list[dict]:
