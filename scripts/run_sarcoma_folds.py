@@ -19,6 +19,14 @@ patient (``ROOT/all``, no evaluation: nobody is left out). ``--sampling cases`` 
 per-case sampling (``train --sampling cases``) into ``mr_cases`` and ``ct_from_mr_cases`` beside
 the default recipe's ``mr`` and ``ct_from_mr``.
 
+``--variant NAME --train-arg KEY=VALUE ...`` trains one step (``--steps mr`` or ``--steps ct_from_mr``)
+with changed trainer arguments (``train --arg``) into ``..._NAME``, evaluated on the same held-out
+patients, so it pairs with the recipe: e.g. a CT network with wider scale augmentation, still started
+from the recipe's MR network of its fold:
+
+    python scripts/run_sarcoma_folds.py --sampling cases --folds 3 --steps ct_from_mr --variant scale0.7-1.4 \
+        --train-arg 'augmentation={"scale_low": 0.7, "scale_high": 1.4}' --no-mirrored-evaluations
+
 Each evaluation's per-patient table is also copied to ``docs/results/sarcoma/`` (``--record``) as
 ``FOLD_RUN_EVALUATION.csv``: commit it, as ``runs/`` stays on the machine and a later session may not
 get that machine (the CT-by-cases folds of 2026-12-02 were lost so).
@@ -50,21 +58,29 @@ def run(command: list[str], threads: int) -> None:
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def folder_name(step: str, sampling: str, seed: int | str = 0) -> str:
-    """``mr``, ``mr_cases``, ``mr_cases_seed1``, ``mr_cases_ensemble0-1``: the run folder of a recipe."""
+def folder_name(step: str, sampling: str, seed: int | str = 0, variant: str = "") -> str:
+    """``mr``, ``mr_cases``, ``mr_cases_seed1``, ``mr_cases_ensemble0-1``, ``ct_from_mr_cases_scale0.7-1.4``:
+    the run folder of a recipe."""
     name = step if sampling == SAMPLING_CHOICES[0] else f"{step}_{sampling}"
     if isinstance(seed, str):
-        return f"{name}_{seed}"
-    return name if seed == 0 else f"{name}_seed{seed}"
+        name = f"{name}_{seed}"
+    elif seed != 0:
+        name = f"{name}_seed{seed}"
+    return f"{name}_{variant}" if variant else name
 
 
-def train(fold: Path, step: str, threads: int, sampling: str, seed: int = 0) -> None:
+def train(fold: Path, step: str, threads: int, sampling: str, seed: int = 0, variant: str = "",
+          train_arguments: list[str] = ()) -> None:
+    """Train the fold's network of ``step`` unless finished (resuming from a checkpoint); a variant
+    adds ``train --arg`` values; a CT network always starts from the recipe's MR network of its seed."""
     task, name = MODALITIES[step]
-    out = fold / folder_name(step, sampling, seed)
+    out = fold / folder_name(step, sampling, seed, variant)
     if not (out / "model" / "model.json").exists():
         command = [sys.executable, "-m", "MultiTaskSegLib.cli", "train", "--tasks", task,
                    "--data", f"{task}={fold / 'train' / task}", "--out", str(out), "--name", name, *RECIPE,
                    "--sampling", sampling, "--seed", str(seed)]
+        for argument in train_arguments:
+            command += ["--arg", argument]
         if step == "ct_from_mr":
             command += ["--init-from", str(fold / folder_name("mr", sampling, seed) / "model")]
         run(command, threads)
@@ -82,11 +98,11 @@ def assemble(fold: Path, step: str, sampling: str, seeds: list[int]) -> str:
 
 
 def evaluate(fold: Path, step: str, threads: int, sampling: str, mirror: str, record: Path,
-             seed: int | str = 0) -> None:
+             seed: int | str = 0, variant: str = "") -> None:
     """Judge the fold's network on its held-out patients; the per-patient table is also copied to
     ``record`` (a folder in the repository), as the run folders do not outlive the machine."""
     task = MODALITIES[step][0]
-    out = fold / folder_name(step, sampling, seed) / f"evaluation_{mirror}"
+    out = fold / folder_name(step, sampling, seed, variant) / f"evaluation_{mirror}"
     if not (out / "per_case.csv").exists():
         run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(out.parent / "model"),
             "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
@@ -106,6 +122,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="train --seed; other than 0 the folders end in _seedN")
     parser.add_argument("--ensemble", nargs="+", type=int, metavar="SEED",
                         help="then assemble each fold's networks of these seeds (trained before) and evaluate the ensemble")
+    parser.add_argument("--variant", default="", help="a name for changed trainer arguments (--train-arg): "
+                        "the run folders end in _NAME; one step at a time")
+    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --variant: one more train --arg (repeatable)")
     parser.add_argument("--mirrored-evaluations", action=argparse.BooleanOptionalAction, default=True,
                         help="end with every evaluation once more with test-time mirroring (informational; "
                              "it has changed nothing measurable so far)")
@@ -114,23 +134,31 @@ def main() -> None:
     parser.add_argument("--final", action="store_true",
                         help="then train the same networks on every patient (ROOT/all/train): the models to bundle")
     args = parser.parse_args()
+    if bool(args.variant) != bool(args.train_arg):
+        parser.error("--variant NAME and --train-arg KEY=VALUE go together: name what the variant changes")
+    if args.variant and (len(args.steps) != 1 or args.ensemble):
+        parser.error("a --variant trains one step (--steps mr or --steps ct_from_mr) and no --ensemble: "
+                     "a CT variant starts from the recipe's MR network, so an MR variant would not feed it")
+    if args.variant and not args.variant.replace(".", "").replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--variant {args.variant!r}: use letters, digits, '.', '-' or '_' (it names folders)")
     folds = [(args.root / f"fold{number}").resolve() for number in args.folds]
     for fold in folds:
         if not (fold / "fold.json").exists():
             parser.error(f"{fold} is not a fold; run scripts/prepare_tumour_data.py first")
     for fold in folds:
         for step in args.steps:
-            train(fold, step, args.threads, args.sampling, args.seed)
-            evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.record, args.seed)
+            train(fold, step, args.threads, args.sampling, args.seed, args.variant, args.train_arg)
+            evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.record, args.seed, args.variant)
             if args.ensemble:
                 label = assemble(fold, step, args.sampling, args.ensemble)
                 evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.record, label)
     if args.final:
         for step in args.steps:
-            train((args.root / "all").resolve(), step, args.threads, args.sampling, args.seed)
+            train((args.root / "all").resolve(), step, args.threads, args.sampling, args.seed, args.variant,
+                  args.train_arg)
     for fold in folds if args.mirrored_evaluations else []:
         for step in args.steps:
-            evaluate(fold, step, args.threads, args.sampling, "mirror", args.record, args.seed)
+            evaluate(fold, step, args.threads, args.sampling, "mirror", args.record, args.seed, args.variant)
     print("finished", flush=True)
 
 

@@ -43,3 +43,35 @@ def test_a_folder_that_is_not_a_fold_is_refused_by_name(tmp_path):
 
     assert result.returncode != 0
     assert "fold1" in result.stderr and "prepare_tumour_data.py" in result.stderr
+
+
+def test_a_variant_is_named_and_its_table_recorded_beside_the_recipe(tmp_path):
+    finished_fold(tmp_path / "runs", 3)
+    variant = tmp_path / "runs" / "fold3" / "mr_cases_scale0.7-1.4"
+    (variant / "model").mkdir(parents=True)
+    (variant / "model" / "model.json").write_text("{}", encoding="utf-8")
+    (variant / "evaluation_no-mirror").mkdir()
+    (variant / "evaluation_no-mirror" / "per_case.csv").write_text(
+        "case,task,region,dice\nSTS_035,sarcoma_t1_mri,tumour,0.4\n", encoding="utf-8")
+    record = tmp_path / "record"
+
+    result = subprocess.run([sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--folds", "3",
+                             "--steps", "mr", "--sampling", "cases", "--variant", "scale0.7-1.4", "--train-arg",
+                             'augmentation={"scale_low": 0.7}', "--no-mirrored-evaluations", "--record", str(record)],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert "$ " not in result.stdout
+    assert [path.name for path in record.iterdir()] == ["fold3_mr_cases_scale0.7-1.4_evaluation_no-mirror.csv"]
+    assert "STS_035" in (record / "fold3_mr_cases_scale0.7-1.4_evaluation_no-mirror.csv").read_text(encoding="utf-8")
+
+
+def test_a_variant_without_its_arguments_or_over_both_steps_is_refused(tmp_path):
+    finished_fold(tmp_path / "runs", 3)
+    base = [sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--folds", "3", "--variant", "wide"]
+
+    unnamed = subprocess.run(base + ["--steps", "mr"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    both = subprocess.run(base + ["--train-arg", "x=1"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    assert unnamed.returncode != 0 and "--train-arg" in unnamed.stderr
+    assert both.returncode != 0 and "one step" in both.stderr
