@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def main() -> None:
     if args.variant and (len(args.steps) != 1 or args.ensemble):
         parser.error("a --variant trains one step (--steps mr or --steps ct_from_mr) and no --ensemble: "
                      "a CT variant starts from the recipe's MR network, so an MR variant would not feed it")
-    if args.variant and not args.variant.replace(".", "").replace("-", "").replace("_", "").isalnum():
+    if args.variant and not re.fullmatch(r"[A-Za-z0-9._-]+", args.variant):
         parser.error(f"--variant {args.variant!r}: use letters, digits, '.', '-' or '_' (it names folders)")
     folds = [(args.root / f"fold{number}").resolve() for number in args.folds]
     for fold in folds:

@@ -10,14 +10,19 @@ from conftest import PROJECT_ROOT
 SCRIPT = PROJECT_ROOT / "scripts" / "run_sarcoma_folds.py"
 
 
+def finished_run(fold, run, case):
+    """A run folder whose network and its held-out evaluation are done (as a previous run leaves them)."""
+    (fold / run / "model").mkdir(parents=True)
+    (fold / run / "model" / "model.json").write_text("{}", encoding="utf-8")
+    (fold / run / "evaluation_no-mirror").mkdir()
+    (fold / run / "evaluation_no-mirror" / "per_case.csv").write_text(
+        f"case,task,region,dice\n{case},sarcoma_t1_mri,tumour,0.7\n", encoding="utf-8")
+
+
 def finished_fold(root, number):
-    """A fold whose MR network and its held-out evaluation are done (as a previous run leaves them)."""
+    """A fold whose MR network (by cases) is trained and evaluated."""
     fold = root / f"fold{number}"
-    (fold / "mr_cases" / "model").mkdir(parents=True)
-    (fold / "mr_cases" / "model" / "model.json").write_text("{}", encoding="utf-8")
-    (fold / "mr_cases" / "evaluation_no-mirror").mkdir()
-    (fold / "mr_cases" / "evaluation_no-mirror" / "per_case.csv").write_text(
-        f"case,task,region,dice\nSTS_00{number},sarcoma_t1_mri,tumour,0.7\n", encoding="utf-8")
+    finished_run(fold, "mr_cases", f"STS_00{number}")
     (fold / "fold.json").write_text("{}", encoding="utf-8")
 
 
@@ -47,12 +52,7 @@ def test_a_folder_that_is_not_a_fold_is_refused_by_name(tmp_path):
 
 def test_a_variant_is_named_and_its_table_recorded_beside_the_recipe(tmp_path):
     finished_fold(tmp_path / "runs", 3)
-    variant = tmp_path / "runs" / "fold3" / "mr_cases_scale0.7-1.4"
-    (variant / "model").mkdir(parents=True)
-    (variant / "model" / "model.json").write_text("{}", encoding="utf-8")
-    (variant / "evaluation_no-mirror").mkdir()
-    (variant / "evaluation_no-mirror" / "per_case.csv").write_text(
-        "case,task,region,dice\nSTS_035,sarcoma_t1_mri,tumour,0.4\n", encoding="utf-8")
+    finished_run(tmp_path / "runs" / "fold3", "mr_cases_scale0.7-1.4", "STS_035")
     record = tmp_path / "record"
 
     result = subprocess.run([sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--folds", "3",
@@ -70,8 +70,8 @@ def test_a_variant_without_its_arguments_or_over_both_steps_is_refused(tmp_path)
     finished_fold(tmp_path / "runs", 3)
     base = [sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--folds", "3", "--variant", "wide"]
 
-    unnamed = subprocess.run(base + ["--steps", "mr"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    without_arguments = subprocess.run(base + ["--steps", "mr"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
     both = subprocess.run(base + ["--train-arg", "x=1"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
 
-    assert unnamed.returncode != 0 and "--train-arg" in unnamed.stderr
+    assert without_arguments.returncode != 0 and "--train-arg" in without_arguments.stderr
     assert both.returncode != 0 and "one step" in both.stderr
