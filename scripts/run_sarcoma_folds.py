@@ -43,6 +43,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from MultiTaskSegLib.sampling import SAMPLING_CHOICES
@@ -59,51 +60,62 @@ def run(command: list[str], threads: int) -> None:
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def folder_name(step: str, sampling: str, seed: int | str = 0, variant: str = "") -> str:
-    """``mr``, ``mr_cases``, ``mr_cases_seed1``, ``mr_cases_ensemble0-1``, ``ct_from_mr_cases_scale0.7-1.4``:
-    the run folder of a recipe."""
-    name = step if sampling == SAMPLING_CHOICES[0] else f"{step}_{sampling}"
-    if isinstance(seed, str):
-        name = f"{name}_{seed}"
-    elif seed != 0:
-        name = f"{name}_seed{seed}"
-    return f"{name}_{variant}" if variant else name
+@dataclass(frozen=True)
+class Recipe:
+    """Which networks of the fold recipe a run trains and judges: the sampling, the seed (or an
+    ensemble's label such as ``ensemble0-1``), and a named variant with its ``train --arg`` values."""
+
+    sampling: str
+    seed: int | str = 0
+    variant: str = ""
+    train_arguments: tuple[str, ...] = ()
+
+    def folder(self, step: str) -> str:
+        """``mr``, ``mr_cases``, ``mr_cases_seed1``, ``mr_cases_ensemble0-1``, ``ct_from_mr_cases_scale0.7-1.4``."""
+        name = step if self.sampling == SAMPLING_CHOICES[0] else f"{step}_{self.sampling}"
+        if isinstance(self.seed, str):
+            name = f"{name}_{self.seed}"
+        elif self.seed != 0:
+            name = f"{name}_seed{self.seed}"
+        return f"{name}_{self.variant}" if self.variant else name
+
+    def without_variant(self) -> Recipe:
+        """The recipe this one changes: a CT variant still starts from the recipe's MR network."""
+        return Recipe(self.sampling, self.seed)
 
 
-def train(fold: Path, step: str, threads: int, sampling: str, seed: int = 0, variant: str = "",
-          train_arguments: list[str] = ()) -> None:
-    """Train the fold's network of ``step`` unless finished (resuming from a checkpoint); a variant
-    adds ``train --arg`` values; a CT network always starts from the recipe's MR network of its seed."""
+def train(fold: Path, step: str, recipe: Recipe, threads: int) -> None:
+    """Train the fold's network of ``step`` unless finished (resuming from a checkpoint); a CT network
+    starts from the MR network of the recipe's seed, without its variant."""
     task, name = MODALITIES[step]
-    out = fold / folder_name(step, sampling, seed, variant)
+    out = fold / recipe.folder(step)
     if not (out / "model" / "model.json").exists():
         command = [sys.executable, "-m", "MultiTaskSegLib.cli", "train", "--tasks", task,
                    "--data", f"{task}={fold / 'train' / task}", "--out", str(out), "--name", name, *RECIPE,
-                   "--sampling", sampling, "--seed", str(seed)]
-        for argument in train_arguments:
+                   "--sampling", recipe.sampling, "--seed", str(recipe.seed)]
+        for argument in recipe.train_arguments:
             command += ["--arg", argument]
         if step == "ct_from_mr":
-            command += ["--init-from", str(fold / folder_name("mr", sampling, seed) / "model")]
+            command += ["--init-from", str(fold / recipe.without_variant().folder("mr") / "model")]
         run(command, threads)
 
 
-def assemble(fold: Path, step: str, sampling: str, seeds: list[int]) -> str:
-    """The ensemble of the seeds' networks (``multitaskseg ensemble``); returns its label for :func:`folder_name`."""
-    label = "ensemble" + "-".join(str(seed) for seed in seeds)
-    folder = folder_name(step, sampling, label)
-    if not (fold / folder / "model" / "model.json").exists():
+def assemble(fold: Path, step: str, sampling: str, seeds: list[int]) -> Recipe:
+    """The ensemble of the seeds' networks (``multitaskseg ensemble``), as a recipe to evaluate."""
+    ensemble = Recipe(sampling, "ensemble" + "-".join(str(seed) for seed in seeds))
+    out = fold / ensemble.folder(step) / "model"
+    if not (out / "model.json").exists():
         run([sys.executable, "-m", "MultiTaskSegLib.cli", "ensemble", "--models",
-             *(str(fold / folder_name(step, sampling, seed) / "model") for seed in seeds),
-             "--out", str(fold / folder / "model"), "--name", MODALITIES[step][1]], 1)
-    return label
+             *(str(fold / Recipe(sampling, seed).folder(step) / "model") for seed in seeds),
+             "--out", str(out), "--name", MODALITIES[step][1]], 1)
+    return ensemble
 
 
-def evaluate(fold: Path, step: str, threads: int, sampling: str, mirror: str, record: Path,
-             seed: int | str = 0, variant: str = "") -> None:
+def evaluate(fold: Path, step: str, recipe: Recipe, mirror: str, record: Path, threads: int) -> None:
     """Judge the fold's network on its held-out patients; the per-patient table is also copied to
     ``record`` (a folder in the repository), as the run folders do not outlive the machine."""
     task = MODALITIES[step][0]
-    out = fold / folder_name(step, sampling, seed, variant) / f"evaluation_{mirror}"
+    out = fold / recipe.folder(step) / f"evaluation_{mirror}"
     if not (out / "per_case.csv").exists():
         run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(out.parent / "model"),
             "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
@@ -146,20 +158,20 @@ def main() -> None:
     for fold in folds:
         if not (fold / "fold.json").exists():
             parser.error(f"{fold} is not a fold; run scripts/prepare_tumour_data.py first")
+    recipe = Recipe(args.sampling, args.seed, args.variant, tuple(args.train_arg))
     for fold in folds:
         for step in args.steps:
-            train(fold, step, args.threads, args.sampling, args.seed, args.variant, args.train_arg)
-            evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.record, args.seed, args.variant)
+            train(fold, step, recipe, args.threads)
+            evaluate(fold, step, recipe, "no-mirror", args.record, args.threads)
             if args.ensemble:
-                label = assemble(fold, step, args.sampling, args.ensemble)
-                evaluate(fold, step, args.threads, args.sampling, "no-mirror", args.record, label)
+                ensemble = assemble(fold, step, args.sampling, args.ensemble)
+                evaluate(fold, step, ensemble, "no-mirror", args.record, args.threads)
     if args.final:
         for step in args.steps:
-            train((args.root / "all").resolve(), step, args.threads, args.sampling, args.seed, args.variant,
-                  args.train_arg)
+            train((args.root / "all").resolve(), step, recipe, args.threads)
     for fold in folds if args.mirrored_evaluations else []:
         for step in args.steps:
-            evaluate(fold, step, args.threads, args.sampling, "mirror", args.record, args.seed, args.variant)
+            evaluate(fold, step, recipe, "mirror", args.record, args.threads)
     print("finished", flush=True)
 
 

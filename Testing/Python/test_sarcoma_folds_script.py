@@ -75,3 +75,21 @@ def test_a_variant_without_its_arguments_or_over_both_steps_is_refused(tmp_path)
 
     assert without_arguments.returncode != 0 and "--train-arg" in without_arguments.stderr
     assert both.returncode != 0 and "one step" in both.stderr
+
+
+def test_a_ct_variant_starts_from_the_recipes_mr_network(tmp_path):
+    """The variant changes the CT training only: its MR network is the fold's recipe network, not a variant's."""
+    finished_fold(tmp_path / "runs", 3)
+    fold = (tmp_path / "runs" / "fold3").resolve()
+
+    result = subprocess.run([sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--folds", "3",
+                             "--steps", "ct_from_mr", "--sampling", "cases", "--variant", "wide", "--train-arg",
+                             'augmentation={"scale_low": 0.7}', "--no-mirrored-evaluations",
+                             "--record", str(tmp_path / "record")],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    command = next(line for line in result.stdout.splitlines() if line.startswith("$ "))
+    assert f"--out {fold / 'ct_from_mr_cases_wide'} " in command
+    assert f"--init-from {fold / 'mr_cases' / 'model'}" in command
+    assert "--arg augmentation={\"scale_low\": 0.7}" in command
+    assert result.returncode != 0  # the fold has no CT training cases here: the trainer refuses, nothing is made
