@@ -320,8 +320,10 @@ def new_segmentation_node(volume_node, name: str = ""):
         raise InputError(f"{_describe_node(volume_node)} is not in a scene; add it to the scene first")
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} segmentation")
     node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    # Transform first: Slicer maps the volume's geometry into the segmentation's parent frame, so set
+    # after it the geometry stays the volume's own instead of being transformed twice.
     node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     return node
 
 

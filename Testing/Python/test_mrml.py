@@ -485,6 +485,17 @@ def test_segments_of_a_transformed_volume_coincide_with_the_labels_of_its_file(s
     assert np.array_equal(mrml.labels_from_segmentation(segmentation_node, volume, ids), exported)
 
 
+def test_a_new_segmentation_of_a_transformed_volume_keeps_the_volumes_own_geometry(scene, volume):
+    """Under the volume's transform, the reference geometry is the volume's untransformed one (not moved twice)."""
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    untransformed = mrml.new_segmentation_node(volume, "before").GetSegmentation().GetConversionParameter(name)
+    transform = shifted_and_rotated(scene)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    node = mrml.new_segmentation_node(volume, "after")
+    assert node.GetTransformNodeID() == transform.GetID()
+    assert node.GetSegmentation().GetConversionParameter(name) == untransformed
+
+
 def test_labels_are_refused_across_a_non_linear_transform_between_volume_and_segmentation(scene, volume, model):
     segmentation_node = mrml.segment_volume_node(volume, model, device="cpu")
     volume.SetAndObserveTransformNodeID(warping(scene).GetID())
