@@ -318,8 +318,8 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     item = qt.QListWidgetItem(name)
                     item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
                     self.ui.taskListWidget.addItem(item)
-                self._tasksShownFor = (taskList.model, names)
                 self._showChannelSelectors(taskList.channels)
+                self._tasksShownFor = (taskList.model, names)  # only once the rebuild succeeded
             for row, (name, checked) in enumerate(taskList.tasks):
                 self.ui.taskListWidget.item(row).setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
         running = self.logic.running
@@ -331,13 +331,10 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showChannelSelectors(self, channels: list) -> None:
         """One volume selector per channel the model reads after the input volume (e.g. FLAIR)."""
         form = self.ui.inputVolumeSelector.parentWidget().layout()
-        for label, selector in self._channelSelectors:
-            form.removeWidget(label)
-            form.removeWidget(selector)
-            label.deleteLater()
-            selector.deleteLater()
+        for _label, selector in self._channelSelectors:
+            form.removeRow(selector)  # deletes the label and the selector, and the row with them
         self._channelSelectors = []
-        row = form.getWidgetPosition(self.ui.inputVolumeSelector)[0] + 1
+        row = _formRow(form, self.ui.inputVolumeSelector) + 1
         for offset, channel in enumerate(channels):
             label = qt.QLabel(_("{channel} volume:").format(channel=channel))
             selector = slicer.qMRMLNodeComboBox()
@@ -446,6 +443,16 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(segmentationNode)
         setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode
         setSource(volumeNode)
+
+
+def _formRow(form, widget) -> int:
+    """The row of ``form`` whose field is ``widget``. (PythonQt does not wrap QFormLayout's
+    getWidgetPosition, whose answers are pointer arguments; rowCount and itemAt it wraps.)"""
+    for row in range(form.rowCount()):
+        item = form.itemAt(row, qt.QFormLayout.FieldRole)
+        if item is not None and item.widget() == widget:
+            return row
+    raise RuntimeError(f"{widget.objectName} is not a field of the Inputs form; the module's .ui file was changed")
 
 
 class _SignalsBlocked:

@@ -127,6 +127,27 @@ def test_icon_is_a_128_pixel_png():
     assert int.from_bytes(header[16:20], "big") == 128 and int.from_bytes(header[20:24], "big") == 128
 
 
+#: Qt functions PythonQt (Slicer's Qt binding) does not wrap because they answer through pointer
+#: arguments; PyQt and PySide return tuples for them, so code written for those fails only in Slicer.
+UNWRAPPED_BY_PYTHONQT = {"getWidgetPosition", "getItemPosition", "getLayoutPosition", "getContentsMargins"}
+
+
+def test_the_module_calls_no_qt_function_that_slicers_binding_lacks(module_tree):
+    called = {node.func.attr for node in ast.walk(module_tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    assert not called & UNWRAPPED_BY_PYTHONQT
+
+
+def test_channel_selectors_go_below_the_input_volume_in_the_inputs_form():
+    """The widget inserts one volume selector per further channel after the input volume's form row."""
+    root = ElementTree.parse(UI_FILE).getroot()
+    forms = [layout for layout in root.iter("layout") if layout.get("class") == "QFormLayout"]
+    rows = [(form, item) for form in forms for item in form.findall("item")
+            if item.get("column") == "1" and (widget := item.find("widget")) is not None
+            and widget.get("name") == "inputVolumeSelector"]
+    assert len(rows) == 1, "inputVolumeSelector must be the field of one QFormLayout row"
+
+
 # ---------------------------------------------------------------------------------------------
 # The module's pure-Python helpers
 
