@@ -98,6 +98,12 @@ def _install_torch() -> None:
         raise DependencyError("PyTorch could not be installed; see the Python console for the pip output.")
 
 
+def _testing(slicer) -> bool:
+    """Whether Slicer runs its tests (``--testing``), where a confirmation answers itself with yes."""
+    app = getattr(slicer, "app", None)
+    return bool(app is not None and app.testingEnabled())
+
+
 def ensure_dependencies(ask: bool = True) -> None:
     """Install what is missing after the user agrees; raises DependencyError when it stays missing."""
     import slicer
@@ -106,6 +112,9 @@ def ensure_dependencies(ask: bool = True) -> None:
     packages = (["PyTorch"] if not torch_installed() else []) + [requirement.split(">")[0] for requirement in missing]
     if not packages:
         return
+    if _testing(slicer):
+        raise DependencyError(f"{', '.join(packages)} not installed, and tests never install packages "
+                              "(nothing is downloaded at run time); install them before testing.")
     question = (
         f"MultiTaskSeg needs these Python packages, which are not installed yet: {', '.join(packages)}.\n\n"
         "Install them now? This downloads several hundred megabytes for PyTorch and may take a few minutes."

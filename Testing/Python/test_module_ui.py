@@ -204,6 +204,23 @@ def test_dependency_check_finds_nothing_missing_in_a_complete_environment(helper
     assert dependencies.torch_installed()
 
 
+def test_under_slicers_tests_a_missing_package_is_refused_not_installed(helpers, monkeypatch):
+    """In ``--testing`` mode Slicer's confirmation answers yes by itself: the module must not download."""
+    dependencies, _ = helpers
+    slicer = pytest.importorskip("slicer", reason="slicer-core provides the slicer package")
+
+    class TestingApplication:  # the one call of slicer.app that is asked (the application is not installable here)
+        @staticmethod
+        def testingEnabled():
+            return True
+
+    monkeypatch.setattr(slicer, "app", TestingApplication(), raising=False)
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda: ["numpy>=1.24"])
+    monkeypatch.setattr(dependencies, "_install_torch", lambda: pytest.fail("a test must not install PyTorch"))
+    with pytest.raises(dependencies.DependencyError, match="tests never install packages"):
+        dependencies.ensure_dependencies(ask=True)
+
+
 def test_the_packages_the_module_installs_are_the_dependencies_of_pyproject(helpers, tmp_path, monkeypatch):
     dependencies, _ = helpers
     from packaging.requirements import Requirement
