@@ -8,6 +8,7 @@ Module metadata, a widget that only wires widgets to a parameter node and leaves
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -725,6 +726,7 @@ class MultiTaskSegTest(ScriptedLoadableModuleTest):
     def test_apply_button_segments_a_phantom(self):
         self.delayDisplay("Segmenting a phantom with the Apply button")
         model, task, volumeNode, label = self._phantom()
+        slicer.util.selectModule("MultiTaskSeg")  # entered, the widget takes up a parameter node again after setUp
         widget = slicer.util.getModuleWidget("MultiTaskSeg")
         parameters = widget.logic.getParameterNode()
         parameters.inputVolume = volumeNode
@@ -733,8 +735,10 @@ class MultiTaskSegTest(ScriptedLoadableModuleTest):
         parameters.device = "cpu"
         parameters.outputSegmentation = None
         widget.ui.applyButton.click()
-        while widget.logic.running or widget._pollTimer.isActive():
+        deadline = time.monotonic() + 600
+        while (widget.logic.running or widget._pollTimer.isActive()) and time.monotonic() < deadline:
             slicer.app.processEvents()
+        self.assertFalse(widget.logic.running, "the segmentation did not finish within 10 minutes")
         segmentationNode = parameters.outputSegmentation
         self.assertIsNotNone(segmentationNode, widget.ui.statusLabel.text)
         self._assertDice(segmentationNode, volumeNode, task, label)
