@@ -370,12 +370,14 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # Running
 
     def onApplyButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
-            if self.controller.apply(self._channelNodes(), self._confirmWarnings) == STARTED:
-                self.ui.statusLabel.text = ""
-                self.ui.progressBar.setVisible(True)
-                self._pollTimer.start()
-        self._updateGUI()
+        try:  # tryWithErrorDisplay shows the error and raises it again: the buttons are updated either way
+            with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
+                if self.controller.apply(self._channelNodes(), self._confirmWarnings) == STARTED:
+                    self.ui.statusLabel.text = ""
+                    self.ui.progressBar.setVisible(True)
+                    self._pollTimer.start()
+        finally:
+            self._updateGUI()
 
     @staticmethod
     def _confirmWarnings(warnings: list) -> bool:
@@ -431,10 +433,12 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "\n" + _("Warning: ") + warning for warning in warnings)
 
     def onUndo(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("The last result cannot be undone.")):
-            self.logic.undoLastResult()
-            self.ui.statusLabel.text = _("The last result was undone.")
-        self._updateGUI()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The last result cannot be undone.")):
+                self.logic.undoLastResult()
+                self.ui.statusLabel.text = _("The last result was undone.")
+        finally:
+            self._updateGUI()
 
     def onEditInSegmentEditor(self) -> None:
         segmentationNode, volumeNode = self._parameterNode.outputSegmentation, self._parameterNode.inputVolume

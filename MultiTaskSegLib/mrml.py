@@ -342,6 +342,20 @@ def _labelmap_node(labels: np.ndarray, volume_node):
     return node
 
 
+def check_labelmap_segmentation(segmentation_node) -> None:
+    """Slicer imports labels only into a segmentation whose source representation is a labelmap."""
+    import slicer
+
+    segmentation = segmentation_node.GetSegmentation()
+    source = (getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName)()
+    if source != slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
+        raise InputError(
+            f"segmentation '{segmentation_node.GetName()}' keeps its segments as '{source}' (for example imported "
+            "from STL or OBJ), and labels can only be written into a labelmap segmentation; write into a new "
+            "segmentation, or make 'Binary labelmap' its source representation (Segmentations module) first"
+        )
+
+
 def _import_in_volume_frame(labelmap_node, volume_node, segmentation_node, segment_ids) -> None:
     """Import labels expressed in the volume's own (untransformed) frame.
 
@@ -416,6 +430,8 @@ def write_segmentation(
         _check_uncertainty_kind(uncertainty)
     ensure_segmentation_converters()
     _check_labels_fit_volume(result, volume_node)
+    if segmentation_node is not None:
+        check_labelmap_segmentation(segmentation_node)
     if existing == "replace" and segmentation_node is not None:
         edited = edited_segments_replaced_by(result, segmentation_node)
         if edited:
@@ -659,6 +675,8 @@ def segment_volume_node(
     from .model_files import as_model
 
     report = progress or (lambda fraction, stage: None)
+    if segmentation_node is not None:
+        check_labelmap_segmentation(segmentation_node)  # before minutes of inference, not after
     model = as_model(model, report)
     images = channel_images(volume_node, channel_nodes)
     result = segment_image(

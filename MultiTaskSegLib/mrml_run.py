@@ -97,6 +97,8 @@ def start_run(volume_node, model, tasks: Sequence[str] = (), device: str = "auto
               with_uncertainty: bool = False, uncertainty_kind: str = "entropy", python=None,
               environment=None, channel_nodes: Sequence = ()) -> SegmentationRun:
     """Freeze the inputs and start segmenting them."""
+    if segmentation_node is not None:
+        mrml.check_labelmap_segmentation(segmentation_node)
     inputs = RunInputs(volume_node, model, tuple(tasks), device, segmentation_node, with_uncertainty, uncertainty_kind,
                        tuple(channel_nodes))
     return SegmentationRun(inputs, python, environment)

@@ -264,6 +264,34 @@ def test_a_segment_corrected_by_hand_is_not_replaced_without_being_asked(scene, 
     assert not np.array_equal(mrml.labels_from_segmentation(segmentation_node, volume, [pectoral]), corrected)
 
 
+def surface_segmentation(volume):
+    """A segmentation as one imported from STL: closed surfaces as its source representation."""
+    node = mrml.new_segmentation_node(volume, "from STL")
+    segmentation = node.GetSegmentation()
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    segmentation.SetSourceRepresentationName(surface)
+    sphere = vtk.vtkSphereSource()
+    sphere.SetRadius(5.0)
+    sphere.Update()
+    segment = slicer.vtkSegment()
+    segment.SetName("tumour from STL")
+    segment.AddRepresentation(surface, sphere.GetOutput())
+    segmentation.AddSegment(segment)
+    return node
+
+
+def test_a_segmentation_of_surfaces_is_refused_by_name_and_left_as_it_was(scene, volume, model):
+    """Slicer imports labels only into a segmentation whose source representation is a labelmap."""
+    node = surface_segmentation(volume)
+    segmentation = node.GetSegmentation()
+    with pytest.raises(InputError, match="'from STL' keeps its segments as 'Closed surface'.*Binary labelmap"):
+        mrml.segment_volume_node(volume, model, tasks=["breast_mri"], device="cpu", segmentation_node=node)
+    result = segment_image(model, mrml.image_from_volume_node(volume), ["breast_mri"], device="cpu")
+    with pytest.raises(InputError, match="Binary labelmap"):
+        mrml.write_segmentation(result, volume, node)
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == ["tumour from STL"]
+
+
 def test_undo_restores_the_segmentation_as_it_was(scene, volume, model):
     segmentation_node = mrml.new_segmentation_node(volume, "user work")
     hand = add_user_segment(segmentation_node, volume, "By hand", (slice(2, 8), slice(2, 8), slice(2, 8)))

@@ -12,7 +12,7 @@ from MultiTaskSegLib import background, mrml, mrml_run  # noqa: E402
 from MultiTaskSegLib.errors import InputError  # noqa: E402
 from MultiTaskSegLib.inference import segment_image  # noqa: E402
 from conftest import make_tiny_model  # noqa: E402
-from test_mrml import oblique_image  # noqa: E402
+from test_mrml import oblique_image, surface_segmentation  # noqa: E402
 
 TIMEOUT = 60.0
 
@@ -99,3 +99,9 @@ def test_labels_computed_on_another_grid_of_the_same_size_are_refused(scene, mod
     result = segment_image(model, other, device="cpu")
     with pytest.raises(InputError, match="another grid"):
         mrml.write_segmentation(result, volume)
+
+
+def test_a_segmentation_of_surfaces_is_refused_before_the_run_starts(scene, model):
+    volume = mrml.volume_node_from_image(oblique_image(), scene, "chosen at Apply")
+    with pytest.raises(InputError, match="Binary labelmap"):
+        mrml_run.start_run(volume, model, device="cpu", segmentation_node=surface_segmentation(volume))
