@@ -235,6 +235,7 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.stop()
         self._fineTuneTimer.stop()
         self.removeObservers()
+        slicer.app.disconnect("aboutToQuit()", self.onApplicationQuit)  # a reloaded module's old widget must go
 
     def onApplicationQuit(self) -> None:
         """No worker may outlive Slicer: stop it and remove its temporary files."""
@@ -253,6 +254,7 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self.controller.cancel():  # its volume is about to go: the result would have nowhere to land
             self.ui.statusLabel.text = _("The scene was closed; the running segmentation was cancelled.")
+        self.logic.forgetLastResult()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -587,6 +589,10 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
     @property
     def canUndo(self) -> bool:
         return self._lastWrite is not None
+
+    def forgetLastResult(self) -> None:
+        """The scene is closing: the last result's nodes go with it, so there is nothing left to undo."""
+        self._lastWrite = None
 
     def undoLastResult(self) -> None:
         """Restore the segmentation as it was before the last result and remove its uncertainty volume;
