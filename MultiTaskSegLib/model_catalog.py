@@ -73,7 +73,9 @@ def bundled_models() -> dict[str, Path]:
 def resolve_model_path(source: str | os.PathLike) -> Path:
     """A model folder or archive from a path or a bundled model's name.
 
-    A path that no longer exists but ends in a bundled model's name gives that bundled model.
+    A bundled model's path from an older install (``.../Resources/Models/NAME``, as a saved Slicer
+    scene holds it) that no longer exists gives that bundled model; any other missing path is an
+    error, never a bundled model that happens to share the folder's name.
     """
     path = Path(source)
     if path.exists():
@@ -81,7 +83,8 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
     named = bundled_models()
     if str(source) in named:
         return named[str(source)]
-    if path.name.removesuffix(".zip") in named and len(path.parts) > 1:
+    stale_bundled = path.parent.name == "Models" and path.parent.parent.name == "Resources"
+    if stale_bundled and path.name.removesuffix(".zip") in named:
         return named[path.name.removesuffix(".zip")]
     raise InputError(
         f"no model at {source!r}: give a model folder or .zip, or one of the bundled models "

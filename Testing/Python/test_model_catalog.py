@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from MultiTaskSegLib.errors import InputError
 from MultiTaskSegLib.model_catalog import (
     BUNDLED_MODEL_DIR,
     ModelCardCache,
@@ -29,6 +32,13 @@ def test_models_and_their_cards_are_listed_where_torch_cannot_be_imported():
     cards = json.loads(listed.stdout)
     assert set(cards) == set(bundled_models()) and cards
     assert all(tasks for tasks in cards.values())
+
+
+def test_a_missing_model_of_ones_own_is_an_error_even_when_a_bundled_model_has_its_name():
+    name = next(iter(bundled_models()))
+    for missing in (Path("/mnt/unmounted/my_models") / name, Path("my_models") / f"{name}.zip"):
+        with pytest.raises(InputError, match="no model at"):
+            resolve_model_path(missing)
 
 
 def test_a_stale_path_to_a_bundled_model_from_an_older_slicer_gives_the_bundled_model():
