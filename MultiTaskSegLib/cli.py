@@ -118,7 +118,7 @@ def command_segment(args) -> int:
     from .model_files import load_model
     from .segments import check_outputs, write_result
 
-    check_outputs(args.input, args.output, args.probabilities)
+    check_outputs(args.input, args.output, args.probabilities, overwrite=args.overwrite)
     model = load_model(args.model)
     images = [read_image(path, channel=args.channel) for path in args.input]
     result = segment_image(model, images, tasks=args.tasks, device=args.device,
@@ -289,6 +289,8 @@ def _add_segmenting_commands(commands) -> None:
     sub.add_argument("--mirror", action=argparse.BooleanOptionalAction,
                      help="average with the prediction of the left-right mirrored scan (twice the time); "
                           "default: as the model card says")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --output or --probabilities file (never the input scan)")
     sub.set_defaults(run=command_segment)
 
     sub = commands.add_parser("batch", help="segment many scans: resumable, shardable over machines, with metrics")

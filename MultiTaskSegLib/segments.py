@@ -114,9 +114,10 @@ OUTPUT_SUFFIXES = (".seg.nrrd", ".nii", ".nii.gz", ".nrrd", ".mha")
 
 
 def check_outputs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
-                  probabilities: str | os.PathLike | None = None) -> None:
+                  probabilities: str | os.PathLike | None = None, overwrite: bool = False) -> None:
     """Refuse, before any work, output names that would overwrite an input or each other, or that no
-    writer knows: the user's scan must never be replaced by a label map."""
+    writer knows: the user's scan must never be replaced by a label map. An existing output file
+    (a reference label map of the same name, say) is replaced only when ``overwrite`` says so."""
     targets = {"--output": Path(output)}
     if probabilities is not None:
         targets["--probabilities"] = Path(probabilities)
@@ -126,6 +127,8 @@ def check_outputs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike
         for source in inputs:
             if Path(source).exists() and target.exists() and Path(source).resolve() == target.resolve():
                 raise InputError(f"{option} {target} is the input scan; choose another file name so the scan is kept")
+        if target.exists() and not overwrite:
+            raise InputError(f"{option} {target} exists; choose a new file name, or add --overwrite to replace it")
     if probabilities is not None and Path(output).resolve() == Path(probabilities).resolve():
         raise InputError("--output and --probabilities name the same file; give them different names")
 

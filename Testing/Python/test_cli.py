@@ -112,6 +112,19 @@ def test_segment_never_writes_over_the_input_scan(tmp_path, model_path, scan, ca
     assert path.read_bytes() == before
 
 
+def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, model_path, scan, capsys):
+    """E.g. --output case/label.nii.gz beside case/image.nii.gz: the hand-made label stays unless asked."""
+    path, _ = scan
+    output = tmp_path / "label.nii.gz"
+    output.write_bytes(b"the user's reference")
+    arguments = ["segment", "--model", str(model_path), "--input", str(path), "--output", str(output), "--device", "cpu"]
+    assert main(arguments) == 2
+    assert "exists; choose a new file name, or add --overwrite" in capsys.readouterr().err
+    assert output.read_bytes() == b"the user's reference"
+    assert main(arguments + ["--overwrite"]) == 0
+    assert sitk.ReadImage(str(output)).GetSize() == sitk.ReadImage(str(path)).GetSize()
+
+
 def test_an_output_name_no_writer_knows_is_refused_before_segmenting(tmp_path, model_path, scan, capsys):
     path, _ = scan
     assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / "l.mhd"),
@@ -162,7 +175,7 @@ def test_segment_mirror_averages_the_scan_and_its_mirror_and_is_off_by_default(t
     written = {}
     for option in ([], ["--mirror"], ["--no-mirror"]):
         probabilities = tmp_path / f"p{len(written)}.nrrd"
-        assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / "l.nii.gz"),
+        assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / f"l{len(written)}.nii.gz"),
                      "--probabilities", str(probabilities), "--device", "cpu", *option]) == 0
         written[" ".join(option)] = sitk.GetArrayFromImage(sitk.ReadImage(str(probabilities)))
     expected = segment_image(load_model(model_path), sitk.ReadImage(str(path)), device="cpu", with_probabilities=True,
