@@ -441,18 +441,29 @@ BATCH_IDENTITY_FILE = ".multitaskseg-batch.json"
 
 
 def check_output_folder(folder: Path, cases: Sequence[BatchCase]) -> None:
-    """The output folder must not hold the inputs, under any name (a symbolic link included)."""
-    inside = [case for case in cases if case.image.resolve().parent == folder.resolve()]
-    if inside:
-        raise InputError(f"the output folder {folder} holds input scans ({inside[0].image.name}, ...); "
-                         "choose another --output so outputs are never taken for inputs")
+    """The output folder must not hold the inputs (scans, further channels, references), under any
+    name (a symbolic link included): an output of the same name would replace a reference."""
+    for case in cases:
+        for kind, path in (("input scans", case.image), ("reference label maps", case.reference),
+                           *(("input channels", channel) for _, channel in case.channels)):
+            if path is not None and path.resolve().parent == folder.resolve():
+                raise InputError(f"the output folder {folder} holds {kind} ({path.name}, ...); choose another "
+                                 "--output so the batch never takes them for its outputs or writes over them")
 
 
-def check_same_batch(folder: Path, model: SegmentationModel, tasks: Sequence[str], output_format: str) -> None:
+def check_same_batch(folder: Path, model: SegmentationModel, tasks: Sequence[str], output_format: str,
+                     cases: Sequence[BatchCase] = ()) -> None:
     """A rerun into a folder resumes only the same batch: the same weights, tasks and format. Otherwise
-    the earlier results would be counted as done and the summary would name a model that made none."""
+    the earlier results would be counted as done and the summary would name a model that made none.
+    A folder no batch wrote that already holds a case's output name is refused: those are the user's files."""
     identity = {"model": model.name, "weights_sha256": model.weights_sha256, "tasks": list(tasks), "format": output_format}
     path = folder / BATCH_IDENTITY_FILE
+    if not path.is_file():
+        taken = [output_path(folder, case, output_format) for case in cases
+                 if output_path(folder, case, output_format).exists()]
+        if taken:
+            raise InputError(f"the output folder {folder} already holds {taken[0].name} (and {len(taken) - 1} more "
+                             "output names), not written by a batch; choose an empty or new --output")
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored != identity:
@@ -492,7 +503,7 @@ def run_batch(
     model = load_model(model_source)
     tasks = resolve_tasks(model, tasks)
     folder.mkdir(parents=True, exist_ok=True)
-    check_same_batch(folder, model, tasks, output_format)
+    check_same_batch(folder, model, tasks, output_format, every_case)
 
     summary = BatchSummary(cases=len(cases))
     for case in cases:

@@ -262,6 +262,25 @@ def test_an_output_folder_that_links_to_the_input_folder_is_refused(model_path, 
         run_batch(model_path, scans / "scans", link)
 
 
+def test_the_reference_folder_is_refused_as_the_output_and_its_labels_stay(model_path, scans, tmp_path):
+    labels = tmp_path / "labels"
+    shutil.copytree(scans / "labels", labels)
+    before = {path: path.read_bytes() for path in labels.iterdir()}
+    with pytest.raises(InputError, match="holds reference label maps"):
+        run_batch(model_path, scans / "scans", labels, output_format="nii.gz", reference_dir=labels, device="cpu")
+    assert {path: path.read_bytes() for path in labels.iterdir()} == before
+
+
+def test_a_folder_no_batch_wrote_that_holds_an_output_name_is_refused(model_path, scans, tmp_path):
+    """Files of the user's that carry a case's output name are neither taken as done nor replaced."""
+    mine = tmp_path / "my_labels"
+    shutil.copytree(scans / "labels", mine)
+    before = {path: path.read_bytes() for path in mine.iterdir()}
+    with pytest.raises(InputError, match="already holds .*not written by a batch"):
+        run_batch(model_path, scans / "scans", mine, output_format="nii.gz", device="cpu", stream=io.StringIO())
+    assert {path: path.read_bytes() for path in mine.iterdir()} == before
+
+
 def test_a_rerun_with_another_model_or_tasks_does_not_take_the_earlier_results_as_its_own(model_path, scans, tmp_path):
     folder = tmp_path / "out"
     quiet = io.StringIO()
