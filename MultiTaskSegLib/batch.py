@@ -148,10 +148,14 @@ def case_names(images: Sequence[Path]) -> list[str]:
 
 def cases_from_csv(table: Path) -> list[BatchCase]:
     """Rows ``image[,reference][,case]``; relative paths are taken from the CSV file's folder."""
-    with open(table, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [name.strip() for name in reader.fieldnames or []]
-        rows = [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [name.strip() for name in reader.fieldnames or []]
+            rows = [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
+    except UnicodeDecodeError as error:
+        raise InputError(f"{table} is not UTF-8 text (byte {error.start}); save it as 'CSV UTF-8' "
+                         "(in Excel: Save As, CSV UTF-8) and run again") from None
     if "image" not in columns:
         raise InputError(f"{table} needs an 'image' column (optionally 'reference' and 'case'); "
                          f"its columns are {columns}")

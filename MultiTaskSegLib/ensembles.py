@@ -7,10 +7,16 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from .architectures.ensemble import EnsembleArchitecture
 from .errors import InputError
 from .model_files import SegmentationModel, as_model
+
+
+def _same_weights(one: SegmentationModel, other: SegmentationModel) -> bool:
+    first, second = one.architecture.network.state_dict(), other.architecture.network.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
 
 def assemble_ensemble(sources: Sequence[str | os.PathLike | SegmentationModel], name: str | None = None) -> SegmentationModel:
@@ -35,6 +41,11 @@ def assemble_ensemble(sources: Sequence[str | os.PathLike | SegmentationModel], 
                              f"against {first.architecture.name}, or other arguments); an ensemble's members share one recipe")
     if isinstance(first.architecture, EnsembleArchitecture):
         raise InputError(f"{first.name} is already an ensemble; assemble the trained networks themselves")
+    for number, member in enumerate(members):
+        for earlier in members[:number]:
+            if _same_weights(member, earlier):
+                raise InputError(f"two members ({earlier.name} and {member.name}) have the same weights, so the "
+                                 "ensemble would average one network with itself; give networks trained apart")
     architecture = EnsembleArchitecture(len(first.label_space), first.label_space.task_names,
                                         member_architecture=first.architecture.name,
                                         member_arguments=first.architecture.arguments, members=len(members))

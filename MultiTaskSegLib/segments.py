@@ -122,8 +122,8 @@ def check_outputs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike
     if probabilities is not None:
         targets["--probabilities"] = Path(probabilities)
     for option, target in targets.items():
-        if not any(target.name.lower().endswith(suffix) for suffix in OUTPUT_SUFFIXES):
-            raise InputError(f"{option} {target}: use a .seg.nrrd, .nii.gz, .nii, .nrrd or .mha file name")
+        if not any(target.name.endswith(suffix) for suffix in OUTPUT_SUFFIXES):  # ITK's writers know lower case only
+            raise InputError(f"{option} {target}: use a .seg.nrrd, .nii.gz, .nii, .nrrd or .mha file name (lower case)")
         for source in inputs:
             if Path(source).exists() and target.exists() and Path(source).resolve() == target.resolve():
                 raise InputError(f"{option} {target} is the input scan; choose another file name so the scan is kept")

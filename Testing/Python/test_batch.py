@@ -113,6 +113,13 @@ def test_a_csv_gives_images_references_and_case_names(scans):
 # Sharding
 
 
+def test_a_csv_that_is_not_utf8_is_refused_with_what_to_do(scans, tmp_path):
+    table = tmp_path / "cases.csv"
+    table.write_bytes("image,case\n".encode() + f"{scans / 'scans' / 'breast_mri_case_000.nii.gz'},Müller\n".encode("cp1252"))
+    with pytest.raises(InputError, match="not UTF-8.*CSV UTF-8"):
+        list_cases(table)
+
+
 def test_shards_are_disjoint_cover_every_case_and_do_not_depend_on_the_listing_order():
     cases = [BatchCase(f"case_{n}", Path(f"case_{n}.nii.gz")) for n in range(7)]
     shards = [select_shard(cases, index, 3) for index in range(3)]

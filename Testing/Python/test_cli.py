@@ -131,6 +131,9 @@ def test_an_output_name_no_writer_knows_is_refused_before_segmenting(tmp_path, m
                  "--device", "cpu"]) == 2
     assert ".seg.nrrd" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mhd")) and not list(tmp_path.glob(".*"))
+    assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / "l.NII.GZ"),
+                 "--device", "cpu"]) == 2  # refused before segmenting, not after (ITK writes lower-case names only)
+    assert "(lower case)" in capsys.readouterr().err
 
 
 def test_train_refuses_a_folder_that_is_not_a_run_and_keeps_its_files(tmp_path, tiny_dataset, capsys):

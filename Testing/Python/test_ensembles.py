@@ -93,6 +93,8 @@ def test_members_of_another_recipe_or_label_space_are_refused(tmp_path):
         assemble_ensemble([first, other_tasks])
     with pytest.raises(InputError, match="at least two"):
         assemble_ensemble([first])
+    with pytest.raises(InputError, match="the same weights"):
+        assemble_ensemble([first, make_tiny_model(TASKS, seed=2), make_tiny_model(TASKS, seed=1)])
 
 
 def test_the_model_file_records_the_members_recipe(tmp_path):
