@@ -228,9 +228,33 @@ def _read_dicom_series(folder: Path, channel: int | None, check_values: bool) ->
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    image = reader.Execute()
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "")
+        raise InputError(f"{where}: a slice could not be read ({reason}); export the series again") from None
     _check_shape(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize(), where, channel)
+    _check_size(image.GetSize()[:3], 1, where)
+    _check_even_slices(reader, image, where)
     return check_image(_pick_channel(image, channel, where), where, check_values)
+
+
+def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, where: str) -> None:
+    """ITK reads a series with a missing slice as an evenly spaced volume (only warning in its log),
+    so every structure beyond the gap would be labelled out of place: refuse uneven slice positions."""
+    key = "0020|0032"  # Image Position (Patient)
+    count = image.GetSize()[2] if image.GetDimension() >= 3 else 1
+    if count < 3 or not all(reader.HasMetaDataKey(k, key) for k in range(count)):
+        return
+    normal = np.asarray(image.GetDirection(), float).reshape(3, 3)[:, 2]
+    positions = np.array([[float(v) for v in reader.GetMetaData(k, key).split("\\")] for k in range(count)]) @ normal
+    gaps = np.diff(np.sort(positions))
+    typical = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - typical)))
+    if abs(gaps[worst] - typical) > max(0.01 * typical, 1e-3):
+        raise InputError(f"{where}: the slices are not evenly spaced ({gaps[worst]:.2f} mm between slices {worst + 1} "
+                         f"and {worst + 2}, {typical:.2f} mm elsewhere: a slice missing?); export the complete series")
 
 
 def _pick_channel(image: sitk.Image, channel: int | None, where: str) -> sitk.Image:

@@ -28,24 +28,39 @@ def test_round_trip_keeps_values_and_geometry(tmp_path, suffix):
     assert np.array_equal(sitk.GetArrayViewFromImage(loaded), sitk.GetArrayViewFromImage(image))
 
 
-def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
-    image = sitk.Cast(volume(), sitk.sitkInt16)
-    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+def write_dicom_series(image: sitk.Image, folder, skip: int | None = None) -> None:
+    """One CT file per slice, as a scanner exports them (``skip``: a slice left out)."""
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetDepth()):
+        if k == skip:
+            continue
         slice_k = image[:, :, k]
         slice_k.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
         slice_k.SetMetaData("0020|0013", str(k))
         slice_k.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
         slice_k.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
         slice_k.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slice_k)
+
+
+def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
+    image = sitk.Cast(volume(), sitk.sitkInt16)
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_dicom_series(image, tmp_path)
     loaded = read_image(tmp_path)
     assert loaded.GetSize() == image.GetSize()
     assert np.allclose(loaded.GetSpacing(), image.GetSpacing(), atol=1e-3)
     assert np.array_equal(sitk.GetArrayViewFromImage(loaded), sitk.GetArrayViewFromImage(image))
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused_not_stretched(tmp_path):
+    image = sitk.Cast(volume(), sitk.sitkInt16)
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_dicom_series(image, tmp_path, skip=image.GetDepth() // 2)
+    with pytest.raises(InputError, match="not evenly spaced.*a slice missing"):
+        read_image(tmp_path)
 
 
 def test_two_dimensional_image_is_refused(tmp_path):
