@@ -34,7 +34,7 @@ if not (MODULE_DIR / "MultiTaskSegLib").is_dir() and (MODULE_DIR.parent / "Multi
     sys.path.insert(0, str(MODULE_DIR.parent))
 
 from MultiTaskSegSlicer.controller import STARTED, ModuleController  # noqa: E402
-from MultiTaskSegSlicer.dependencies import ensure_dependencies, missing_requirements, torch_installed  # noqa: E402
+from MultiTaskSegSlicer.dependencies import ensure_dependencies, missing_packages  # noqa: E402
 from MultiTaskSegSlicer.model_card import model_card_html  # noqa: E402
 
 #: Slicer 5.10 is the first Slicer with Python 3.10+, which the library needs (Slicer 5.8 has Python 3.9).
@@ -675,13 +675,13 @@ class MultiTaskSegTest(ScriptedLoadableModuleTest):
     def setUp(self):
         """Skips (ctest runs the test_* methods, not runTest) where the packages are missing, e.g. on the
         Extensions Index build machines: a test never installs them."""
-        missing = missing_requirements() + ([] if torch_installed() else ["PyTorch"])
+        missing = missing_packages()
         if missing:
             self.skipTest(f"{', '.join(missing)} not installed: MultiTaskSeg's self-test is skipped")
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        if missing_requirements() or not torch_installed():  # Reload and Test reports skipTest as an error
+        if missing_packages():  # Reload and Test reports skipTest as an error
             self.delayDisplay("PyTorch or another package is not installed: MultiTaskSeg's self-test is skipped")
             return
         self.setUp()

@@ -456,18 +456,12 @@ def check_output_folder(folder: Path, cases: Sequence[BatchCase]) -> None:
 
 
 def check_same_batch(folder: Path, model: SegmentationModel, tasks: Sequence[str], output_format: str,
-                     cases: Sequence[BatchCase] = ()) -> None:
+                     cases: Sequence[BatchCase]) -> None:
     """A rerun into a folder resumes only the same batch: the same weights, tasks and format. Otherwise
     the earlier results would be counted as done and the summary would name a model that made none.
     A folder no batch wrote that already holds a case's output name is refused: those are the user's files."""
     identity = {"model": model.name, "weights_sha256": model.weights_sha256, "tasks": list(tasks), "format": output_format}
     path = folder / BATCH_IDENTITY_FILE
-    if not path.is_file():
-        taken = [output_path(folder, case, output_format) for case in cases
-                 if output_path(folder, case, output_format).exists()]
-        if taken:
-            raise InputError(f"the output folder {folder} already holds {taken[0].name} (and {len(taken) - 1} more "
-                             "output names), not written by a batch; choose an empty or new --output")
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored != identity:
@@ -476,8 +470,12 @@ def check_same_batch(folder: Path, model: SegmentationModel, tasks: Sequence[str
                 f"{', '.join(stored.get('tasks', []))}, format {stored.get('format')}); use another --output, or the "
                 "same model, tasks and format to resume it"
             )
-    else:
-        write_text_atomically(path, json.dumps(identity, indent=2))
+        return
+    taken = [output for output in (output_path(folder, case, output_format) for case in cases) if output.exists()]
+    if taken:
+        raise InputError(f"the output folder {folder} already holds {taken[0].name} (and {len(taken) - 1} more "
+                         "output names), not written by a batch; choose an empty or new --output")
+    write_text_atomically(path, json.dumps(identity, indent=2))
 
 
 def run_batch(

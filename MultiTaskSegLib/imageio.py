@@ -99,7 +99,7 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "")
+        reason = _itk_reason(error)
         detail = "" if reason.startswith("Reason:") or not reason else f" ({reason})"
         raise InputError(f"{where} could not be read{detail}; the file is damaged or cut short: copy or export it again") from None
     return check_image(_pick_channel(image, channel, where), where, check_values)
@@ -216,6 +216,11 @@ def _check_nifti_voxels(path: Path, where: str, check_values: bool) -> None:
             raise InputError(f"{where} has {bad} NaN or infinite voxels; fix or mask them before segmenting")
 
 
+def _itk_reason(error: RuntimeError) -> str:
+    """The last non-empty line of an ITK exception, where ITK puts its reason."""
+    return next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "")
+
+
 def _read_dicom_series(folder: Path, channel: int | None, check_values: bool) -> sitk.Image:
     where = f"DICOM folder '{folder}'"
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -232,7 +237,7 @@ def _read_dicom_series(folder: Path, channel: int | None, check_values: bool) ->
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "")
+        reason = _itk_reason(error)
         raise InputError(f"{where}: a slice could not be read ({reason}); export the series again") from None
     _check_shape(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize(), where, channel)
     _check_size(image.GetSize()[:3], 1, where)
@@ -318,7 +323,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
         try:
             sitk.WriteImage(image, temporary, useCompression=compress)
         except RuntimeError as error:  # ITK says "disk full" or "permission denied" as a RuntimeError
-            reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "write failed")
+            reason = _itk_reason(error) or "write failed"
             raise OSError(errno.EIO, f"could not write the image ({reason})", str(path)) from None
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(temporary, path)

@@ -260,13 +260,17 @@ def _apply_description(segment, description: SegmentDescription) -> None:
 # Writing a result into a segmentation node
 
 
+def _source_representation(segmentation) -> str:
+    """The representation a segmentation's segments are edited in (``Master`` before Slicer 5.4)."""
+    return (getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName)()
+
+
 def _fingerprint(segmentation) -> tuple:
     """Changes whenever a segment is added, removed, renamed or its voxels are edited."""
     state = []
     for segment_id in _segment_ids(segmentation):
         segment = segmentation.GetSegment(segment_id)
-        source = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
-        labelmap = segment.GetRepresentation(source())
+        labelmap = segment.GetRepresentation(_source_representation(segmentation))
         scalars = labelmap.GetPointData().GetScalars() if labelmap is not None else None
         state.append((segment_id, segment.GetName(), segment.GetMTime(),
                       labelmap.GetMTime() if labelmap is not None else 0, scalars.GetMTime() if scalars else 0))
@@ -346,8 +350,7 @@ def check_labelmap_segmentation(segmentation_node) -> None:
     """Slicer imports labels only into a segmentation whose source representation is a labelmap."""
     import slicer
 
-    segmentation = segmentation_node.GetSegmentation()
-    source = (getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName)()
+    source = _source_representation(segmentation_node.GetSegmentation())
     if source != slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
         raise InputError(
             f"segmentation '{segmentation_node.GetName()}' keeps its segments as '{source}' (for example imported "

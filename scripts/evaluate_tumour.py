@@ -71,6 +71,14 @@ def score_region(predicted: np.ndarray, expected: np.ndarray, grid: sitk.Image) 
     return dice(predicted, expected), hausdorff95(*images)
 
 
+def class_probabilities(result) -> sitk.Image:
+    """A one-class task's probability (background left out: component 1 of 2); else every class's."""
+    probabilities = result.probabilities
+    if probabilities.GetNumberOfComponentsPerPixel() == 2:
+        return sitk.VectorIndexSelectionCast(probabilities, 1, sitk.sitkFloat32)
+    return probabilities
+
+
 def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, device: str,
              refresh_tasks: bool = False, save_probabilities: bool = False, with_confusion: bool = True,
              mirror: bool | None = None) -> list[dict]:
@@ -107,10 +115,8 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
             rows.append({"case": case.name, "task": task_name, "region": region, "dice": round(value, 4),
                          "hd95_mm": round(hd95, 2), "seconds": round(seconds, 1), "warnings": len(result.warnings),
                          "confusion_percent": round(confusion, 4)})
-        if save_probabilities:  # the task's classes (background left out), for studies of post-processing
-            tumour = sitk.VectorIndexSelectionCast(result.probabilities, 1, sitk.sitkFloat32) \
-                if result.probabilities.GetNumberOfComponentsPerPixel() == 2 else result.probabilities
-            sitk.WriteImage(tumour, str(out / f"{case.name}_probabilities.nii.gz"), useCompression=True)
+        if save_probabilities:  # for studies of post-processing
+            sitk.WriteImage(class_probabilities(result), str(out / f"{case.name}_probabilities.nii.gz"), useCompression=True)
         classes = sitk.GetImageFromArray(predicted.astype(np.int16))
         classes.CopyInformation(image)
         truth = sitk.GetImageFromArray(expected.astype(np.int16))

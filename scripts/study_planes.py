@@ -25,6 +25,7 @@ import SimpleITK as sitk
 
 from bundle_model import refreshed
 from compare_multitask import bootstrap_interval
+from evaluate_tumour import class_probabilities
 from MultiTaskSegLib.datasets import find_cases
 from MultiTaskSegLib.evaluation import dice
 from MultiTaskSegLib.imageio import read_image
@@ -45,7 +46,7 @@ def plane_probabilities(model, image: sitk.Image, task_name: str, plane: int) ->
         result = segment_image(model, [image], [task_name], "cpu", with_probabilities=True, mirror=False)
     finally:
         config.planes = trained_planes
-    return sitk.GetArrayFromImage(sitk.VectorIndexSelectionCast(result.probabilities, 1, sitk.sitkFloat32))
+    return sitk.GetArrayFromImage(class_probabilities(result))
 
 
 def subsets(planes: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -77,6 +77,11 @@ def torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def missing_packages() -> list[str]:
+    """Names of the packages that cannot be imported, PyTorch included (for messages)."""
+    return (["PyTorch"] if not torch_installed() else []) + [requirement.split(">")[0] for requirement in missing_requirements()]
+
+
 def _offline_message(packages: list[str]) -> str:
     return (
         f"MultiTaskSeg needs {', '.join(packages)}, and installing them failed (no connection to the package "
@@ -109,7 +114,7 @@ def ensure_dependencies(ask: bool = True) -> None:
     import slicer
 
     missing = missing_requirements()
-    packages = (["PyTorch"] if not torch_installed() else []) + [requirement.split(">")[0] for requirement in missing]
+    packages = missing_packages()
     if not packages:
         return
     if _testing(slicer):
@@ -128,6 +133,6 @@ def ensure_dependencies(ask: bool = True) -> None:
             slicer.util.pip_install(requirement)
         except Exception as error:  # pip reports failures as CalledProcessError and friends
             raise DependencyError(f"{_offline_message(packages)} ({error}; see the Python console)") from None
-    still_missing = missing_requirements() + ([] if torch_installed() else ["PyTorch"])
+    still_missing = missing_packages()
     if still_missing:
         raise DependencyError(f"{', '.join(still_missing)} still cannot be imported; restart Slicer and try again.")
