@@ -46,7 +46,7 @@ def command_phantoms(args) -> int:
     from .phantoms import PHANTOM_TASKS, write_phantoms
 
     folders = write_phantoms(Path(args.out), cases=args.cases, seed=args.seed, size=args.size,
-                             tasks=args.tasks or PHANTOM_TASKS)
+                             tasks=args.tasks or PHANTOM_TASKS, overwrite=args.overwrite)
     print(f"wrote {len(folders)} phantom cases under {args.out}")
     return 0
 
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--size", choices=("small", "full"), default="small")
     sub.add_argument("--tasks", nargs="+")
+    sub.add_argument("--overwrite", action="store_true", help="replace case files already in --out")
     sub.set_defaults(run=command_phantoms)
 
     sub = commands.add_parser("models", help="list the bundled models")

@@ -39,7 +39,7 @@ def _colors(space: LabelSpace) -> dict[int, tuple[float, float, float]]:
 def run_demo(out: Path, device: str = "auto", cases: int = DEMO_CASES) -> int:
     out = Path(out)
     print(f"writing {cases} held-out small phantom cases per task under {out / 'phantoms'}")
-    write_phantoms(out / "phantoms", cases=cases, seed=DEMO_SEED, size="small")
+    write_phantoms(out / "phantoms", cases=cases, seed=DEMO_SEED, size="small", overwrite=True)  # the demo's own
     all_cases = [case for task in PHANTOM_TASKS for case in find_cases(get_task(task), out / "phantoms" / task)]
     for case in all_cases:
         space = LabelSpace.from_names([case.task])

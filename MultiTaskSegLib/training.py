@@ -337,6 +337,11 @@ def _start_or_resume(run: Path, config: TrainingConfig, parent: SegmentationMode
     """Model, optimiser, random generator and step: the run's checkpoint's, or a fresh start's."""
     if (run / CHECKPOINT_DIR).exists():
         model, optimizer, rng, step = _resume(run, config, device)
+        if step > config.steps:
+            raise InputError(f"{run} has already trained {step} mini-batches, more than --steps {config.steps}; "
+                             f"ask for at least {step} (the same number re-saves its model), or use another --out")
+        if main and step < config.steps:
+            _keep_finished_model(run, config, step, log)
         log(f"resuming {run} at step {step}")
         return model, optimizer, rng, step
     if main:
@@ -344,6 +349,22 @@ def _start_or_resume(run: Path, config: TrainingConfig, parent: SegmentationMode
     model = _initial_model(config, parent, label_space, arguments)
     model.architecture.network.to(device)
     return model, model.architecture.make_optimizer(config.learning_rate), np.random.default_rng(config.seed), 0
+
+
+def _keep_finished_model(run: Path, config: TrainingConfig, step: int, log: Callable[[str], None]) -> None:
+    """Training a finished run further: its model moves to ``model_stepN`` (the extended run writes
+    ``model`` anew) and ``config.json`` records the new number of steps, so nothing is lost unsaid."""
+    finished = run / "model"
+    if not finished.exists():
+        return  # an interrupted run, resumed
+    kept = run / f"model_step{step}"
+    if kept.exists():
+        raise InputError(f"{run} holds both {finished.name} and {kept.name}; move one away to train it further")
+    os.replace(finished, kept)
+    stored = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    (run / "config.json").write_text(json.dumps({**stored, "steps": config.steps}, indent=2), encoding="utf-8")
+    log(f"training the finished run {run} further, from {step} to {config.steps} mini-batches; "
+        f"its {step}-step model is kept in {kept}")
 
 
 def _scheduler(architecture, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None, step: int):

@@ -59,9 +59,13 @@ def generate_case(task: str, seed: int, size: str = "small", case: int = 0) -> t
 
 
 def write_phantoms(
-    out_dir: Path, cases: int = 3, seed: int = 0, size: str = "small", tasks: Sequence[str] = PHANTOM_TASKS
+    out_dir: Path, cases: int = 3, seed: int = 0, size: str = "small", tasks: Sequence[str] = PHANTOM_TASKS,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Write ``out_dir/TASK/case_NNN/image.nii.gz`` and ``label.nii.gz``; returns the case folders."""
+    """Write ``out_dir/TASK/case_NNN/image.nii.gz`` and ``label.nii.gz``; returns the case folders.
+
+    Existing case files are refused before anything is written (they may be someone's corrected
+    labels), unless ``overwrite``."""
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     if not tasks:
         raise InputError(f"no tasks given; choose from {', '.join(PHANTOM_TASKS)}")
@@ -69,6 +73,8 @@ def write_phantoms(
         _check(task, size)
     _check_count("cases", cases, 1)
     _check_count("seed", seed, 0)
+    if not overwrite:
+        _refuse_existing_cases(Path(out_dir), tasks, cases)
     folders = []
     for task in tasks:
         for number in range(cases):
@@ -79,3 +85,12 @@ def write_phantoms(
             sitk.WriteImage(labels, str(folder / "label.nii.gz"), useCompression=True)
             folders.append(folder)
     return folders
+
+
+def _refuse_existing_cases(out_dir: Path, tasks: Sequence[str], cases: int) -> None:
+    existing = [folder / name for task in tasks for number in range(cases)
+                for folder in [out_dir / task / f"case_{number:03d}"] for name in ("image.nii.gz", "label.nii.gz")
+                if (folder / name).exists()]
+    if existing:
+        raise InputError(f"{out_dir} already holds {len(existing)} of the case files to write (e.g. {existing[0]}); "
+                         "give a new folder, or --overwrite to replace them")

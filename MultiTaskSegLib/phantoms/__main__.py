@@ -18,10 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="case i of a task depends only on seed, task and i")
     parser.add_argument("--size", choices=SIZES, default="small", help="small: at most 64 voxels a side")
     parser.add_argument("--tasks", nargs="+", default=list(PHANTOM_TASKS), help="tasks to write (default: all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace case files already in out_dir")
     arguments = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        folders = write_phantoms(arguments.out_dir, arguments.cases, arguments.seed, arguments.size, arguments.tasks)
+        folders = write_phantoms(arguments.out_dir, arguments.cases, arguments.seed, arguments.size, arguments.tasks,
+                                 overwrite=arguments.overwrite)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

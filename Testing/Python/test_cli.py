@@ -96,6 +96,10 @@ def test_tasks_and_phantoms_commands(tmp_path, capsys):
     assert main(["phantoms", "--out", str(tmp_path), "--cases", "1", "--tasks", "breast_mri"]) == 0
     assert (tmp_path / "breast_mri" / "case_000" / "image.nii.gz").exists()
     assert main(["phantoms", "--out", str(tmp_path), "--tasks", "lungs"]) == 2
+    capsys.readouterr()
+    assert main(["phantoms", "--out", str(tmp_path), "--cases", "1", "--tasks", "breast_mri"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["phantoms", "--out", str(tmp_path), "--cases", "1", "--tasks", "breast_mri", "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("option", ["--output", "--probabilities"])

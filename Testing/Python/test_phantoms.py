@@ -166,6 +166,18 @@ def test_a_case_does_not_depend_on_how_many_cases_are_written(tmp_path):
     assert np.array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(expected))
 
 
+def test_existing_cases_are_refused_before_anything_is_written_unless_overwrite(tmp_path):
+    write_phantoms(tmp_path, cases=1, seed=3, tasks=("cardiac_cta",))
+    corrected = tmp_path / "cardiac_cta" / "case_000" / "label.nii.gz"
+    corrected.write_bytes(b"someone's corrected labels")
+    with pytest.raises(InputError, match="already holds 2 of the case files .*--overwrite"):
+        write_phantoms(tmp_path, cases=2, seed=3, tasks=("breast_mri", "cardiac_cta"))
+    assert corrected.read_bytes() == b"someone's corrected labels"
+    assert not (tmp_path / "breast_mri").exists()  # nothing written before the refusal
+    write_phantoms(tmp_path, cases=1, seed=3, tasks=("cardiac_cta",), overwrite=True)
+    assert sitk.ReadImage(str(corrected)).GetPixelID() == sitk.sitkUInt16
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

@@ -80,6 +80,20 @@ def test_resuming_with_other_settings_is_refused(tmp_path, tiny_dataset):
         train(config(tiny_dataset, batch_size=24), run, log=quiet)
 
 
+def test_training_a_finished_run_further_keeps_its_model_and_fewer_steps_are_refused(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    first = train(config(tiny_dataset, steps=4), run, log=quiet)
+    with pytest.raises(InputError, match="already trained 4 mini-batches, more than --steps 2"):
+        train(config(tiny_dataset, steps=2), run, log=quiet)
+    extended = train(config(tiny_dataset, steps=6), run, log=quiet)
+    assert load_model(run / "model_step4").weights_sha256 == first.weights_sha256  # kept, not overwritten
+    assert load_model(run / "model").weights_sha256 == extended.weights_sha256 != first.weights_sha256
+    assert extended.provenance["steps_done"] == 6
+    assert json.loads((run / "config.json").read_text())["steps"] == 6
+    again = train(config(tiny_dataset, steps=6), run, log=quiet)  # the same command once more: the same model
+    assert again.weights_sha256 == extended.weights_sha256 and not (run / "model_step6").exists()
+
+
 def test_sampling_by_cases_trains_another_network_and_a_run_resumes_only_with_its_own_sampling(tmp_path, tiny_dataset):
     by_voxels = train(config(tiny_dataset, steps=2), tmp_path / "voxels", log=quiet)
     run = tmp_path / "cases"
