@@ -518,7 +518,16 @@ def _replace_segments(result, volume_node, segmentation_node, descriptions, exis
 
 
 def segment_digest(segmentation_node, segment_id: str) -> str:
-    """A digest of one segment's voxels (extent and mask)."""
+    """A digest of one segment's voxels: the index box of its set voxels and the mask inside it.
+
+    The layer's extent is left out: Slicer pads or crops a shared labelmap for reasons that change no
+    voxel (a sibling segment edited, a scene saved with "crop to minimum extent" and read back)."""
+    return _segment_digests(segmentation_node, segment_id)[0]
+
+
+def _segment_digests(segmentation_node, segment_id: str) -> tuple[str, str]:
+    """The digest, and the one written before 2026-12-03 (layer extent and whole mask), still
+    accepted so that segments of scenes saved then are not taken for edited ones."""
     import hashlib
 
     import slicer
@@ -526,11 +535,20 @@ def segment_digest(segmentation_node, segment_id: str) -> str:
 
     labelmap = slicer.vtkOrientedImageData()
     segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    extent = np.asarray(labelmap.GetExtent(), np.int64)
     scalars = labelmap.GetPointData().GetScalars()
     mask = numpy_support.vtk_to_numpy(scalars) > 0 if scalars is not None else np.zeros(0, bool)
-    digest = hashlib.sha256(np.asarray(labelmap.GetExtent(), np.int64).tobytes())
-    digest.update(np.packbits(mask).tobytes())
-    return digest.hexdigest()[:32]
+    legacy = hashlib.sha256(extent.tobytes())
+    legacy.update(np.packbits(mask).tobytes())
+    digest = hashlib.sha256(b"set-voxels")
+    if mask.any():
+        volume = mask.reshape(extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        where = np.nonzero(volume)
+        low, high = [int(w.min()) for w in where], [int(w.max()) + 1 for w in where]
+        box = volume[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+        digest.update((np.asarray([*low, *high], np.int64) + np.tile(extent[[4, 2, 0]], 2)).tobytes())
+        digest.update(np.packbits(box).tobytes())
+    return digest.hexdigest()[:32], legacy.hexdigest()[:32]
 
 
 def edited_segments_replaced_by(result: SegmentationResult, segmentation_node) -> list[str]:
@@ -544,7 +562,7 @@ def edited_segments_replaced_by(result: SegmentationResult, segmentation_node) -
         if _identity(segment) not in produced:
             continue
         found, written = _get_tag(segment, VOXELS_TAG)
-        if not found or written != segment_digest(segmentation_node, segment_id):
+        if not found or written not in _segment_digests(segmentation_node, segment_id):
             edited.append(segment.GetName())
     return edited
 

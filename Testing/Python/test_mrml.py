@@ -264,6 +264,43 @@ def test_a_segment_corrected_by_hand_is_not_replaced_without_being_asked(scene, 
     assert not np.array_equal(mrml.labels_from_segmentation(segmentation_node, volume, [pectoral]), corrected)
 
 
+def test_segments_of_a_scene_saved_cropped_to_minimum_extent_are_not_taken_for_edited_ones(scene, volume, model,
+                                                                                            tmp_path):
+    from dataclasses import replace
+
+    result = segment_image(model, mrml.image_from_volume_node(volume), device="cpu")
+    labels = np.zeros(sitk.GetArrayViewFromImage(result.labels).shape, np.uint16)
+    inside = labels[3:-3, 3:-3, 3:-3]
+    inside[...] = np.asarray(result.label_indices[1:])[np.arange(inside.shape[2]) % (len(result.label_indices) - 1)]
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(result.labels)
+    result = replace(result, labels=image)  # every segment set, none touching the border
+    written = mrml.new_segmentation_node(volume, "result")
+    mrml.write_segmentation(result, volume, written)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "result.seg.nrrd"))
+    storage.SetCropToMinimumExtent(True)  # Slicer's save option: the shared layer shrinks, no voxel changes
+    assert storage.WriteData(written)
+    reloaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert storage.ReadData(reloaded)
+    first = segment_ids(reloaded)[0]
+    assert reloaded.GetSegmentation().GetSegment(first).GetRepresentation("Binary labelmap").GetExtent()[0] == 3
+    assert mrml.edited_segments_replaced_by(result, reloaded) == []
+    paint(reloaded, volume, first, (slice(5, 6), slice(5, 6), slice(5, 6)))
+    assert mrml.edited_segments_replaced_by(result, reloaded) == [reloaded.GetSegmentation().GetSegment(first).GetName()]
+
+
+def test_segments_tagged_with_the_digest_written_before_2026_12_03_are_not_taken_for_edited_ones(scene, volume, model):
+    segmentation_node = mrml.segment_volume_node(volume, model, device="cpu")
+    result = segment_image(model, mrml.image_from_volume_node(volume), device="cpu")
+    segmentation = segmentation_node.GetSegmentation()
+    for segment_id in segment_ids(segmentation_node):
+        legacy = mrml._segment_digests(segmentation_node, segment_id)[1]
+        assert legacy != mrml.segment_digest(segmentation_node, segment_id)
+        segmentation.GetSegment(segment_id).SetTag(mrml.VOXELS_TAG, legacy)
+    assert mrml.edited_segments_replaced_by(result, segmentation_node) == []
+
+
 def surface_segmentation(volume):
     """A segmentation as one imported from STL: closed surfaces as its source representation."""
     node = mrml.new_segmentation_node(volume, "from STL")
