@@ -613,16 +613,18 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
     def startFineTune(self, model: str, folder: str, device: str = "auto") -> None:
         """Fine-tune ``model`` on the cases under ``folder`` in a PythonSlicer process; the run goes to
-        ``folder/finetunes/MODEL-finetuned`` (started again, it resumes)."""
-        from MultiTaskSegLib.finetuning import start_finetune
+        ``folder/finetunes/MODEL-finetuned`` (started again, an interrupted run resumes; after a
+        finished one, a new run ``MODEL-finetuned-2``... trains on all stored cases)."""
+        from MultiTaskSegLib.finetuning import finetune_run_folder, start_finetune
 
         if not folder:
             raise ValueError(_("Choose a training cases folder first."))
         parent = self.loadModel(model)
         python = shutil.which("PythonSlicer")
-        out = Path(folder) / "finetunes" / f"{parent.name}-finetuned"
+        out = finetune_run_folder(folder, parent.name)
         self._fineTune = start_finetune(parent.path, folder, out, device=device, python=python,
-                                        environment=slicer.util.startupEnvironment() if python else None)
+                                        environment=slicer.util.startupEnvironment() if python else None,
+                                        name=out.name)
 
     @property
     def fineTuning(self) -> bool:

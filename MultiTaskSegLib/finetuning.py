@@ -89,15 +89,30 @@ def finetune(parent: str | os.PathLike | SegmentationModel, data: Mapping[str, s
     return train(finetune_config(model, data, **options), out)
 
 
+def finetune_run_folder(cases: str | os.PathLike, parent_name: str) -> Path:
+    """The Slicer module's run folder for a fine-tune of ``parent_name`` on the stored cases:
+    ``cases/finetunes/NAME-finetuned``, numbered (``-2``, ``-3``...) past the folders that hold a
+    finished model. An interrupted run is resumed; a finished model is never replaced, and a fine-tune
+    started after more cases were stored trains on all of them (a finished run's folder would refuse
+    the new number of cases, or, with as many cases as before, return the old weights untrained)."""
+    first = Path(cases) / "finetunes" / f"{parent_name}-finetuned"
+    folder, number = first, 1
+    while (folder / "model").exists():
+        number += 1
+        folder = first.with_name(f"{first.name}-{number}")
+    return folder
+
+
 def start_finetune(parent: str | os.PathLike, cases: str | os.PathLike, out: str | os.PathLike,
                    steps: int = DEFAULT_STEPS, device: str = "auto", python: str | os.PathLike | None = None,
-                   environment: dict[str, str] | None = None):
+                   environment: dict[str, str] | None = None, name: str | None = None):
     """``multitaskseg finetune`` of ``parent`` on the stored cases (``cases/TASK/CASE``) in a child
-    process (the Slicer module's Fine-tune button): poll it, cancel it; its result is ``out/model``."""
+    process (the Slicer module's Fine-tune button): poll it, cancel it; its result is ``out/model``,
+    a model called ``name`` (default: the parent's name + ``-finetuned``)."""
     from .background import CommandJob
 
     arguments = ["finetune", "--model", str(parent), "--data", str(cases), "--out", str(out),
-                 "--steps", str(int(steps)), "--device", device]
+                 "--steps", str(int(steps)), "--device", device, *(["--name", name] if name else [])]
     return CommandJob(arguments, result=Path(out) / "model", python=python, environment=environment)
 
 

@@ -4,6 +4,7 @@ Slicer side storing a corrected case against real MRML (slicer-core)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,32 @@ def test_a_fine_tune_in_a_child_process_reports_progress_and_gives_the_new_model
     assert status.state == "succeeded", status.error
     assert job.result == tmp_path / "run" / "model"
     assert load_model(job.result).provenance["config"]["parent"]["name"] == "parent"
+
+
+def test_fine_tuning_again_after_storing_another_case_trains_on_all_cases_and_keeps_the_first_model(tmp_path, parent):
+    from MultiTaskSegLib.finetuning import finetune_run_folder, start_finetune
+
+    made = write_tiny_dataset(tmp_path / "made", cases=2) / "breast_mri"
+    cases = tmp_path / "cases"
+
+    def press_fine_tune() -> Path:  # what the module's Fine-tune button runs
+        out = finetune_run_folder(cases, "parent")
+        status = start_finetune(parent, cases, out, steps=2, device="cpu", name=out.name).wait(120)
+        assert status.state == "succeeded", status.error
+        return out / "model"
+
+    shutil.copytree(made / "case_000", cases / "breast_mri" / "case_000")
+    first = press_fine_tune()
+    first_files = {path.name: path.read_bytes() for path in first.iterdir()}
+    shutil.copytree(made / "case_001", cases / "breast_mri" / "case_001")
+    second = press_fine_tune()
+    assert first == cases / "finetunes" / "parent-finetuned" / "model"
+    assert second == cases / "finetunes" / "parent-finetuned-2" / "model"
+    assert {path.name: path.read_bytes() for path in first.iterdir()} == first_files
+    model = load_model(second)
+    assert model.name == "parent-finetuned-2"
+    assert sorted(model.provenance["training_cases"] + model.provenance["validation_cases"]) == [
+        "breast_mri/case_000", "breast_mri/case_001"]
 
 
 def test_a_cancelled_fine_tune_stops_and_can_be_resumed(tmp_path, parent):
