@@ -274,7 +274,8 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     validation_cases = [prepare_case(files, label_space) for files in validation_files] if main else []
 
     curve = LearningCurve(run)
-    model, optimizer, rng, step = _start_or_resume(run, config, parent, label_space, arguments, device, main, log)
+    model, optimizer, rng, step = _start_or_resume(run, config, parent, label_space, arguments, device, main, log,
+                                                   _case_names(train_files + validation_files))
     if main:  # forget what was logged after the checkpoint (all of it, when a run starts again)
         curve.drop_after(step)
     architecture = model.architecture
@@ -333,10 +334,12 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
 
 
 def _start_or_resume(run: Path, config: TrainingConfig, parent: SegmentationModel | None, label_space: LabelSpace,
-                     arguments: dict, device: torch.device, main: bool, log: Callable[[str], None]):
+                     arguments: dict, device: torch.device, main: bool, log: Callable[[str], None],
+                     cases: list[str]):
     """Model, optimiser, random generator and step: the run's checkpoint's, or a fresh start's."""
     if (run / CHECKPOINT_DIR).exists():
         model, optimizer, rng, step = _resume(run, config, device)
+        _check_same_cases(run, model, cases)
         if step > config.steps:
             raise InputError(f"{run} has already trained {step} mini-batches, more than --steps {config.steps}; "
                              f"ask for at least {step} (the same number re-saves its model), or use another --out")
@@ -349,6 +352,20 @@ def _start_or_resume(run: Path, config: TrainingConfig, parent: SegmentationMode
     model = _initial_model(config, parent, label_space, arguments)
     model.architecture.network.to(device)
     return model, model.architecture.make_optimizer(config.learning_rate), np.random.default_rng(config.seed), 0
+
+
+def _case_names(files: Sequence[CaseFiles]) -> list[str]:
+    return sorted(f"{case.task}/{case.name}" for case in files)
+
+
+def _check_same_cases(run: Path, checkpoint: SegmentationModel, cases: list[str]) -> None:
+    """A run resumes only on the cases it started with: a finished run would return its old weights
+    named as trained on the new cases (a fine-tune on replaced corrections), an interrupted one would mix them."""
+    before = sorted(checkpoint.provenance.get("training_cases", []) + checkpoint.provenance.get("validation_cases", []))
+    if before and before != cases:
+        added, removed = sorted(set(cases) - set(before)), sorted(set(before) - set(cases))
+        raise InputError(f"the cases under --data changed since {run} was started (added: {', '.join(added) or 'none'}; "
+                         f"gone: {', '.join(removed) or 'none'}); use another --out folder for a run on the cases as they are now")
 
 
 def _keep_finished_model(run: Path, config: TrainingConfig, step: int, log: Callable[[str], None]) -> None:

@@ -76,6 +76,20 @@ def test_an_interrupted_fine_tune_resumes_and_ends_where_an_uninterrupted_one_do
         assert np.allclose(tensor.numpy(), resumed.architecture.network.state_dict()[name].numpy(), atol=1e-6), name
 
 
+def test_a_fine_tune_run_again_on_other_cases_is_refused_not_returned_with_its_old_weights(tmp_path, parent):
+    made = write_tiny_dataset(tmp_path / "made", cases=2) / "breast_mri"
+    cases = tmp_path / "cases" / "breast_mri"
+    shutil.copytree(made / "case_000", cases / "case_000")
+    command = ["finetune", "--model", str(parent), "--data", f"breast_mri={cases}", "--out", str(tmp_path / "run"),
+               "--steps", "2", "--batch-size", "4", "--device", "cpu"]
+    assert main(command) == 0
+    first = (tmp_path / "run" / "model" / "model.json").read_bytes()
+    shutil.rmtree(cases / "case_000")  # one correction replaced by another: as many cases as before
+    shutil.copytree(made / "case_001", cases / "case_001")
+    assert main(command) == 2
+    assert (tmp_path / "run" / "model" / "model.json").read_bytes() == first  # not relabelled as trained on case_001
+
+
 def test_cases_whose_labels_are_not_the_tasks_values_are_refused(tmp_path, parent):
     data = write_tiny_dataset(tmp_path / "corrected", cases=2)
     label_path = data / "breast_mri" / "case_000" / "label.nii.gz"
