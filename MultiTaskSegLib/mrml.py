@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -743,6 +744,8 @@ def store_corrected_case(volume_node, segmentation_node, task_name: str, folder,
 
     Returns the case folder. Segments are matched to classes by the tags this extension writes, or
     by name; classes without a segment are background. Nothing is stored when no segment matches.
+    Without ``case_name`` the case is named after the volume, numbered (``_2``, ``_3``...) when that
+    name is taken (DICOM series names repeat from patient to patient); a given name is never reused.
     """
     from .finetuning import store_case
     from .tasks import get_task
@@ -756,5 +759,14 @@ def store_corrected_case(volume_node, segmentation_node, task_name: str, folder,
     values = [index for index in sorted(by_class) for _ in by_class[index]]
     classes = labels_from_segmentation(segmentation_node, volume_node, ids, values)
     images = channel_images(volume_node, channel_nodes)
-    name = case_name or "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_node.GetName()) or "case"
-    return store_case(folder, task, name, images, classes.astype(np.int32))
+    return store_case(folder, task, case_name or _new_case_name(Path(folder) / task.name, volume_node.GetName()),
+                      images, classes.astype(np.int32))
+
+
+def _new_case_name(task_folder: Path, volume_name: str) -> str:
+    first = "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_name) or "case"
+    name, number = first, 1
+    while (task_folder / name).exists():
+        number += 1
+        name = f"{first}_{number}"
+    return name

@@ -151,6 +151,31 @@ def test_the_slicer_logic_stores_a_corrected_segmentation_as_a_training_case(tmp
         mrml.store_corrected_case(volume, segmentation_node, "cardiac_cta", tmp_path / "cases")
 
 
+def test_volumes_of_the_same_name_are_stored_as_separate_cases_and_none_is_overwritten(tmp_path):
+    slicer = pytest.importorskip("slicer", reason="slicer-core is needed for the MRML tests")
+
+    from MultiTaskSegLib import mrml
+
+    mrml.ensure_segmentation_converters()
+    stored = []
+    for patient in range(2):  # DICOM series names repeat from patient to patient
+        scene = slicer.vtkMRMLScene()
+        values = np.full((6, 7, 8), 100.0 + patient, np.float32)
+        volume = mrml.volume_node_from_image(sitk.GetImageFromArray(values), scene, "3: T1 MPRAGE")
+        segmentation_node = mrml.new_segmentation_node(volume)
+        corrected = np.zeros(values.shape, np.uint8)
+        corrected[2:4, 2:5, 1 + patient:6] = 1
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            mrml._labelmap_node(corrected, volume), segmentation_node)
+        segmentation_node.GetSegmentation().GetNthSegment(0).SetName("Pectoral muscle")
+        stored.append(mrml.store_corrected_case(volume, segmentation_node, "breast_mri", tmp_path / "cases"))
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(stored[-1] / "label.nii.gz"))), corrected)
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(stored[-1] / "image.nii.gz"))), values)
+    assert [folder.name for folder in stored] == ["3__T1_MPRAGE", "3__T1_MPRAGE_2"]
+    with pytest.raises(InputError, match="already holds a stored case"):  # a name the caller gives is never reused
+        mrml.store_corrected_case(volume, segmentation_node, "breast_mri", tmp_path / "cases", case_name="3__T1_MPRAGE")
+
+
 def test_a_fine_tune_in_a_child_process_reports_progress_and_gives_the_new_model(tmp_path, parent):
     from MultiTaskSegLib.finetuning import start_finetune
 
