@@ -613,15 +613,15 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
     def startFineTune(self, model: str, folder: str, device: str = "auto") -> None:
         """Fine-tune ``model`` on the cases under ``folder`` in a PythonSlicer process; the run goes to
-        ``folder/finetunes/MODEL-finetuned`` (started again, an interrupted run resumes; after a
-        finished one, a new run ``MODEL-finetuned-2``... trains on all stored cases)."""
+        ``folder/finetunes/MODEL-finetuned`` (started again on the same cases, an interrupted run resumes;
+        after a finished one, or once more cases were stored, a new run ``MODEL-finetuned-2``... trains on all)."""
         from MultiTaskSegLib.finetuning import finetune_run_folder, start_finetune
 
         if not folder:
             raise ValueError(_("Choose a training cases folder first."))
         parent = self.loadModel(model)
         python = shutil.which("PythonSlicer")
-        out = finetune_run_folder(folder, parent.name)
+        out = finetune_run_folder(folder, parent)
         self._fineTune = start_finetune(parent.path, folder, out, device=device, python=python,
                                         environment=slicer.util.startupEnvironment() if python else None,
                                         name=out.name)

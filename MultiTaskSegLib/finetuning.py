@@ -28,9 +28,10 @@ import SimpleITK as sitk
 from .datasets import find_cases
 from .errors import InputError
 from .imageio import read_image, write_image
+from .model_catalog import read_model_card
 from .model_files import SegmentationModel, as_model
 from .tasks import Task, get_task
-from .training import TrainingConfig, train
+from .training import CHECKPOINT_DIR, TrainingConfig, train
 
 DEFAULT_STEPS = 200
 DEFAULT_BATCH_SIZE = 8
@@ -89,18 +90,32 @@ def finetune(parent: str | os.PathLike | SegmentationModel, data: Mapping[str, s
     return train(finetune_config(model, data, **options), out)
 
 
-def finetune_run_folder(cases: str | os.PathLike, parent_name: str) -> Path:
-    """The Slicer module's run folder for a fine-tune of ``parent_name`` on the stored cases:
-    ``cases/finetunes/NAME-finetuned``, numbered (``-2``, ``-3``...) past the folders that hold a
-    finished model. An interrupted run is resumed; a finished model is never replaced, and a fine-tune
-    started after more cases were stored trains on all of them (a finished run's folder would refuse
-    the new number of cases, or, with as many cases as before, return the old weights untrained)."""
-    first = Path(cases) / "finetunes" / f"{parent_name}-finetuned"
+def finetune_run_folder(cases: str | os.PathLike, parent: SegmentationModel) -> Path:
+    """The Slicer module's run folder for a fine-tune of ``parent`` on the stored cases
+    (``cases/TASK/CASE``): ``cases/finetunes/NAME-finetuned``, numbered (``-2``, ``-3``...) past the
+    folders whose run cannot go on. A run interrupted on the cases stored now resumes; a finished
+    model is never replaced, and a run interrupted on other cases is left as it is: a fine-tune started
+    after more cases were stored trains afresh on all of them."""
+    stored = sorted(f"{task}/{case.name}" for task in parent.label_space.task_names if (Path(cases) / task).is_dir()
+                    for case in find_cases(get_task(task), Path(cases) / task))
+    first = Path(cases) / "finetunes" / f"{parent.name}-finetuned"
     folder, number = first, 1
-    while (folder / "model").exists():
+    while not _resumable_on(folder, stored):
         number += 1
         folder = first.with_name(f"{first.name}-{number}")
     return folder
+
+
+def _resumable_on(folder: Path, cases: list[str]) -> bool:
+    """Whether a fine-tune on ``cases`` can run in ``folder``: a new or empty one, or an interrupted run
+    whose checkpoint was trained on the same cases."""
+    if not folder.exists() or not any(folder.iterdir()):
+        return True
+    checkpoint = folder / CHECKPOINT_DIR / "model"
+    if (folder / "model").exists() or not checkpoint.is_dir():
+        return False
+    provenance = read_model_card(checkpoint).get("provenance", {})
+    return sorted(provenance.get("training_cases", []) + provenance.get("validation_cases", [])) == cases
 
 
 def start_finetune(parent: str | os.PathLike, cases: str | os.PathLike, out: str | os.PathLike,

@@ -194,7 +194,7 @@ def test_fine_tuning_again_after_storing_another_case_trains_on_all_cases_and_ke
     cases = tmp_path / "cases"
 
     def press_fine_tune() -> Path:  # what the module's Fine-tune button runs
-        out = finetune_run_folder(cases, "parent")
+        out = finetune_run_folder(cases, load_model(parent))
         status = start_finetune(parent, cases, out, steps=2, device="cpu", name=out.name).wait(120)
         assert status.state == "succeeded", status.error
         return out / "model"
@@ -211,6 +211,27 @@ def test_fine_tuning_again_after_storing_another_case_trains_on_all_cases_and_ke
     assert model.name == "parent-finetuned-2"
     assert sorted(model.provenance["training_cases"] + model.provenance["validation_cases"]) == [
         "breast_mri/case_000", "breast_mri/case_001"]
+
+
+def test_a_fine_tune_cancelled_then_started_after_storing_another_case_trains_on_all_cases(tmp_path, parent):
+    from MultiTaskSegLib.finetuning import finetune_run_folder, start_finetune
+
+    made = write_tiny_dataset(tmp_path / "made", cases=3) / "breast_mri"
+    cases = tmp_path / "cases"
+    for stored in ("case_000", "case_001"):
+        shutil.copytree(made / stored, cases / "breast_mri" / stored)
+    interrupted = finetune_run_folder(cases, load_model(parent))
+    config = finetune_config(load_model(parent), {"breast_mri": cases / "breast_mri"}, steps=8, device="cpu",
+                             name=interrupted.name)
+    train(config, interrupted, log=quiet, stop_after=2)  # cancelled after its first checkpoint
+    assert finetune_run_folder(cases, load_model(parent)) == interrupted  # the same cases: it resumes
+    shutil.copytree(made / "case_002", cases / "breast_mri" / "case_002")
+    out = finetune_run_folder(cases, load_model(parent))
+    status = start_finetune(parent, cases, out, steps=8, device="cpu", name=out.name).wait(120)
+    assert status.state == "succeeded", status.error
+    model = load_model(out / "model")
+    assert len(model.provenance["training_cases"] + model.provenance["validation_cases"]) == 3
+    assert (interrupted / "checkpoint").is_dir()  # the interrupted run is left as it was
 
 
 def test_a_cancelled_fine_tune_stops_and_can_be_resumed(tmp_path, parent):
