@@ -609,11 +609,16 @@ def labels_from_segmentation(segmentation_node, volume_node, segment_ids: Sequen
     """The segments as one label array (k, j, i) on ``volume_node``'s grid.
 
     The n-th segment gets ``label_values[n]`` (default n + 1); where segments overlap, the later one wins.
+    Segments kept as closed surfaces (imported from STL) are converted first, as Slicer's export does.
     """
     import slicer
     import vtk
     from vtk.util import numpy_support
 
+    if not segmentation_node.GetSegmentation().CreateRepresentation(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()):
+        raise InputError(f"the segments of segmentation '{segmentation_node.GetName()}' cannot be converted to a "
+                         "labelmap; make 'Binary labelmap' its source representation (Segmentations module) first")
     geometry = slicer.vtkOrientedImageData()
     geometry.SetExtent(volume_node.GetImageData().GetExtent())
     geometry.SetImageToWorldMatrix(_vtk_matrix(_volume_to_segmentation_frame(volume_node, segmentation_node) @ ijk_to_ras(volume_node)))

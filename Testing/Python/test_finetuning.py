@@ -176,6 +176,35 @@ def test_volumes_of_the_same_name_are_stored_as_separate_cases_and_none_is_overw
         mrml.store_corrected_case(volume, segmentation_node, "breast_mri", tmp_path / "cases", case_name="3__T1_MPRAGE")
 
 
+def test_a_correction_kept_as_closed_surfaces_is_stored_as_its_labelmap(tmp_path):
+    slicer = pytest.importorskip("slicer", reason="slicer-core is needed for the MRML tests")
+    import vtk
+
+    from MultiTaskSegLib import mrml
+
+    mrml.ensure_segmentation_converters()
+    scene = slicer.vtkMRMLScene()
+    volume = mrml.volume_node_from_image(sitk.GetImageFromArray(np.zeros((20, 20, 20), np.float32)), scene, "patient")
+    segmentation_node = mrml.new_segmentation_node(volume, "imported from STL")
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    segmentation_node.GetSegmentation().SetSourceRepresentationName(surface)
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(-10.0, -10.0, 10.0)  # RAS of voxel (10, 10, 10): ITK's LPS origin 0, unit spacing
+    sphere.SetRadius(5.0)
+    sphere.SetThetaResolution(64)
+    sphere.SetPhiResolution(64)
+    sphere.Update()
+    segment = slicer.vtkSegment()
+    segment.SetName("Pectoral muscle")
+    segment.AddRepresentation(surface, sphere.GetOutput())
+    segmentation_node.GetSegmentation().AddSegment(segment)
+    folder = mrml.store_corrected_case(volume, segmentation_node, "breast_mri", tmp_path / "cases")
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "label.nii.gz"))) > 0
+    z, y, x = np.mgrid[:20, :20, :20]
+    inside = (x - 10) ** 2 + (y - 10) ** 2 + (z - 10) ** 2 <= 25
+    assert 2 * (stored & inside).sum() / (stored.sum() + inside.sum()) > 0.9
+
+
 def test_a_fine_tune_in_a_child_process_reports_progress_and_gives_the_new_model(tmp_path, parent):
     from MultiTaskSegLib.finetuning import start_finetune
 
