@@ -643,7 +643,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
         path = self._fineTune.result
         self._fineTune = None
-        self._cards.forget()  # a fine-tune started again rewrites its model in place
+        self._cards.forget()  # the model folder may be one whose card was read before (an interrupted run, resumed)
         provenance = read_model_card(path).get("provenance", {})
         history = provenance.get("held_back_mean_dice")
         if history:
