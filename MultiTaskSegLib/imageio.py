@@ -49,7 +49,7 @@ def _check_size(size: tuple[int, ...], components: int, where: str) -> None:
 
 
 def _check_shape(dimension: int, components: int, size: tuple[int, ...], where: str, channel: int | None) -> None:
-    if dimension < 3 or (dimension == 3 and size[2] == 1):
+    if dimension < 3 or (dimension == 3 and 1 in size):
         kind = "a single voxel" if dimension == 3 and max(size) == 1 else (
             "a single slice, a 2-D image," if dimension == 3 else "a 2-D image")
         raise InputError(

@@ -75,6 +75,13 @@ def test_single_slice_volume_is_refused_as_a_single_slice(tmp_path):
         read_image(path)
 
 
+@pytest.mark.parametrize("shape", [(8, 1, 8), (8, 8, 1)], ids=["one coronal row", "one sagittal column"])
+def test_a_single_slice_along_any_axis_is_refused(tmp_path, shape):
+    path = write_image(sitk.GetImageFromArray(np.arange(64, dtype=np.float32).reshape(shape)), tmp_path / "one.nrrd")
+    with pytest.raises(InputError, match="a single slice, a 2-D image, .*segment 3-D volumes"):
+        read_image(path)
+
+
 def test_a_single_voxel_is_called_what_it_is(tmp_path):
     path = write_image(sitk.GetImageFromArray(np.ones((1, 1, 1), np.float32)), tmp_path / "voxel.nii.gz")
     with pytest.raises(InputError, match="a single voxel"):
