@@ -114,6 +114,11 @@ def _check_header_geometry(spacing, direction, dimension: int, where: str) -> No
     if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
         raise InputError(f"{where} has a singular direction matrix {np.round(matrix, 3).tolist()} (axes that are "
                          "parallel or zero); fix the header's space directions")
+    # A sheared grid (a gantry-tilted CT kept as acquired) would reach the networks as sheared
+    # anatomy, and ITK's NIfTI writer would put the labels on an orthogonalised grid.
+    if np.abs(matrix.T @ matrix - np.eye(3)).max() > 1e-3:
+        raise InputError(f"{where} has a direction matrix {np.round(matrix, 3).tolist()} whose axes are not perpendicular "
+                         "(a sheared grid, as in a gantry-tilted CT); resample it onto a grid with perpendicular axes first")
 
 
 #: The most gzip/zlib can compress (a stream of one repeated byte), with room to spare.

@@ -123,6 +123,19 @@ def test_nan_and_inf_are_refused(tmp_path):
         read_image(path)
 
 
+def test_a_sheared_direction_matrix_is_refused_not_written_back_on_another_grid(tmp_path):
+    """NRRD and MHA can store axes that are not perpendicular; the networks would see sheared
+    anatomy, and a NIfTI output would be written on ITK's orthogonalised grid, not the scan's."""
+    image = volume()
+    image.SetDirection((1, 0, 0, 0.5, 0.866, 0, 0, 0, 1))
+    path = write_image(image, tmp_path / "sheared.nrrd")
+    with pytest.raises(InputError, match="not perpendicular.*resample it onto a grid with perpendicular axes"):
+        read_image(path)
+    rounded = volume()
+    rounded.SetDirection(np.round(rounded.GetDirection(), 5))  # DICOM and NIfTI headers round their cosines
+    assert np.allclose(read_image(write_image(rounded, tmp_path / "rounded.nrrd")).GetDirection(), rounded.GetDirection())
+
+
 def test_file_that_is_not_an_image_is_refused(tmp_path):
     path = tmp_path / "notes.nii.gz"
     path.write_text("not an image")
