@@ -82,9 +82,17 @@ MAX_WORKING_VOXELS = 600 * 600 * 600
 
 
 def check_working_grid_size(image: sitk.Image, spacing_mm: float) -> None:
-    """Refuse a resampling that would allocate an enormous grid (e.g. a 20 mm scan at 0.5 mm)."""
+    """Refuse a resampling that would allocate an enormous grid (e.g. a 20 mm scan at 0.5 mm), or
+    shrink the scan to a single slice (a spacing in metres read as millimetres)."""
     extent = np.asarray(image.GetSpacing(), float) * np.asarray(image.GetSize(), float)
-    voxels = float(np.prod(np.maximum(1, np.round(extent / spacing_mm))))
+    sides = np.maximum(1, np.round(extent / spacing_mm))
+    if sides.min() < 2:
+        raise InputError(
+            f"the image covers {' x '.join(f'{e:.3g}' for e in extent)} mm; at the working spacing of {spacing_mm} mm "
+            f"that is {' x '.join(f'{s:.0f}' for s in sides)} voxels, too thin to segment; check the image spacing in "
+            "its header (millimetres: a spacing in metres or centimetres makes the scan this small)"
+        )
+    voxels = float(np.prod(sides))
     if voxels > MAX_WORKING_VOXELS:
         raise InputError(
             f"the image covers {' x '.join(f'{e:.0f}' for e in extent)} mm; at the working spacing of {spacing_mm} mm "

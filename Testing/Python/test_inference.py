@@ -126,3 +126,9 @@ def test_only_voxels_that_are_surely_background_skip_the_decision():
     outside = np.ones(probabilities.shape[1:], bool)
     outside[box] = False
     assert (np.argmax(probabilities, axis=0)[outside] == 0).all()
+
+
+def test_a_spacing_that_shrinks_the_scan_below_two_working_voxels_is_refused(model):
+    # a header in metres: 16 x 14 x 12 voxels of 0.01 "mm" become one working voxel, segmented as empty
+    with pytest.raises(InputError, match="1 x 1 x 1 voxels.*check the image spacing in its header"):
+        segment_image(model, mr_scan(spacing=(0.01, 0.01, 0.01)), tasks=["breast_mri"], device="cpu")
