@@ -18,7 +18,7 @@ import torch
 from .inferers import CancelCheck, InferenceOptions, ProgressCallback
 from .errors import InputError
 from .geometry import resample_probabilities_onto
-from .imageio import check_image
+from .imageio import available_memory_bytes, check_image
 from .model_files import SegmentationModel
 from .plausibility import CARD_KEY, implausible_volumes
 from .postprocessing import keep_largest_regions
@@ -139,13 +139,13 @@ def segment_image(
     tasks = resolve_tasks(model, tasks)
     task, warnings = preprocessing_plan(model, image, tasks)
     check_channel_count(model, task, len(images))
+    requested = [index for name in tasks for index in model.label_space.indices_for_task(name)]
+    check_memory(image, task.working_spacing_mm, len(model.label_space), 1 + len(requested), mirroring(model, mirror))
     report(0.0, "preprocessing")
     working, foreground, grid = prepare_image(images, task, task.working_spacing_mm)
 
     def predict_part(fraction: float, stage: str) -> None:
         report(0.05 + 0.85 * fraction, stage)
-
-    requested = [index for name in tasks for index in model.label_space.indices_for_task(name)]
 
     options = InferenceOptions(predict_part, cancelled, max_block_voxels, requested)
     predict = predict_mirrored if mirroring(model, mirror) else predict_with_fallback
@@ -176,6 +176,27 @@ def segment_image(
         result.probabilities = vector
     report(1.0, "done")
     return result
+
+
+def check_memory(image: sitk.Image, spacing_mm: float, model_labels: int, kept_labels: int, mirrored: bool) -> None:
+    """Refuse, before anything is allocated, a segmentation that would not fit in the available memory
+    (the system would kill the process, or Slicer with it). On the working grid the network's
+    probabilities of every label of the model are held, twice when mirrored, with the input and
+    the inferer's sums; on the source grid those of the kept labels with the decision. The factors
+    are peak memory measured on the CPU for the triplanar network and the 2-D U-Net, rounded up."""
+    extent = np.asarray(image.GetSpacing(), float) * np.asarray(image.GetSize(), float)
+    working = np.maximum(1, np.round(extent / spacing_mm))
+    source_voxels = float(np.prod(image.GetSize(), dtype=float))
+    working_volumes = model_labels * (2 if mirrored else 1) + 6
+    needed = 4 * (float(np.prod(working)) * working_volumes + source_voxels * (2 * kept_labels + 4))
+    available = available_memory_bytes()
+    if needed > available:
+        raise InputError(
+            f"segmenting this image needs about {needed / 2**30:.3g} GiB of memory ({'x'.join(map(str, image.GetSize()))} "
+            f"voxels, a {'x'.join(f'{s:.0f}' for s in working)} working grid at {spacing_mm} mm, {model_labels} labels), "
+            f"but {available / 2**30:.3g} GiB are available; crop the image to the region to segment, or close other "
+            "programs"
+        )
 
 
 def check_channel_count(model: SegmentationModel, task: Task, count: int) -> None:

@@ -132,3 +132,18 @@ def test_a_spacing_that_shrinks_the_scan_below_two_working_voxels_is_refused(mod
     # a header in metres: 16 x 14 x 12 voxels of 0.01 "mm" become one working voxel, segmented as empty
     with pytest.raises(InputError, match="1 x 1 x 1 voxels.*check the image spacing in its header"):
         segment_image(model, mr_scan(spacing=(0.01, 0.01, 0.01)), tasks=["breast_mri"], device="cpu")
+
+
+def test_a_scan_whose_segmentation_would_not_fit_in_memory_is_refused_before_work(model, tmp_path, monkeypatch):
+    # read_image lets a scan through when one float32 copy fits in a quarter of the memory, but
+    # segmenting holds every label's probabilities on the working grid (here 8x the scan's voxels)
+    from MultiTaskSegLib import imageio, inference
+
+    scan = sitk.GetImageFromArray(np.random.default_rng(0).integers(10, 300, (40, 40, 40), dtype=np.int16))
+    scan.SetSpacing((2.6, 2.6, 2.6))
+    path = imageio.write_image(scan, tmp_path / "scan.nrrd")
+    for module in (imageio, inference):
+        monkeypatch.setattr(module, "available_memory_bytes", lambda: 2 * 2**20, raising=False)
+    image = imageio.read_image(path)
+    with pytest.raises(InputError, match=r"needs about .* GiB of memory .* GiB .* available; crop"):
+        segment_image(model, image, tasks=["breast_mri"], device="cpu")
