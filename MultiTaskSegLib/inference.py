@@ -29,6 +29,8 @@ from .tasks import Task
 MIRROR_KEY = "test_time_mirroring"
 #: Working spacing further than this factor from the input's spacing triggers a warning.
 SPACING_WARNING_FACTOR = 3.0
+#: A scan has hundreds of intensity levels (an 8-bit skull-stripped T1 some 130); a label map or mask a few dozen.
+LABEL_MAP_MAX_VALUES = 64
 
 
 @dataclass
@@ -61,11 +63,26 @@ def choose_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def intensity_sample(image: sitk.Image) -> np.ndarray:
+    """Some 200,000 voxels spread over the whole image: enough to tell what kind of image it is."""
+    values = sitk.GetArrayViewFromImage(image)
+    return values.ravel()[:: max(1, values.size // 200_000)]
+
+
 def looks_like_ct(image: sitk.Image) -> bool:
     """CT stores Hounsfield units, so air sits near -1000; MR intensities are not negative like that."""
-    values = sitk.GetArrayViewFromImage(image)
-    sample = values.ravel()[:: max(1, values.size // 200_000)]
-    return float(np.percentile(sample, 1)) < -500.0
+    return float(np.percentile(intensity_sample(image), 1)) < -500.0
+
+
+def label_map_warnings(image: sitk.Image) -> list[str]:
+    """A label map or mask given as the scan (the files sit side by side) would be segmented as one."""
+    sample = intensity_sample(image)
+    values = np.unique(sample)
+    if values.size > LABEL_MAP_MAX_VALUES or not np.array_equal(sample, np.round(sample)):
+        return []
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if values.size > 8 else "")
+    return [f"the image holds only {values.size} distinct values ({shown}): it looks like a label map or mask, "
+            "not a scan; give the scan itself"]
 
 
 def resolve_tasks(model: SegmentationModel, tasks: Sequence[str] | None) -> tuple[str, ...]:
@@ -102,7 +119,7 @@ def check_input_against_model(model: SegmentationModel, image: sitk.Image, tasks
 
 def preprocessing_plan(model: SegmentationModel, image: sitk.Image, tasks: Sequence[str]) -> tuple[Task, list[str]]:
     """The task whose preprocessing the image gets, and the warnings the model card raises."""
-    warnings: list[str] = []
+    warnings = label_map_warnings(image)
     task = preprocessing_task(model, image, tasks, warnings)
     spacing = np.asarray(image.GetSpacing())
     working = task.working_spacing_mm

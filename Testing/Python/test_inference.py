@@ -147,3 +147,15 @@ def test_a_scan_whose_segmentation_would_not_fit_in_memory_is_refused_before_wor
     image = imageio.read_image(path)
     with pytest.raises(InputError, match=r"needs about .* GiB of memory .* GiB .* available; crop"):
         segment_image(model, image, tasks=["breast_mri"], device="cpu")
+
+
+def test_a_label_map_given_as_the_scan_is_warned_about(model):
+    labels = np.zeros((12, 14, 16), np.uint8)
+    labels[3:8, 4:9, 5:12] = 1
+    labels[6:9, 2:5, 2:6] = 2
+    label_map = sitk.GetImageFromArray(labels)
+    label_map.SetSpacing((1.3, 1.3, 1.3))
+    warnings = segment_image(model, label_map, tasks=["breast_mri"], device="cpu").warnings
+    assert any("only 3 distinct values (0, 1, 2): it looks like a label map or mask" in w for w in warnings), warnings
+    eight_bit_scan = sitk.Cast(sitk.RescaleIntensity(mr_scan(), 0, 255), sitk.sitkUInt8)  # 8 bits: still ~200 levels
+    assert not segment_image(model, eight_bit_scan, tasks=["breast_mri"], device="cpu").warnings
