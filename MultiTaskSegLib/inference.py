@@ -70,8 +70,9 @@ def intensity_sample(image: sitk.Image) -> np.ndarray:
 
 
 def looks_like_ct(image: sitk.Image) -> bool:
-    """CT stores Hounsfield units, so air sits near -1000; MR intensities are not negative like that."""
-    return float(np.percentile(intensity_sample(image), 1)) < -500.0
+    """CT stores Hounsfield units, so air (-1000) or, in a crop inside the body, fat (-100) lies well
+    below zero; MR intensities are not negative like that."""
+    return float(np.percentile(intensity_sample(image), 1)) < -50.0
 
 
 def label_map_warnings(image: sitk.Image) -> list[str]:
@@ -103,7 +104,7 @@ def preprocessing_task(model: SegmentationModel, image: sitk.Image, tasks: Seque
     is_ct = looks_like_ct(image)
     matching = [task for task in requested if (task.modality == "CT") == is_ct]
     if not matching:
-        modality = "CT (Hounsfield units)" if is_ct else "MR-like (no air at -1000 HU)"
+        modality = "CT (Hounsfield units)" if is_ct else "MR-like (no air or fat below -50 HU)"
         warnings.append(
             f"the image looks {modality} but the requested task(s) {', '.join(tasks)} expect "
             f"{'/'.join(sorted({t.modality for t in requested}))}; results may be meaningless"

@@ -159,3 +159,21 @@ def test_a_label_map_given_as_the_scan_is_warned_about(model):
     assert any("only 3 distinct values (0, 1, 2): it looks like a label map or mask" in w for w in warnings), warnings
     eight_bit_scan = sitk.Cast(sitk.RescaleIntensity(mr_scan(), 0, 255), sitk.sitkUInt8)  # 8 bits: still ~200 levels
     assert not segment_image(model, eight_bit_scan, tasks=["breast_mri"], device="cpu").warnings
+
+
+def limb_ct(shape=(12, 24, 24)) -> sitk.Image:
+    """A CT cropped inside a thigh, as the sarcoma model card asks: muscle in a ring of fat, no air."""
+    rng = np.random.default_rng(0)
+    _, yy, xx = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    radius = np.hypot(yy - shape[1] / 2, xx - shape[2] / 2)
+    hounsfield = np.where(radius < shape[1] / 3, 45.0, -100.0) + rng.normal(0, 10, shape)
+    image = sitk.GetImageFromArray(hounsfield.astype(np.int16))
+    image.SetSpacing((0.45, 0.45, 0.45))
+    return image
+
+
+def test_a_ct_cropped_inside_the_body_is_not_taken_for_an_mr(model):
+    warnings = segment_image(model, limb_ct(), tasks=["cardiac_cta"], device="cpu").warnings
+    assert not any("looks MR-like" in w for w in warnings), warnings
+    mr = mr_scan(spacing=(0.45, 0.45, 0.45))
+    assert any("looks MR-like" in w for w in segment_image(model, mr, tasks=["cardiac_cta"], device="cpu").warnings)
