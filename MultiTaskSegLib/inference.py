@@ -105,9 +105,13 @@ def preprocessing_task(model: SegmentationModel, image: sitk.Image, tasks: Seque
     matching = [task for task in requested if (task.modality == "CT") == is_ct]
     if not matching:
         modality = "CT (Hounsfield units)" if is_ct else "MR-like (no air or fat below -50 HU)"
+        # Some exporters drop the rescale intercept: such a CT starts at 0 like an MR.
+        unshifted = not is_ct and float(intensity_sample(image).min()) >= 0
         warnings.append(
             f"the image looks {modality} but the requested task(s) {', '.join(tasks)} expect "
             f"{'/'.join(sorted({t.modality for t in requested}))}; results may be meaningless"
+            + ("; if it is a CT stored without its -1024 HU offset (air at 0, water at 1024), subtract 1024 first"
+               if unshifted else "")
         )
         return requested[0]
     return matching[0]

@@ -177,3 +177,11 @@ def test_a_ct_cropped_inside_the_body_is_not_taken_for_an_mr(model):
     assert not any("looks MR-like" in w for w in warnings), warnings
     mr = mr_scan(spacing=(0.45, 0.45, 0.45))
     assert any("looks MR-like" in w for w in segment_image(model, mr, tasks=["cardiac_cta"], device="cpu").warnings)
+
+
+def test_a_ct_stored_without_its_offset_gets_a_warning_that_says_to_subtract_1024(model):
+    hounsfield = limb_ct()
+    unshifted = sitk.Cast(hounsfield + 1024, sitk.sitkUInt16)  # as some exporters write CT: air at 0, water at 1024
+    unshifted.CopyInformation(hounsfield)
+    warnings = segment_image(model, unshifted, tasks=["cardiac_cta"], device="cpu").warnings
+    assert any("without its -1024 HU offset" in w and "subtract 1024" in w for w in warnings), warnings
