@@ -83,10 +83,11 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-    except RuntimeError:
+    except RuntimeError as error:  # the reason names e.g. a sheared NIfTI ("only supports orthonormal direction cosines")
+        reason = _itk_reason(error).split("ERROR: ", 1)[-1]
         raise InputError(
-            f"{where} is not an image SimpleITK can read (another format, or a damaged header); give a NIfTI, "
-            "NRRD, MHA file or a DICOM series folder, or copy or export the file again"
+            f"{where} is not an image SimpleITK can read (another format, or a damaged header: {reason}); give a "
+            "NIfTI, NRRD, MHA file or a DICOM series folder, or copy or export the file again"
         ) from None
     size = reader.GetSize()
     _check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), size, where, channel)

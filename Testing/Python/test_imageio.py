@@ -136,6 +136,18 @@ def test_a_sheared_direction_matrix_is_refused_not_written_back_on_another_grid(
     assert np.allclose(read_image(write_image(rounded, tmp_path / "rounded.nrrd")).GetDirection(), rounded.GetDirection())
 
 
+def test_a_sheared_nifti_is_refused_with_itks_reason(tmp_path):
+    import struct
+
+    path = write_image(volume(), tmp_path / "scan.nii", compress=False)
+    header = bytearray(path.read_bytes())
+    header[252:256] = struct.pack("<2h", 0, 1)  # no qform; the sform alone says where the voxels are
+    header[280:328] = struct.pack("<12f", 0.7, 0.4, 0, 0, 0, 0.69, 0, 0, 0, 0, 2.0, 0)  # y axis leaning 30 degrees
+    path.write_bytes(bytes(header))
+    with pytest.raises(InputError, match="not an image SimpleITK can read .*orthonormal direction cosines"):
+        read_image(path)
+
+
 def test_file_that_is_not_an_image_is_refused(tmp_path):
     path = tmp_path / "notes.nii.gz"
     path.write_text("not an image")
