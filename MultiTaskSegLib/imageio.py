@@ -91,7 +91,7 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
         ) from None
     size = reader.GetSize()
     _check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), size, where, channel)
-    _check_size(size[:3], 1, where)
+    _check_size(size, reader.GetNumberOfComponents(), where)  # the reader loads every volume and component
     _check_header_geometry(reader.GetSpacing(), reader.GetDirection(), reader.GetDimension(), where)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_voxels(path, where, check_values)

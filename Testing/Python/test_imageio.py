@@ -169,6 +169,15 @@ def test_volume_too_large_for_memory_is_refused_before_reading(tmp_path, monkeyp
         read_image(path)
 
 
+def test_a_four_dimensional_file_too_large_as_a_whole_is_refused_before_reading(tmp_path, monkeypatch):
+    # the reader loads every volume before one is picked, so all of them must fit
+    volumes = [sitk.GetImageFromArray(np.full((10, 10, 10), value, np.float32)) for value in range(8)]
+    path = write_image(sitk.JoinSeries(volumes), tmp_path / "series.nrrd")
+    monkeypatch.setattr(imageio, "available_memory_bytes", lambda: 4 * 4 * 1000 * 4)  # a quarter: 4 volumes
+    with pytest.raises(InputError, match="10x10x10x8 voxels .* more than this machine can process"):
+        read_image(path, channel=1)
+
+
 def test_write_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "out.nii.gz"
     write_image(volume(), target)
