@@ -162,7 +162,11 @@ def segment_image(
     task, warnings = preprocessing_plan(model, image, tasks)
     check_channel_count(model, task, len(images))
     requested = [index for name in tasks for index in model.label_space.indices_for_task(name)]
-    check_memory(image, task.working_spacing_mm, len(model.label_space), 1 + len(requested), mirroring(model, mirror))
+    # float32 volumes held at the peak, measured on the CPU (triplanar, 2-D U-Net) and rounded up: on the
+    # working grid every label's probabilities (twice when mirrored), the input and the inferer's sums; on the
+    # source grid the kept labels' probabilities, the decision, and the probabilities written out
+    check_memory(image, task.working_spacing_mm, len(model.label_space) * (2 if mirroring(model, mirror) else 1) + 6,
+                 (3 if with_probabilities else 2) * (1 + len(requested)) + 4)
     report(0.0, "preprocessing")
     working, foreground, grid = prepare_image(images, task, task.working_spacing_mm)
 
@@ -200,24 +204,19 @@ def segment_image(
     return result
 
 
-def check_memory(image: sitk.Image, spacing_mm: float, model_labels: int, kept_labels: int, mirrored: bool) -> None:
+def check_memory(image: sitk.Image, spacing_mm: float, working_volumes: int, source_volumes: int) -> None:
     """Refuse, before anything is allocated, a segmentation that would not fit in the available memory
-    (the system would kill the process, or Slicer with it). On the working grid the network's
-    probabilities of every label of the model are held, twice when mirrored, with the input and
-    the inferer's sums; on the source grid those of the kept labels with the decision. The factors
-    are peak memory measured on the CPU for the triplanar network and the 2-D U-Net, rounded up."""
+    (the system would kill the process, or Slicer with it): ``working_volumes`` float32 volumes on the
+    working grid at ``spacing_mm`` and ``source_volumes`` on the image's grid."""
     extent = np.asarray(image.GetSpacing(), float) * np.asarray(image.GetSize(), float)
     working = np.maximum(1, np.round(extent / spacing_mm))
-    source_voxels = float(np.prod(image.GetSize(), dtype=float))
-    working_volumes = model_labels * (2 if mirrored else 1) + 6
-    needed = 4 * (float(np.prod(working)) * working_volumes + source_voxels * (2 * kept_labels + 4))
+    needed = 4 * (float(np.prod(working)) * working_volumes + float(np.prod(image.GetSize(), dtype=float)) * source_volumes)
     available = available_memory_bytes()
     if needed > available:
         raise InputError(
             f"segmenting this image needs about {needed / 2**30:.3g} GiB of memory ({'x'.join(map(str, image.GetSize()))} "
-            f"voxels, a {'x'.join(f'{s:.0f}' for s in working)} working grid at {spacing_mm} mm, {model_labels} labels), "
-            f"but {available / 2**30:.3g} GiB are available; crop the image to the region to segment, or close other "
-            "programs"
+            f"voxels, a {'x'.join(f'{s:.0f}' for s in working)} working grid at {spacing_mm} mm), but "
+            f"{available / 2**30:.3g} GiB are available; crop the image to the region to segment, or close other programs"
         )
 
 
