@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -65,10 +66,22 @@ def card_rows(model_folder: Path, task: str) -> list[dict]:
     return rows
 
 
-def bootstrap_interval(differences: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of the mean difference, resampling cases with replacement."""
+def bootstrap_interval(differences: np.ndarray, seed: int = 0, patients: Sequence[str] | None = None) -> tuple[float, float]:
+    """95 % interval of the mean difference, resampling cases with replacement.
+
+    ``patients`` names each case's patient where one patient has several (a sarcoma patient's MR and
+    CT): patients are resampled, each with all their cases, since those are not independent.
+    """
     rng = np.random.default_rng(seed)
-    means = differences[rng.integers(0, len(differences), (BOOTSTRAP_SAMPLES, len(differences)))].mean(axis=1)
+    if patients is None:
+        means = differences[rng.integers(0, len(differences), (BOOTSTRAP_SAMPLES, len(differences)))].mean(axis=1)
+    else:
+        names = list(dict.fromkeys(patients))  # in order of appearance: one case per patient resamples as without
+        owner = np.array([names.index(patient) for patient in patients])
+        sums = np.bincount(owner, weights=differences, minlength=len(names))
+        counts = np.bincount(owner, minlength=len(names))
+        drawn = rng.integers(0, len(names), (BOOTSTRAP_SAMPLES, len(names)))
+        means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 

@@ -87,7 +87,7 @@ def study(folder: Path) -> list[dict]:
                 kept = apply_rule(mask, rule, spacing)
                 value = dice(kept, reference) if kept.any() or reference.any() else 1.0
                 rows.append({"fold": folder.as_posix(), "model": meta["model"], "mirror": bool(meta.get("mirror", False)),
-                             "case": case.name, "threshold": name, "rule": rule, "dice": float(value)})
+                             "task": task.name, "case": case.name, "threshold": name, "rule": rule, "dice": float(value)})
     return rows
 
 
@@ -113,27 +113,31 @@ def report(rows: list[dict], folders: list[Path]) -> str:
 
 
 def settings_against_current(rows: list[dict]) -> list[str]:
-    """Lines comparing every setting with :data:`CURRENT_SETTING` on the cases that have both, pooled
-    over models (folds); empty when the current setting was not evaluated."""
-    scores = {(row["threshold"], row["rule"], row["mirror"], row["model"], row["case"]): row["dice"] for row in rows}
+    """Lines comparing every setting with :data:`CURRENT_SETTING` on the scans that have both, pooled
+    over models (folds) and tasks (one model's MR and CT scans of a patient are two scans, resampled
+    together by the bootstrap); empty when the current setting was not evaluated."""
+    scores = {(row["threshold"], row["rule"], row["mirror"], row["model"], row["task"], row["case"]): row["dice"]
+              for row in rows}
     current = {key[3:]: value for key, value in scores.items() if key[:3] == CURRENT_SETTING}
     if not current:
         return []
     settings = sorted({key[:3] for key in scores}, key=lambda s: (s[2], s[0] != "operating point", s[0], RULES.index(s[1])))
-    models = sorted({model for model, _ in current})
+    models = sorted({model for model, _, _ in current})
+    patients = [case for _, _, case in sorted(current)]
     lines = ["", f"Every setting against the current one (threshold {CURRENT_SETTING[0]}, {CURRENT_SETTING[1]} region, "
-             f"one pass), paired per case over {len(current)} cases of {len(models)} model(s):", "",
+             f"one pass), paired per scan over {len(current)} scans of {len(set(patients))} patients, "
+             f"{len(models)} model(s):", "",
              "| threshold | region | mirroring | mean Dice | paired difference (95 % bootstrap interval) | better / worse | "
              "difference per model |", "|---|---|---|---|---|---|---|"]
     cases = sorted(current)
     before = np.array([current[case] for case in cases])
-    owners = np.array([model for model, _ in cases])
+    owners = np.array([model for model, _, _ in cases])
     for setting in settings:
         if any(setting + case not in scores for case in cases):
             continue
         after = np.array([scores[setting + case] for case in cases])
         differences = after - before
-        low, high = bootstrap_interval(differences)
+        low, high = bootstrap_interval(differences, patients=patients)
         per_model = [differences[owners == model].mean() for model in models]
         lines.append(f"| {setting[0]} | {setting[1]} | {'yes' if setting[2] else 'no'} | {after.mean():.3f} | "
                      f"{differences.mean():+.3f} ({low:+.3f} to {high:+.3f}) | "
