@@ -93,22 +93,28 @@ def study(folder: Path) -> list[dict]:
 
 def report(rows: list[dict], folders: list[Path]) -> str:
     thresholds = list(dict.fromkeys(row["threshold"] for row in rows))
-    cases = sorted({(row["fold"], row["case"]) for row in rows})
-    lines = [f"Held-out cases: {len(cases)} from {', '.join(f.as_posix() for f in folders)}", "",
-             "| threshold | " + " | ".join(f"{rule}: mean Dice (cases < 0.1)" for rule in RULES) + " |",
-             "|---|" + "---|" * len(RULES)]
-    for threshold in thresholds:
-        cells = []
-        for rule in RULES:
-            values = np.array([row["dice"] for row in rows if row["threshold"] == threshold and row["rule"] == rule])
-            cells.append(f"{values.mean():.3f} ({int((values < 0.1).sum())})")
-        lines.append(f"| {threshold} | " + " | ".join(cells) + " |")
+    cases = sorted({(row["fold"], row["mirror"], row["case"]) for row in rows})
+    # A scan evaluated once in one pass and once mirrored is one scan judged two ways, not two cases.
+    scans = {(row["model"], row["task"], row["case"]) for row in rows}
+    lines = [f"Held-out scans: {len(scans)} ({len({case for _, _, case in scans})} patients) from "
+             f"{', '.join(f.as_posix() for f in folders)}", "",
+             "| threshold | mirroring | " + " | ".join(f"{rule}: mean Dice (cases < 0.1)" for rule in RULES) + " |",
+             "|---|---|" + "---|" * len(RULES)]
+    for mirror in sorted({row["mirror"] for row in rows}):
+        for threshold in thresholds:
+            cells = []
+            for rule in RULES:
+                values = np.array([row["dice"] for row in rows
+                                   if row["threshold"] == threshold and row["rule"] == rule and row["mirror"] == mirror])
+                cells.append(f"{values.mean():.3f} ({int((values < 0.1).sum())})")
+            lines.append(f"| {threshold} | {'yes' if mirror else 'no'} | " + " | ".join(cells) + " |")
     lines += ["", "Per case at the operating point (Dice):", "",
-              "| evaluation | case | " + " | ".join(RULES) + " |", "|---|---|" + "---|" * len(RULES)]
-    for fold, case in cases:
+              "| evaluation | mirroring | case | " + " | ".join(RULES) + " |", "|---|---|---|" + "---|" * len(RULES)]
+    for fold, mirror, case in cases:
         values = {row["rule"]: row["dice"] for row in rows
                   if row["fold"] == fold and row["case"] == case and row["threshold"] == "operating point"}
-        lines.append(f"| {'/'.join(Path(fold).parts[-3:-1])} | {case} | " + " | ".join(f"{values[r]:.3f}" for r in RULES) + " |")
+        lines.append(f"| {'/'.join(Path(fold).parts[-3:-1])} | {'yes' if mirror else 'no'} | {case} | "
+                     + " | ".join(f"{values[r]:.3f}" for r in RULES) + " |")
     return "\n".join(lines + settings_against_current(rows)) + "\n"
 
 

@@ -68,3 +68,16 @@ def test_one_models_mr_and_ct_of_a_patient_are_two_scans_resampled_together(tmp_
     row = next(line for line in report.splitlines() if line.startswith("| operating point | all | no |"))
     assert "+0.000 (+0.000 to +0.000) | 1 / 1 |" in row
 
+
+def test_a_scan_judged_in_one_pass_and_mirrored_is_counted_once_per_pass(tmp_path):
+    model = "runs/fold1/mr/model"
+    cases = {"P1": (tumour(), np.roll(tumour(), 8, axis=2)), "P2": (tumour(), tumour())}  # P1 missed: Dice 0
+    one_pass = write_evaluation(tmp_path, "fold1/mr/evaluation_no-mirror", "sarcoma_t1_mri", model, False, cases)
+    mirrored = write_evaluation(tmp_path, "fold1/mr/evaluation_mirror", "sarcoma_t1_mri", model, True, cases)
+    report = study(tmp_path, one_pass, mirrored)
+
+    assert report.startswith("Held-out scans: 2 (2 patients) from ")
+    for mirroring in ("no", "yes"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| operating point | {mirroring} |"))
+        assert row.count("0.500 (1)") == 3  # per pass: P1 0, P2 1; one patient below 0.1, not two
+    assert "| fold1/mr | yes | P1 | 0.000 |" in report and "| fold1/mr | no | P1 | 0.000 |" in report
