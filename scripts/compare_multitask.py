@@ -85,10 +85,22 @@ def bootstrap_interval(differences: np.ndarray, seed: int = 0, patients: Sequenc
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def by_case_and_region(rows: list[dict], arm: str) -> dict[tuple[str, str], dict]:
+    """An arm's rows by (case, region); a case twice (folds that overlap, a folder given twice) is refused,
+    since keeping either row would pair silently against the wrong figure or count a patient twice."""
+    keyed = {}
+    for row in rows:
+        key = (row["case"], row["region"])
+        if key in keyed:
+            raise SystemExit(f"the {arm} arm of {row['task']} holds case {key[0]} ({key[1]}) twice: each held-out "
+                             "case must come from one fold only; check the folders given for that arm")
+        keyed[key] = row
+    return keyed
+
+
 def compare(single: list[dict], multi: list[dict]) -> list[str]:
     """Table lines for one task: a row per region and, with several regions, their mean per case."""
-    single_rows = {(row["case"], row["region"]): row for row in single}
-    multi_rows = {(row["case"], row["region"]): row for row in multi}
+    single_rows, multi_rows = by_case_and_region(single, "first"), by_case_and_region(multi, "second")
     cases = sorted({case for case, _ in set(single_rows) & set(multi_rows)})
     if not cases:
         raise SystemExit(f"the two arms of {single[0]['task']} share no case and region: nothing to pair")

@@ -91,3 +91,16 @@ def test_a_recorded_table_file_is_an_arm_and_a_missing_one_is_named(tmp_path):
     missing = recorded.with_name("fold1_mr_cases_evaluation_no-mirror.csv")
     result, _ = compare(tmp_path, "--single", f"sarcoma_t1_mri={missing}", "--multi", f"sarcoma_t1_mri={seed1}")
     assert result.returncode != 0 and str(missing) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_case_pooled_twice_into_one_arm_is_refused_by_name(tmp_path):
+    """Overlapping folds (or one folder given twice) would pair one figure of the case silently."""
+    fold1 = write_evaluation(tmp_path / "fold1", {"P1": 0.8, "P2": 0.6})
+    fold2 = write_evaluation(tmp_path / "fold2", {"P2": 0.2, "P3": 0.5})
+    other = write_evaluation(tmp_path / "other", {"P1": 0.7, "P2": 0.5, "P3": 0.4})
+
+    result, _ = compare(tmp_path, "--single", f"sarcoma_t1_mri={other}",
+                        "--multi", f"sarcoma_t1_mri={fold1}", f"sarcoma_t1_mri={fold2}")
+
+    assert result.returncode != 0 and "case P2" in result.stderr and "second arm" in result.stderr
+    assert "Traceback" not in result.stderr
