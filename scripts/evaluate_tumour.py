@@ -179,10 +179,16 @@ def main() -> None:
     parser.add_argument("--card", type=Path, help="with --summarise: merge the pooled per-case figures into this card JSON")
     args = parser.parse_args()
     if args.summarise:
-        rows = []
+        rows, source = [], {}
         for folder in args.summarise:
             with open(folder / "per_case.csv", encoding="utf-8") as handle:
-                rows += list(csv.DictReader(handle))
+                for row in csv.DictReader(handle):
+                    key = (row["task"], row["region"], row["case"])
+                    if key in source:  # the table would count the case twice, the card keep one of its figures
+                        raise SystemExit(f"case {row['case']} ({row['task']}, {row['region']}) is in both {source[key]} and "
+                                         f"{folder}: each held-out case must come from one fold only")
+                    source[key] = folder
+                    rows.append(row)
         table = summary(rows)
         args.out.write_text(table, encoding="utf-8")
         print(table)
