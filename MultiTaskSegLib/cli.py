@@ -328,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"multitaskseg {args.command}: error: {error.strerror or error}{where}; check that the folder exists, "
               "is writable and has free space (finished files are kept)", file=sys.stderr)
         return 2
+    except MemoryError:  # numpy's allocation failures; the checks before reading and segmenting estimate, not promise
+        print(f"multitaskseg {args.command}: error: ran out of memory; crop the image to the region to segment, "
+              "close other programs, or use a machine with more memory (finished files are kept)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nmultitaskseg {args.command}: interrupted; finished files are kept, nothing half-written", file=sys.stderr)
         return 130

@@ -290,3 +290,17 @@ def test_repeated_data_options_add_up_instead_of_replacing_each_other():
         extra = ["--tasks", "breast_mri", "cardiac_cta"] if command == "train" else ["--model", "brain-t1"]
         parsed = build_parser().parse_args([command, *extra, "--data", "breast_mri=A", "--data", "cardiac_cta=B", "--out", "run"])
         assert parsed.data == ["breast_mri=A", "cardiac_cta=B"]
+
+
+def test_running_out_of_memory_is_an_error_that_says_what_to_do_not_a_traceback(tmp_path, model_path, scan, capsys,
+                                                                                 monkeypatch):
+    import MultiTaskSegLib.inference as inference
+
+    def allocate(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(inference, "prepare_image", allocate)
+    code = main(["segment", "--model", str(model_path), "--input", str(scan[0]), "--output", str(tmp_path / "out.nii.gz")])
+    assert code == 2
+    assert "ran out of memory; crop the image" in capsys.readouterr().err
+    assert not (tmp_path / "out.nii.gz").exists()
