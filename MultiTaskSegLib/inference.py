@@ -160,7 +160,7 @@ def segment_image(
     image = images[0]
     tasks = resolve_tasks(model, tasks)
     task, warnings = preprocessing_plan(model, image, tasks)
-    check_channel_count(model, task, len(images))
+    check_channels(model, task, images)
     requested = [index for name in tasks for index in model.label_space.indices_for_task(name)]
     # float32 volumes held at the peak, measured on the CPU (triplanar, 2-D U-Net) and rounded up: on the
     # working grid every label's probabilities (twice when mirrored), the input and the inferer's sums; on the
@@ -220,12 +220,25 @@ def check_memory(image: sitk.Image, spacing_mm: float, working_volumes: int, sou
         )
 
 
-def check_channel_count(model: SegmentationModel, task: Task, count: int) -> None:
-    """One input per channel of the task, in its order."""
-    if count != len(task.channels):
+def check_channels(model: SegmentationModel, task: Task, images: Sequence[sitk.Image]) -> None:
+    """One input per channel of the task, in its order, and no scan given for two channels (the same
+    file or volume picked twice would be segmented without a word, the second contrast missing)."""
+    if len(images) != len(task.channels):
         names = ", ".join(task.channels)
         raise InputError(f"model {model.name} reads {len(task.channels)} image(s) for task {task.name} ({names}), got "
-                         f"{count}; give one input per channel in that order (--input {' --input '.join(task.channels)})")
+                         f"{len(images)}; give one input per channel in that order "
+                         f"(--input {' --input '.join(task.channels)})")
+    for later in range(1, len(images)):
+        for earlier in range(later):
+            if _same_image(images[earlier], images[later]):
+                raise InputError(f"the {task.channels[earlier]} and {task.channels[later]} inputs are the same image; "
+                                 f"give each channel its own scan")
+
+
+def _same_image(first: sitk.Image, second: sitk.Image) -> bool:
+    return (first.GetSize() == second.GetSize() and first.GetPixelID() == second.GetPixelID()
+            and np.allclose(first.GetOrigin(), second.GetOrigin()) and np.allclose(first.GetSpacing(), second.GetSpacing())
+            and np.array_equal(sitk.GetArrayViewFromImage(first), sitk.GetArrayViewFromImage(second)))
 
 
 def absent_structures(model: SegmentationModel, working: np.ndarray, device: torch.device,

@@ -85,7 +85,8 @@ def test_the_trained_model_reads_both_channels_and_writes_on_the_first_grid(trai
     # scaling would not: each channel is z-scored on its own).
     t1c, flair = (sitk.ReadImage(str(case / f"{name}.nii.gz")) for name in ("t1c", "flair"))
     first = sitk.GetArrayFromImage(segment_image(model, [t1c, flair], device="cpu", with_probabilities=True).probabilities)
-    other = sitk.Image(t1c)
+    other = sitk.GetImageFromArray(sitk.GetArrayFromImage(t1c)[::-1].copy())  # T1c's values, not the same image
+    other.CopyInformation(t1c)
     second = sitk.GetArrayFromImage(segment_image(model, [t1c, other], device="cpu", with_probabilities=True).probabilities)
     assert np.abs(first - second).max() > 1e-3
 
@@ -96,6 +97,15 @@ def test_one_input_for_a_two_channel_model_is_an_error_that_names_the_channels(t
                  "--output", str(tmp_path / "labels.nii.gz"), "--device", "cpu"])
     assert code == 2
     assert "--input T1c --input FLAIR" in capsys.readouterr().err
+    assert not (tmp_path / "labels.nii.gz").exists()
+
+
+def test_the_same_scan_given_for_two_channels_is_refused_with_both_named(trained, tmp_path, capsys):
+    t1c = trained / "data" / "case0" / "t1c.nii.gz"
+    code = main(["segment", "--model", str(trained / "run" / "model"), "--input", str(t1c), "--input", str(t1c),
+                 "--output", str(tmp_path / "labels.nii.gz"), "--device", "cpu"])
+    assert code == 2
+    assert "the T1c and FLAIR inputs are the same image" in capsys.readouterr().err
     assert not (tmp_path / "labels.nii.gz").exists()
 
 
