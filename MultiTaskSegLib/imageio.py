@@ -90,6 +90,8 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
             "NIfTI, NRRD, MHA file or a DICOM series folder, or copy or export the file again"
         ) from None
     size = reader.GetSize()
+    if reader.GetDimension() == 4 and size[3] == 1 and channel is None:
+        channel = 0  # a 3-D volume stored as a series of one (some NRRD and NIfTI writers)
     _check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), size, where, channel)
     _check_size(size, reader.GetNumberOfComponents(), where)  # the reader loads every volume and component
     _check_header_geometry(reader.GetSpacing(), reader.GetDirection(), reader.GetDimension(), where)

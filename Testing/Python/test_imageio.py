@@ -88,6 +88,16 @@ def test_a_single_voxel_is_called_what_it_is(tmp_path):
         read_image(path)
 
 
+def test_a_volume_stored_as_a_four_dimensional_series_of_one_is_read_as_that_volume(tmp_path):
+    volume = sitk.GetImageFromArray((np.arange(120, dtype=np.float32) % 7 + 1).reshape(4, 5, 6))
+    volume.SetSpacing((0.8, 0.9, 2.5))
+    path = write_image(sitk.JoinSeries([volume]), tmp_path / "one.nrrd")
+    assert sitk.ReadImage(str(path)).GetDimension() == 4
+    read = read_image(path)
+    assert read.GetDimension() == 3 and read.GetSpacing() == pytest.approx((0.8, 0.9, 2.5))
+    assert np.array_equal(sitk.GetArrayViewFromImage(read), sitk.GetArrayViewFromImage(volume))
+
+
 def test_four_dimensional_image_asks_for_a_channel_and_the_channel_can_be_picked(tmp_path):
     data = np.stack([np.full((4, 5, 6), value, np.float32) + np.arange(6) for value in (1, 2, 3)])
     path = write_image(sitk.JoinSeries([sitk.GetImageFromArray(d) for d in data]), tmp_path / "series.nii.gz")
