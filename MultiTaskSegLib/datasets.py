@@ -119,6 +119,20 @@ def split_cases(cases: Sequence[CaseFiles], validation_fraction: float, seed: in
     return train, validation
 
 
+def read_label(path, image: sitk.Image, image_path) -> sitk.Image:
+    """A case's label map, refused unless it lies on its image's grid: training and evaluation read
+    label values voxel by voxel against the image, so a label on another grid would be misplaced."""
+    labels = read_image(path, check_values=False)
+    if not same_geometry(labels, image, tolerance=1e-3):
+        raise InputError(
+            f"label {path} (size {labels.GetSize()}, spacing {labels.GetSpacing()}) is not "
+            f"on the grid of image {image_path} (size {image.GetSize()}, spacing {image.GetSpacing()}); "
+            "resample the label onto the image first"
+        )
+    labels.CopyInformation(image)  # drop header rounding below the tolerance
+    return labels
+
+
 def prepare_case(files: CaseFiles, label_space: LabelSpace, spacing_mm: float | None = None) -> PreparedCase:
     """Read, check, normalise and resample one labelled case into the model's label space."""
     task = label_space.task(files.task)
@@ -133,14 +147,7 @@ def prepare_case(files: CaseFiles, label_space: LabelSpace, spacing_mm: float | 
     working, foreground, grid = prepare_image(channels, task, spacing, mask)
     labels = np.zeros(foreground.shape, dtype=np.int16)
     if files.label is not None:
-        source_labels = read_image(files.label, check_values=False)
-        if not same_geometry(source_labels, image, tolerance=1e-3):
-            raise InputError(
-                f"label {files.label} (size {source_labels.GetSize()}, spacing {source_labels.GetSpacing()}) is not "
-                f"on the grid of image {files.image} (size {image.GetSize()}, spacing {image.GetSpacing()}); "
-                "resample the label onto the image first"
-            )
-        source_labels.CopyInformation(image)  # drop header rounding below the tolerance
+        source_labels = read_label(files.label, image, files.image)
         source_values = sitk.GetArrayViewFromImage(source_labels)
         mapped = task.map_labels(source_values)
         if not mapped.any() and source_values.any():

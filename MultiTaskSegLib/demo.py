@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .datasets import find_cases
+from .datasets import find_cases, read_label
 from .evaluation import dice_per_class
 from .imageio import read_image
 from .inference import segment_image
@@ -71,7 +71,7 @@ def run_demo(out: Path, device: str = "auto", cases: int = DEMO_CASES) -> int:
             output = write_result(result, out / "segmentations" / model_name / f"{case.task}_{case.name}.seg.nrrd")
             task = get_task(case.task)
             reference = model.label_space.to_model_labels(
-                case.task, task.map_labels(sitk.GetArrayFromImage(read_image(case.label, check_values=False))))
+                case.task, task.map_labels(sitk.GetArrayFromImage(read_label(case.label, image, case.image))))
             indices = model.label_space.indices_for_task(case.task)
             scores = dice_per_class(sitk.GetArrayViewFromImage(result.labels), reference, indices)
             reference_image = sitk.GetImageFromArray(reference)

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .datasets import CaseFiles, find_cases, parse_data_arguments
+from .datasets import CaseFiles, find_cases, parse_data_arguments, read_label
 from .evaluation import evaluate_labels, precision_recall_curve, task_confusion
 from .imageio import read_image
 from .inference import segment_image
@@ -55,7 +55,7 @@ def evaluate_cases(model: SegmentationModel, cases: Sequence[CaseFiles], out: Pa
         alien = [i for i in range(1, len(space)) if i not in own]
         image = read_image(case.image)
         reference = space.to_model_labels(task_name, task.map_labels(
-            sitk.GetArrayFromImage(read_image(case.label, check_values=False))))
+            sitk.GetArrayFromImage(read_label(case.label, image, case.image))))
         reference_image = sitk.GetImageFromArray(reference)
         reference_image.CopyInformation(image)
         every_task = segment_image(model, image, tasks=None, device=device, with_probabilities=True)

@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from bundle_model import refreshed
-from MultiTaskSegLib.datasets import find_cases
+from MultiTaskSegLib.datasets import find_cases, read_label
 from MultiTaskSegLib.evaluation import dice, hausdorff95, task_confusion
 from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.inference import mirroring, segment_image
@@ -96,7 +96,7 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
     for case in find_cases(task, cases_folder):
         image = read_image(case.image)
         channels = [image, *(read_image(path) for path in case.channel_images)]  # e.g. T1c, FLAIR
-        reference = read_image(case.label, check_values=False)
+        reference = read_label(case.label, image, case.image)
         started = time.perf_counter()
         result = segment_image(model, channels, [task_name], device, with_probabilities=save_probabilities,
                                mirror=mirror)

@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from bundle_model import refreshed
 from compare_multitask import bootstrap_interval
 from evaluate_tumour import class_probabilities
-from MultiTaskSegLib.datasets import find_cases
+from MultiTaskSegLib.datasets import find_cases, read_label
 from MultiTaskSegLib.evaluation import dice
 from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.inference import segment_image
@@ -67,7 +67,7 @@ def study_model(model_path: Path, cases_folder: Path, task_name: str) -> list[di
     rows = []
     for case in find_cases(task, cases_folder):
         image = read_image(case.image)
-        reference = task.map_labels(sitk.GetArrayFromImage(read_image(case.label, check_values=False))) > 0
+        reference = task.map_labels(sitk.GetArrayFromImage(read_label(case.label, image, case.image))) > 0
         probabilities = {plane: plane_probabilities(model, image, task_name, plane) for plane in planes}
         spacing = np.array(image.GetSpacing())[::-1]
         for subset in subsets(planes):

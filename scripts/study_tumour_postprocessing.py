@@ -35,9 +35,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from compare_multitask import bootstrap_interval
-from MultiTaskSegLib.datasets import find_cases
+from MultiTaskSegLib.datasets import find_cases, read_label
 from MultiTaskSegLib.evaluation import dice
-from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.postprocessing import connected_regions
 from MultiTaskSegLib.tasks import get_task
 
@@ -79,7 +78,7 @@ def study(folder: Path) -> list[dict]:
     for case in find_cases(task, Path(meta["cases"])):
         image = sitk.ReadImage(str(folder / f"{case.name}_probabilities.nii.gz"))
         probabilities = sitk.GetArrayFromImage(image)
-        reference = task.map_labels(sitk.GetArrayFromImage(read_image(case.label, check_values=False))) > 0
+        reference = task.map_labels(sitk.GetArrayFromImage(read_label(case.label, image, folder / f"{case.name}_probabilities.nii.gz"))) > 0
         spacing = np.array(image.GetSpacing())[::-1]
         for name, threshold in [("operating point", operating_point), *((f"{t:.1f}", t) for t in FIXED_THRESHOLDS)]:
             mask = probabilities >= threshold

@@ -304,3 +304,16 @@ def test_running_out_of_memory_is_an_error_that_says_what_to_do_not_a_traceback(
     assert code == 2
     assert "ran out of memory; crop the image" in capsys.readouterr().err
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_evaluate_refuses_a_reference_label_on_another_grid_than_its_scan(tmp_path, tiny_dataset, capsys):
+    model = save_model(make_tiny_model(["breast_mri"], seed=2), tmp_path / "model")
+    label_path = tiny_dataset / "breast_mri" / "case_001" / "label.nii.gz"
+    label = sitk.ReadImage(str(label_path))
+    label.SetOrigin((0.0, 0.0, 20.0))  # a label exported from another crop of the scan
+    sitk.WriteImage(label, str(label_path))
+    code = main(["evaluate", "--model", str(model), "--data", f"breast_mri={tiny_dataset / 'breast_mri'}",
+                 "--out", str(tmp_path / "evaluation"), "--device", "cpu"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "case_001/label.nii.gz" in error and "is not on the grid of image" in error
