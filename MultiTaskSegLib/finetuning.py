@@ -31,7 +31,7 @@ from .imageio import read_image, write_image
 from .model_catalog import read_model_card
 from .model_files import SegmentationModel, as_model
 from .tasks import Task, get_task
-from .training import CHECKPOINT_DIR, TrainingConfig, train
+from .training import CHECKPOINT_DIR, TrainingConfig, train, trained_cases
 
 DEFAULT_STEPS = 200
 DEFAULT_BATCH_SIZE = 8
@@ -114,8 +114,7 @@ def _resumable_on(folder: Path, cases: list[str]) -> bool:
     checkpoint = folder / CHECKPOINT_DIR / "model"
     if (folder / "model").exists() or not checkpoint.is_dir():
         return False
-    provenance = read_model_card(checkpoint).get("provenance", {})
-    return sorted(provenance.get("training_cases", []) + provenance.get("validation_cases", [])) == cases
+    return trained_cases(read_model_card(checkpoint).get("provenance", {})) == cases
 
 
 def start_finetune(parent: str | os.PathLike, cases: str | os.PathLike, out: str | os.PathLike,

@@ -22,7 +22,7 @@ from .imageio import available_memory_bytes, check_image
 from .model_files import SegmentationModel
 from .plausibility import CARD_KEY, implausible_volumes
 from .postprocessing import keep_largest_regions
-from .preprocessing import background_outside, prepare_image, undecided_box
+from .preprocessing import background_outside, prepare_image, undecided_box, working_grid_sides
 from .tasks import Task
 
 #: Model-card key: true when the model segments as the mean of the scan's and its mirror's predictions.
@@ -208,8 +208,7 @@ def check_memory(image: sitk.Image, spacing_mm: float, working_volumes: int, sou
     """Refuse, before anything is allocated, a segmentation that would not fit in the available memory
     (the system would kill the process, or Slicer with it): ``working_volumes`` float32 volumes on the
     working grid at ``spacing_mm`` and ``source_volumes`` on the image's grid."""
-    extent = np.asarray(image.GetSpacing(), float) * np.asarray(image.GetSize(), float)
-    working = np.maximum(1, np.round(extent / spacing_mm))
+    working = working_grid_sides(image, spacing_mm)[1]
     needed = 4 * (float(np.prod(working)) * working_volumes + float(np.prod(image.GetSize(), dtype=float)) * source_volumes)
     available = available_memory_bytes()
     if needed > available:

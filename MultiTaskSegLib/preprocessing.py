@@ -81,11 +81,16 @@ def align_channels(images: Sequence[sitk.Image], task: Task) -> list[sitk.Image]
 MAX_WORKING_VOXELS = 600 * 600 * 600
 
 
+def working_grid_sides(image: sitk.Image, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image's extent in mm and the voxels per axis of its working grid at ``spacing_mm``."""
+    extent = np.asarray(image.GetSpacing(), float) * np.asarray(image.GetSize(), float)
+    return extent, np.maximum(1, np.round(extent / spacing_mm))
+
+
 def check_working_grid_size(image: sitk.Image, spacing_mm: float) -> None:
     """Refuse a resampling that would allocate an enormous grid (e.g. a 20 mm scan at 0.5 mm), or
     shrink the scan to a single slice (a spacing in metres read as millimetres)."""
-    extent = np.asarray(image.GetSpacing(), float) * np.asarray(image.GetSize(), float)
-    sides = np.maximum(1, np.round(extent / spacing_mm))
+    extent, sides = working_grid_sides(image, spacing_mm)
     if sides.min() < 2:
         raise InputError(
             f"the image covers {' x '.join(f'{e:.3g}' for e in extent)} mm; at the working spacing of {spacing_mm} mm "

@@ -358,10 +358,15 @@ def _case_names(files: Sequence[CaseFiles]) -> list[str]:
     return sorted(f"{case.task}/{case.name}" for case in files)
 
 
+def trained_cases(provenance: dict) -> list[str]:
+    """The ``TASK/CASE`` names a model's provenance says it trained and validated on, sorted."""
+    return sorted(provenance.get("training_cases", []) + provenance.get("validation_cases", []))
+
+
 def _check_same_cases(run: Path, checkpoint: SegmentationModel, cases: list[str]) -> None:
     """A run resumes only on the cases it started with: a finished run would return its old weights
     named as trained on the new cases (a fine-tune on replaced corrections), an interrupted one would mix them."""
-    before = sorted(checkpoint.provenance.get("training_cases", []) + checkpoint.provenance.get("validation_cases", []))
+    before = trained_cases(checkpoint.provenance)
     if before and before != cases:
         added, removed = sorted(set(cases) - set(before)), sorted(set(before) - set(cases))
         raise InputError(f"the cases under --data changed since {run} was started (added: {', '.join(added) or 'none'}; "

@@ -9,21 +9,9 @@ import sys
 
 import pytest
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, write_evaluation
 
 SCRIPT = PROJECT_ROOT / "scripts" / "compare_multitask.py"
-FIELDS = ["case", "task", "region", "dice", "hd95_mm", "seconds", "warnings", "confusion_percent"]
-
-
-def write_evaluation(folder, dice_by_case):
-    """An evaluation folder as evaluate_tumour.py writes it (the columns the comparison reads)."""
-    folder.mkdir(parents=True)
-    with open(folder / "per_case.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(FIELDS)
-        for case, value in dice_by_case.items():
-            writer.writerow([case, "sarcoma_t1_mri", "Sarcoma", value, 5.0, 1.0, 0, "nan"])
-    return folder
 
 
 def compare(tmp_path, *arguments):
