@@ -4,7 +4,9 @@
 pattern (``'scans/**/*.nii.gz'``), or a CSV file with an ``image`` column and optional ``reference``
 and ``case`` columns (relative paths are relative to the CSV file). A multi-channel task (e.g.
 ``brats_glioma_t1c_flair``) takes its first channel from ``image`` and each further one from the
-column named after it (``FLAIR``). Every input is a *case*, named
+column named after it (``FLAIR``); ``--channel`` picks the volume of 4-D files once for every file,
+or once per channel in the task's order (``--channel 0 --channel 1`` when ``image`` and ``FLAIR``
+name one 4-D file holding both). Every input is a *case*, named
 by the CSV's ``case`` column or after its file (``scans/p01.nii.gz`` -> ``p01``); when two files
 share a name, by their path below the inputs' common folder (``a/scan.nii.gz`` -> ``a_scan``). A
 case's output is ``OUTPUT/<case>.seg.nrrd`` (names, colours, terminology) or ``OUTPUT/<case>.nii.gz``
@@ -51,7 +53,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .evaluation import evaluate_labels
 from .geometry import same_geometry
-from .imageio import IMAGE_SUFFIXES, is_image_path, read_image
+from .imageio import IMAGE_SUFFIXES, channels_per_input, is_image_path, read_image, read_images
 from .inference import SegmentationResult, resolve_tasks, segment_image
 from .model_files import SegmentationModel, load_model
 from .segments import write_result
@@ -344,9 +346,11 @@ def write_metrics_table(folder: Path, cases: Sequence[BatchCase]) -> Path | None
 
 
 def process_case(model: SegmentationModel, case: BatchCase, folder: Path, output_format: str,
-                 tasks: Sequence[str], device: str, channel: int | None) -> list[str]:
-    """Segment one case and write its files (metrics first, output last); returns the warnings."""
-    images = [read_image(path, channel=channel) for path in channel_files(model, case, tasks)]
+                 tasks: Sequence[str], device: str, channels: Sequence[int | None]) -> list[str]:
+    """Segment one case and write its files (metrics first, output last); returns the warnings.
+
+    ``channels``: as for :func:`read_images`, one per channel of the task (image first)."""
+    images = read_images(channel_files(model, case, tasks), channels, task_channels(model, tasks))
     result = segment_image(model, images, tasks=tasks, device=device)
     if case.reference is not None:
         metrics = json.dumps(case_metrics(case.name, case.reference, result), indent=1)
@@ -367,6 +371,13 @@ def channel_files(model: SegmentationModel, case: BatchCase, tasks: Sequence[str
                          f"{', '.join(missing)} image: give the inputs as a CSV with columns image, "
                          f"{', '.join(channels[1:])}")
     return [case.image, *(columns[name.lower()] for name in channels[1:])]
+
+
+def task_channels(model: SegmentationModel, tasks: Sequence[str]) -> str:
+    """The channels a case's files are read for, in messages: "the 2 channels of TASK (T1c, FLAIR)"."""
+    task = model.label_space.task((tasks or model.label_space.task_names)[0])
+    count = len(task.channels)
+    return f"the {count} channel{'s' if count > 1 else ''} of {task.name} ({', '.join(task.channels)})"
 
 
 def describe_error(error: Exception) -> str:
@@ -487,12 +498,14 @@ def run_batch(
     reference_dir: str | os.PathLike | None = None,
     shard: str | None = None,
     device: str = "auto",
-    channel: int | None = None,
+    channels: Sequence[int | None] = (),
     stream: TextIO | None = None,
 ) -> BatchSummary:
     """Segment every case of ``inputs`` (this shard's share) into ``output``; see the module docstring.
 
-    Progress goes to ``stream`` (standard error by default).
+    ``channels`` picks the volume of 4-D or multi-component files: one for every file, or one per
+    channel of the task in its order (None: a file holding a single volume). Progress goes to
+    ``stream`` (standard error by default).
     """
     stream = stream or sys.stderr
     if output_format not in OUTPUT_FORMATS:
@@ -504,6 +517,7 @@ def run_batch(
     cases = select_shard(every_case, index, count)
     model = load_model(model_source)
     tasks = resolve_tasks(model, tasks)
+    channels_per_input(channels, len(model.label_space.task(tasks[0]).channels), task_channels(model, tasks))
     folder.mkdir(parents=True, exist_ok=True)
     check_same_batch(folder, model, tasks, output_format, every_case)
 
@@ -518,7 +532,7 @@ def run_batch(
                  f"with {model.name} ({', '.join(tasks)})\n")
 
     started = time.monotonic()
-    segment_cases(model, todo, folder, output_format, tasks, device, channel, summary, stream)
+    segment_cases(model, todo, folder, output_format, tasks, device, channels, summary, stream)
     summary.seconds = round(time.monotonic() - started, 2)
 
     metrics = write_metrics_table(folder, every_case) if any(case.reference for case in every_case) else None
@@ -527,13 +541,13 @@ def run_batch(
 
 
 def segment_cases(model: SegmentationModel, cases: Sequence[BatchCase], folder: Path, output_format: str,
-                  tasks: Sequence[str], device: str, channel: int | None, summary: BatchSummary,
+                  tasks: Sequence[str], device: str, channels: Sequence[int | None], summary: BatchSummary,
                   stream: TextIO) -> None:
     """Segment ``cases`` one after the other under a progress bar, noting each outcome in ``summary``."""
     progress = ProgressBar(len(cases), stream)
     for case in cases:
         try:
-            for warning in process_case(model, case, folder, output_format, tasks, device, channel):
+            for warning in process_case(model, case, folder, output_format, tasks, device, channels):
                 progress.note(f"warning: {case.name}: {warning}")
         except Exception as error:  # one bad case must not stop the others; it is reported and counted
             summary.failed[case.name] = describe_error(error)

@@ -34,6 +34,16 @@ def _arguments(pairs: Sequence[str]) -> dict:
     return result
 
 
+def _channel(text: str) -> int | None:
+    """``--channel 2`` -> 2; ``--channel none`` -> None (an input holding a single volume)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a channel number (0, 1, ...) or none, got {text!r}") from None
+
+
 def command_tasks(args) -> int:
     from .tasks import list_tasks
 
@@ -113,14 +123,14 @@ def _print_progress(fraction: float, stage: str) -> None:
 
 
 def command_segment(args) -> int:
-    from .imageio import read_image
+    from .imageio import read_images
     from .inference import segment_image
     from .model_files import load_model
     from .segments import check_outputs, write_result
 
     check_outputs(args.input, args.output, args.probabilities, overwrite=args.overwrite)
     model = load_model(args.model)
-    images = [read_image(path, channel=args.channel) for path in args.input]
+    images = read_images(args.input, args.channel or ())
     result = segment_image(model, images, tasks=args.tasks, device=args.device,
                            with_probabilities=args.probabilities is not None, progress=_print_progress,
                            mirror=args.mirror)
@@ -135,7 +145,8 @@ def command_batch(args) -> int:
     from .batch import run_batch, summary_line
 
     summary = run_batch(args.model, args.input, args.output, tasks=args.tasks, output_format=args.format,
-                        reference_dir=args.reference_dir, shard=args.shard, device=args.device, channel=args.channel)
+                        reference_dir=args.reference_dir, shard=args.shard, device=args.device,
+                        channels=args.channel or ())
     print(summary_line(summary, Path(args.output)))
     return summary.exit_code
 
@@ -286,7 +297,10 @@ def _add_segmenting_commands(commands) -> None:
     sub.add_argument("--tasks", nargs="+")
     sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     sub.add_argument("--probabilities", help="also write per-class probabilities (vector image) here")
-    sub.add_argument("--channel", type=int, help="the channel to use from a 4-D or multi-component input")
+    sub.add_argument("--channel", type=_channel, action="append", metavar="N",
+                     help="the channel (0, 1, ...) to use from a 4-D or multi-component input: once for every "
+                          "--input, or once per --input in the same order, none for a file holding a single volume "
+                          "(e.g. --input t1c_flair.nii.gz --channel 0 --input flair.nii.gz --channel none)")
     sub.add_argument("--mirror", action=argparse.BooleanOptionalAction,
                      help="average with the prediction of the left-right mirrored scan (twice the time); "
                           "default: as the model card says")
@@ -304,7 +318,10 @@ def _add_segmenting_commands(commands) -> None:
     sub.add_argument("--reference-dir", help="reference label maps named after the cases: adds metrics.csv")
     sub.add_argument("--shard", help="i/N: this machine's share, i from 0 to N-1 (e.g. $SLURM_ARRAY_TASK_ID/N)")
     sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    sub.add_argument("--channel", type=int, help="the channel to use from 4-D or multi-component inputs")
+    sub.add_argument("--channel", type=_channel, action="append", metavar="N",
+                     help="the channel (0, 1, ...) to use from 4-D or multi-component inputs: once for every file, "
+                          "or once per channel of the task in its order (the image column, then the further "
+                          "channels' columns), none for a file holding a single volume")
     sub.set_defaults(run=command_batch)
 
     sub = commands.add_parser("evaluate", help="Dice, HD95, precision-recall and task confusion on labelled cases")

@@ -14,6 +14,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -106,6 +107,54 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
         detail = "" if reason.startswith("Reason:") or not reason else f" ({reason})"
         raise InputError(f"{where} could not be read{detail}; the file is damaged or cut short: copy or export it again") from None
     return check_image(_pick_channel(image, channel, where), where, check_values)
+
+
+def read_images(paths: Sequence[str | os.PathLike], channels: Sequence[int | None] = (),
+                inputs: str | None = None) -> list[sitk.Image]:
+    """One volume from each of ``paths`` (the channels of a multi-channel task, in its order).
+
+    ``channels`` is empty (every file holds one volume), one channel for every file, or one per
+    file in order, None for a file holding one volume. ``inputs`` names the files in messages
+    (default: "N inputs").
+    """
+    picks = channels_per_input(channels, len(paths), inputs or f"{len(paths)} inputs")
+    if len(channels) == 1 and len(paths) > 1 and channels[0]:
+        for path in paths:  # a file of one volume has only channel 0: the user meant another file's channel
+            if volume_count(path) == 1:
+                raise InputError(f"'{path}' holds a single volume, so it has no channel {channels[0]}: a --channel given once "
+                                 "applies to every input; give one --channel per input, in order (none for a file "
+                                 "holding a single volume)")
+    return [read_image(path, channel=channel) for path, channel in zip(paths, picks)]
+
+
+def channels_per_input(channels: Sequence[int | None], count: int, inputs: str) -> list[int | None]:
+    """The channel to pick from each of ``count`` inputs: none given, none picked; one given, the same
+    from every input; else one per input, in order."""
+    if not channels:
+        return [None] * count
+    if len(channels) == 1:
+        return list(channels) * count
+    if len(channels) != count:
+        raise InputError(f"--channel is given {len(channels)} times for {inputs}; give it once per input, in order "
+                         "(none for a file holding a single volume), or once for all")
+    return list(channels)
+
+
+def volume_count(path: str | os.PathLike) -> int | None:
+    """How many volumes a file holds (a 4-D series' volumes, or a vector image's components), from its
+    header; 1 for a DICOM series folder; None when the header cannot be read (read_image says why)."""
+    path = Path(path)
+    if path.is_dir():
+        return 1
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if reader.GetDimension() > 3:
+        return reader.GetSize()[3]
+    return max(reader.GetNumberOfComponents(), 1)
 
 
 def _check_header_geometry(spacing, direction, dimension: int, where: str) -> None:
@@ -286,7 +335,7 @@ def _pick_channel(image: sitk.Image, channel: int | None, where: str) -> sitk.Im
         size[3] = 0
         return sitk.Extract(image, size, [0, 0, 0, channel])
     if channel != 0:
-        raise InputError(f"{where} has a single channel; channel must be 0 or left out, got {channel}")
+        raise InputError(f"{where} holds a single volume; channel must be 0 or none, got {channel}")
     return image
 
 

@@ -317,3 +317,20 @@ def test_evaluate_refuses_a_reference_label_on_another_grid_than_its_scan(tmp_pa
     assert code == 2
     error = capsys.readouterr().err
     assert "case_001/label.nii.gz" in error and "is not on the grid of image" in error
+
+
+def test_a_channel_given_once_picks_that_volume_of_a_4d_input(tmp_path, model_path, scan, capsys):
+    path, image = scan
+    series = tmp_path / "series.nrrd"
+    sitk.WriteImage(sitk.JoinSeries([image * 0.5, image]), str(series))
+    assert main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / "scan.nii.gz"),
+                 "--device", "cpu"]) == 0
+    assert main(["segment", "--model", str(model_path), "--input", str(series), "--channel", "1",
+                 "--output", str(tmp_path / "picked.nii.gz"), "--device", "cpu"]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "picked.nii.gz"))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "scan.nii.gz"))))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["segment", "--model", str(model_path), "--input", str(series), "--channel", "second",
+              "--output", str(tmp_path / "o.nii.gz")])
+    assert "a channel number (0, 1, ...) or none, got 'second'" in capsys.readouterr().err

@@ -219,3 +219,73 @@ def test_batch_reads_further_channels_from_csv_columns_named_after_them(trained,
     assert main(["batch", "--model", str(trained / "run" / "model"), "--input", str(folder_of_t1c_only),
                  "--output", str(tmp_path / "out2"), "--device", "cpu"]) == 1
     assert "columns image, FLAIR" in capsys.readouterr().err
+
+
+# -- channels of 4-D files: which channel of which input -----------------------------------------
+
+
+def series_of_both(case: Path, folder: Path) -> Path:
+    """One 4-D file holding T1c then FLAIR, as some converters write a study."""
+    volumes = [sitk.ReadImage(str(case / f"{name}.nii.gz")) for name in ("t1c", "flair")]
+    path = folder / "t1c_flair.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries(volumes), str(path))
+    return path
+
+
+def segment_cli(model: Path, output: Path, *arguments: str) -> int:
+    return main(["segment", "--model", str(model), *arguments, "--output", str(output), "--device", "cpu"])
+
+
+def test_each_input_takes_its_own_channel_in_order_none_for_a_file_of_one_volume(trained, tmp_path):
+    case = trained / "data" / "case0"
+    model = trained / "run" / "model"
+    both = series_of_both(case, tmp_path)
+    assert segment_cli(model, tmp_path / "expected.nii.gz", "--input", str(case / "t1c.nii.gz"),
+                       "--input", str(case / "flair.nii.gz")) == 0
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "expected.nii.gz")))
+    assert segment_cli(model, tmp_path / "from_one_file.nii.gz", "--input", str(both), "--channel", "0",
+                       "--input", str(both), "--channel", "1") == 0
+    assert segment_cli(model, tmp_path / "mixed.nii.gz", "--input", str(both), "--channel", "0",
+                       "--input", str(case / "flair.nii.gz"), "--channel", "none") == 0
+    for name in ("from_one_file", "mixed"):
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}.nii.gz"))), expected)
+
+
+def test_channels_that_do_not_match_the_inputs_are_refused_with_what_to_do(trained, tmp_path, capsys):
+    case = trained / "data" / "case0"
+    model = trained / "run" / "model"
+    both = series_of_both(case, tmp_path)
+    output = tmp_path / "labels.nii.gz"
+    assert segment_cli(model, output, "--input", str(both), "--input", str(case / "flair.nii.gz"),
+                       "--channel", "0", "--channel", "1", "--channel", "1") == 2
+    assert "--channel is given 3 times for 2 inputs" in capsys.readouterr().err
+    # Given once, a channel applies to every input: a file of one volume has no channel 1.
+    assert segment_cli(model, output, "--input", str(both), "--input", str(case / "flair.nii.gz"), "--channel", "1") == 2
+    error = capsys.readouterr().err
+    assert "flair.nii.gz' holds a single volume" in error and "give one --channel per input, in order" in error
+    assert segment_cli(model, output, "--input", str(both), "--channel", "0",
+                       "--input", str(case / "flair.nii.gz"), "--channel", "2") == 2
+    assert "flair.nii.gz' holds a single volume; channel must be 0 or none, got 2" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_batch_takes_one_channel_per_channel_of_the_task_in_its_order(trained, tmp_path, capsys):
+    import csv
+
+    case = trained / "data" / "case0"
+    model = trained / "run" / "model"
+    both = series_of_both(case, tmp_path)
+    table = tmp_path / "cases.csv"
+    with open(table, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["case", "image", "FLAIR"], ["p0", both, both]])
+    assert main(["batch", "--model", str(model), "--input", str(table), "--output", str(tmp_path / "out"),
+                 "--format", "nii.gz", "--device", "cpu", "--channel", "0", "--channel", "1"]) == 0
+    assert segment_cli(model, tmp_path / "expected.nii.gz", "--input", str(case / "t1c.nii.gz"),
+                       "--input", str(case / "flair.nii.gz")) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "p0.nii.gz"))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "expected.nii.gz"))))
+    capsys.readouterr()
+    assert main(["batch", "--model", str(model), "--input", str(table), "--output", str(tmp_path / "out2"),
+                 "--device", "cpu", "--channel", "0", "--channel", "1", "--channel", "1"]) == 2
+    assert "--channel is given 3 times for the 2 channels of brats_glioma_t1c_flair (T1c, FLAIR)" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
