@@ -116,10 +116,21 @@ def command_ensemble(args) -> int:
     return 0
 
 
-def _print_progress(fraction: float, stage: str) -> None:
-    print(f"\r{100 * fraction:5.1f}% {stage:40s}", end="", file=sys.stderr, flush=True)
-    if fraction >= 1.0:
-        print(file=sys.stderr)
+class _ProgressLine:
+    """``NN.N% stage`` redrawn in place on standard error; :meth:`end` closes the line, so what follows
+    (a warning, an error, a traceback) starts on a line of its own rather than after the bar."""
+
+    def __init__(self) -> None:
+        self.open = False
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        print(f"\r{100 * fraction:5.1f}% {stage:40s}", end="", file=sys.stderr, flush=True)
+        self.open = True
+
+    def end(self) -> None:
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
 
 
 def command_segment(args) -> int:
@@ -131,9 +142,13 @@ def command_segment(args) -> int:
     check_outputs(args.input, args.output, args.probabilities, overwrite=args.overwrite)
     model = load_model(args.model)
     images = read_images(args.input, args.channel or ())
-    result = segment_image(model, images, tasks=args.tasks, device=args.device,
-                           with_probabilities=args.probabilities is not None, progress=_print_progress,
-                           mirror=args.mirror)
+    progress = _ProgressLine()
+    try:
+        result = segment_image(model, images, tasks=args.tasks, device=args.device,
+                               with_probabilities=args.probabilities is not None, progress=progress,
+                               mirror=args.mirror)
+    finally:
+        progress.end()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     write_result(result, args.output, args.probabilities)

@@ -334,3 +334,16 @@ def test_a_channel_given_once_picks_that_volume_of_a_4d_input(tmp_path, model_pa
         main(["segment", "--model", str(model_path), "--input", str(series), "--channel", "second",
               "--output", str(tmp_path / "o.nii.gz")])
     assert "a channel number (0, 1, ...) or none, got 'second'" in capsys.readouterr().err
+
+
+def test_an_error_after_the_progress_started_is_printed_on_its_own_line(tmp_path, model_path, capsys):
+    values = np.zeros((9, 17, 13), np.float32)
+    values[2:7, 4:12, 3:10] = 5.0  # an MR foreground of one value: refused while normalising, after progress began
+    path = tmp_path / "flat_foreground.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    code = main(["segment", "--model", str(model_path), "--input", str(path), "--output", str(tmp_path / "o.nii.gz"),
+                 "--tasks", "breast_mri", "--device", "cpu"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "preprocessing" in error  # the progress line was drawn
+    assert "\nmultitaskseg segment: error: the image foreground is constant" in error
