@@ -1,8 +1,8 @@
 """Reading, checking and writing volumes with SimpleITK, keeping spacing, origin and direction.
 
 Every image enters the library through :func:`read_image` or :func:`check_image`, so bad input
-(2-D, 4-D, multi-component, empty, constant, NaN/Inf, unreadable, too large) is refused once,
-with a message that says what to do.
+(2-D, 4-D, multi-component, empty, constant, NaN/Inf, beyond float32, unreadable, too large) is
+refused once, with a message that says what to do.
 """
 
 from __future__ import annotations
@@ -339,6 +339,10 @@ def _pick_channel(image: sitk.Image, channel: int | None, where: str) -> sitk.Im
     return image
 
 
+#: The largest float32: a double beyond it becomes infinite in the models' float32 copy.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_image(image: sitk.Image, where: str = "the image", check_values: bool = True) -> sitk.Image:
     """Refuse images the models cannot use; returns the image unchanged when it is fine."""
     size = image.GetSize()
@@ -350,10 +354,17 @@ def check_image(image: sitk.Image, where: str = "the image", check_values: bool 
         bad = int(np.count_nonzero(~np.isfinite(values))) if values.dtype.kind == "f" else 0
         if bad:
             raise InputError(f"{where} has {bad} NaN or infinite voxels; fix or mask them before segmenting")
-        if values.min() == values.max():
+        low, high = values.min(), values.max()
+        if low == high:
             raise InputError(
                 f"{where} is constant (every voxel is {values.flat[0]}); there is nothing to segment — "
                 "check that the right file or series was loaded"
+            )
+        if max(-float(low), float(high)) > _FLOAT32_MAX:  # only doubles get here: the float32 copy would be infinite
+            raise InputError(
+                f"{where} has values from {low:.3g} to {high:.3g}, beyond the range of the 32-bit floats the models "
+                f"compute in (±{_FLOAT32_MAX:.2g}); no scan holds such values: fix the scale factor in its header "
+                "(NIfTI scl_slope) or rescale the image (divide it by a power of ten) and save it again"
             )
     return image
 

@@ -237,3 +237,19 @@ def test_nan_or_infinite_voxels_in_a_nifti_file_are_refused(tmp_path, bad):
     sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
     with pytest.raises(InputError, match="1 NaN or infinite voxels"):
         read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_values_beyond_the_float32_range_are_refused_naming_the_file_and_the_range(tmp_path, suffix):
+    """The models compute in float32: a double image with values past 3.4e38 would become infinite
+    and come back as an empty segmentation without a word."""
+    data = np.random.default_rng(3).random((6, 7, 8)) * 4e39 + 1e30
+    data.flat[:2] = 1e30, 4e39
+    path = write_image(sitk.GetImageFromArray(data), tmp_path / f"huge{suffix}")
+    with pytest.raises(InputError, match=rf"'{tmp_path}/huge{suffix}' has values from 1e\+30 to 4e\+39, beyond .*"
+                                         r"3\.4e\+38.*rescale"):
+        read_image(path)
+    with pytest.raises(InputError, match="the input volume has values from"):  # images from Slicer, or built in memory
+        imageio.check_image(sitk.GetImageFromArray(data), "the input volume")
+    large = write_image(sitk.GetImageFromArray(data / 1e9), tmp_path / f"large{suffix}")  # within the range: kept
+    assert sitk.GetArrayViewFromImage(read_image(large)).max() == pytest.approx(data.max() / 1e9)
