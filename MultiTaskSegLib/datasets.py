@@ -91,7 +91,8 @@ def parse_data_arguments(arguments: Iterable[str], task_names: Sequence[str]) ->
     for argument in arguments:
         if "=" in argument:
             name, folder = argument.split("=", 1)
-            get_task(name)
+            if name not in task_names:  # a task asked for may be a model's own, which no file registers
+                get_task(name)
             folders[name] = Path(folder)
         else:
             root = Path(argument)

@@ -30,7 +30,7 @@ from .errors import InputError
 from .imageio import read_image, write_image
 from .model_catalog import read_model_card
 from .model_files import SegmentationModel, as_model
-from .tasks import Task, get_task
+from .tasks import Task
 from .training import CHECKPOINT_DIR, TrainingConfig, train, trained_cases
 
 DEFAULT_STEPS = 200
@@ -66,9 +66,10 @@ def finetune_config(parent: SegmentationModel, data: Mapping[str, str | os.PathL
         raise InputError(f"model {parent.name} does not segment task(s) {', '.join(unknown)}; "
                          f"it segments {', '.join(parent.label_space.task_names)}")
     count = 0
-    for task_name, folder in data.items():
-        for case in find_cases(get_task(task_name), folder):
-            check_case_labels(parent.label_space.task(task_name), case.label)
+    for task_name, folder in data.items():  # the parent's own task: a model may carry a task no file registers
+        task = parent.label_space.task(task_name)
+        for case in find_cases(task, folder):
+            check_case_labels(task, case.label)
             count += 1
     parent_rate = float(parent.architecture.arguments.get("learning_rate") or 1e-3)
     return TrainingConfig(
@@ -96,8 +97,8 @@ def finetune_run_folder(cases: str | os.PathLike, parent: SegmentationModel) -> 
     folders whose run cannot go on. A run interrupted on the cases stored now resumes; a finished
     model is never replaced, and a run interrupted on other cases is left as it is: a fine-tune started
     after more cases were stored trains afresh on all of them."""
-    stored = sorted(f"{task}/{case.name}" for task in parent.label_space.task_names if (Path(cases) / task).is_dir()
-                    for case in find_cases(get_task(task), Path(cases) / task))
+    stored = sorted(f"{task.name}/{case.name}" for task in parent.label_space.tasks if (Path(cases) / task.name).is_dir()
+                    for case in find_cases(task, Path(cases) / task.name))
     first = Path(cases) / "finetunes" / f"{parent.name}-finetuned"
     folder, number = first, 1
     while not _resumable_on(folder, stored):
@@ -130,32 +131,53 @@ def start_finetune(parent: str | os.PathLike, cases: str | os.PathLike, out: str
     return CommandJob(arguments, result=Path(out) / "model", python=python, environment=environment)
 
 
+def stored_label_values(task: Task) -> np.ndarray:
+    """What a stored case holds for each class index of ``task``: 0 for background, then each class's
+    smallest source label value, which reading the case back maps to that class again. A class that
+    counts 0 as its own, or has no value, cannot be told from background once stored: refused."""
+    unstorable = [spec.name for spec, values in zip(task.classes, task.label_values) if not values or 0 in values]
+    if unstorable:
+        raise InputError(
+            f"class {', '.join(repr(name) for name in unstorable)} of task {task.name} has no label value or counts 0, "
+            "the background of every label map, as its own, so its corrections cannot be stored apart from background; "
+            "give the class non-zero values only under 'labels' in the task's definition (its task file, or 'tasks' in "
+            "the model's model.json)"
+        )
+    return np.array([0] + [min(values) for values in task.label_values], dtype=np.int32)
+
+
+def case_labels(task: Task, images: Sequence[sitk.Image], classes: np.ndarray) -> sitk.Image:
+    """The label image of a corrected case of ``task``: ``classes`` (the task's class indices, 0
+    background, 1..K, on the first image's grid) as the task's source values. Refuses what cannot
+    be stored, so that a caller storing several cases can check them all before writing one."""
+    if len(images) != len(task.channels):
+        raise InputError(f"task {task.name} reads {len(task.channels)} image(s) ({', '.join(task.channels)}), got {len(images)}")
+    if classes.shape != sitk.GetArrayViewFromImage(images[0]).shape:
+        raise InputError(f"the labels ({classes.shape}) are not on the image's grid ({images[0].GetSize()[::-1]})")
+    if int(classes.max(initial=0)) > len(task.classes) or int(classes.min(initial=0)) < 0:
+        raise InputError(f"class indices must lie in 0..{len(task.classes)} for task {task.name}")
+    lookup = stored_label_values(task)
+    labels = sitk.GetImageFromArray(lookup[classes].astype(np.uint16 if lookup.max() > 255 else np.uint8))
+    labels.CopyInformation(images[0])
+    return labels
+
+
 def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sitk.Image | Sequence[sitk.Image],
                classes: np.ndarray) -> Path:
     """Write one corrected case as a training case under ``FOLDER/TASK/CASE/``: the image (one per
-    channel of a multi-channel task) and the labels, under the task's first file names
-    (``image.nii.gz``, ``label.nii.gz``), the labels as the task's source values (class i -> its
-    first label value).
+    channel of a multi-channel task) and the labels (see :func:`case_labels`), under the task's first
+    file names (``image.nii.gz``, ``label.nii.gz``).
 
-    ``classes`` holds the task's class indices (0 background, 1..K) on the (first) image's grid. An
-    existing case of that name is refused: a stored correction is never overwritten.
+    ``task`` is the definition the model carries (``model.label_space.task(name)``), registered or
+    not. An existing case of that name is refused: a stored correction is never overwritten.
     """
     images = [image] if isinstance(image, sitk.Image) else list(image)
-    if len(images) != len(task.channels):
-        raise InputError(f"task {task.name} reads {len(task.channels)} image(s) ({', '.join(task.channels)}), got {len(images)}")
-    image = images[0]
     if not case_name or case_name.startswith(".") or any(c in case_name for c in "/\\"):
         raise InputError(f"case name {case_name!r} cannot be a folder name; use letters, digits, '-' and '_'")
-    if classes.shape != sitk.GetArrayViewFromImage(image).shape:
-        raise InputError(f"the labels ({classes.shape}) are not on the image's grid ({image.GetSize()[::-1]})")
-    if int(classes.max(initial=0)) > len(task.classes) or int(classes.min(initial=0)) < 0:
-        raise InputError(f"class indices must lie in 0..{len(task.classes)} for task {task.name}")
+    labels = case_labels(task, images, classes)
     case_folder = Path(folder) / task.name / case_name
     if case_folder.exists():
         raise InputError(f"{case_folder} already holds a stored case; choose another case name")
-    lookup = np.array([0] + [min(values) for values in task.label_values], dtype=np.int32)
-    labels = sitk.GetImageFromArray(lookup[classes].astype(np.uint16 if lookup.max() > 255 else np.uint8))
-    labels.CopyInformation(image)
     case_folder.mkdir(parents=True)
     for channel, names in zip(images, (task.image_files, *task.channel_files)):
         write_image(channel, case_folder / names[0])

@@ -42,6 +42,7 @@ from .segments import ANATOMY_CONTEXT, TAG_PREFIX, SegmentDescription, describe_
 
 if TYPE_CHECKING:
     from .model_files import SegmentationModel
+    from .tasks import Task
 
 #: Node reference from a segmentation node to the probability/uncertainty volume made with it.
 UNCERTAINTY_REFERENCE_ROLE = "MultiTaskSegUncertainty"
@@ -742,30 +743,79 @@ def segments_of_task(segmentation_node, task) -> dict[int, list[str]]:
     return found
 
 
-def store_corrected_case(volume_node, segmentation_node, task_name: str, folder, case_name: str = "",
+def store_corrected_case(volume_node, segmentation_node, task: "str | Task", folder, case_name: str = "",
                          channel_nodes: Sequence = ()):
-    """Store the volume and its (corrected) segmentation as a training case of ``task_name`` under
+    """Store the volume and its (corrected) segmentation as a training case of ``task`` under
     ``folder`` (``folder/TASK/CASE``), labels in the task's own values, for ``multitaskseg finetune``.
 
+    ``task`` is a model's task (``model.label_space.task(name)``: its definition, registered or not)
+    or the name of a registered task; :func:`store_corrected_cases` stores a model's tasks by name.
     Returns the case folder. Segments are matched to classes by the tags this extension writes, or
     by name; classes without a segment are background. Nothing is stored when no segment matches.
     Without ``case_name`` the case is named after the volume, numbered (``_2``, ``_3``...) when that
     name is taken (DICOM series names repeat from patient to patient); a given name is never reused.
     """
     from .finetuning import store_case
-    from .tasks import get_task
 
-    task = get_task(task_name)
+    task = _registered_task(task) if isinstance(task, str) else task
+    classes = _corrected_classes(volume_node, segmentation_node, task)
+    return store_case(folder, task, case_name or _new_case_name(Path(folder) / task.name, volume_node.GetName()),
+                      channel_images(volume_node, channel_nodes), classes)
+
+
+def store_corrected_cases(volume_node, segmentation_node, model: "str | os.PathLike | SegmentationModel",
+                          tasks: Sequence[str], folder, channel_nodes: Sequence = ()) -> list[Path]:
+    """The module's *Add to training cases*: one case per task in ``tasks`` (the ticked tasks of
+    ``model``), each under ``folder/TASK/`` and named after the volume; returns the case folders.
+
+    The tasks are the model's own definitions (its classes and label values), so a model whose
+    task no file registers stores its corrections as well. Everything is checked before the first
+    case is written: tasks of different modalities (one scan is either MR or CT), or a task with no
+    segment in the segmentation, are refused and nothing is stored.
+    """
+    from .finetuning import case_labels, store_case
+    from .model_files import as_model
+
+    chosen = [as_model(model).label_space.task(name) for name in dict.fromkeys(tasks)]
+    if not chosen:
+        raise InputError("no task given: tick the task(s) whose corrections to store")
+    if len({task.modality for task in chosen}) > 1:
+        listed = ", ".join(f"{task.name} ({task.modality})" for task in chosen)
+        raise InputError(f"tasks {listed} are ticked together, but one scan is either MR or CT and would be stored "
+                         "as a case of each; tick only the task(s) of this scan's modality; nothing was stored")
+    missing = [task for task in chosen if not segments_of_task(segmentation_node, task)]
+    if missing:
+        raise InputError(
+            f"segmentation '{segmentation_node.GetName()}' has no segment of task {', '.join(t.name for t in missing)} "
+            f"(classes: {', '.join(name for t in missing for name in t.class_names)}); untick it, or apply the model "
+            "to it first; nothing was stored"
+        )
+    images = channel_images(volume_node, channel_nodes)
+    cases = [(task, _corrected_classes(volume_node, segmentation_node, task)) for task in chosen]
+    for task, classes in cases:
+        case_labels(task, images, classes)  # refuse what cannot be stored before the first case is written
+    return [store_case(folder, task, _new_case_name(Path(folder) / task.name, volume_node.GetName()), images, classes)
+            for task, classes in cases]
+
+
+def _registered_task(name: str) -> "Task":
+    from .tasks import TASK_PATH_VARIABLE, get_task, list_tasks
+
+    if name not in {task.name for task in list_tasks()}:
+        raise InputError(f"task {name!r} is not registered; pass the model's own task (model.label_space.task({name!r})), "
+                         f"use store_corrected_cases with the model, or put the task's file on {TASK_PATH_VARIABLE}")
+    return get_task(name)
+
+
+def _corrected_classes(volume_node, segmentation_node, task: "Task") -> np.ndarray:
+    """The task's class indices (0 background, 1..K) that the segments of ``task`` give, on the volume's grid."""
     by_class = segments_of_task(segmentation_node, task)
     if not by_class:
-        raise InputError(f"segmentation '{segmentation_node.GetName()}' has no segment of task {task_name} "
+        raise InputError(f"segmentation '{segmentation_node.GetName()}' has no segment of task {task.name} "
                          f"(classes: {', '.join(task.class_names)}); nothing to store")
     ids = [segment_id for index in sorted(by_class) for segment_id in by_class[index]]
     values = [index for index in sorted(by_class) for _ in by_class[index]]
-    classes = labels_from_segmentation(segmentation_node, volume_node, ids, values)
-    images = channel_images(volume_node, channel_nodes)
-    return store_case(folder, task, case_name or _new_case_name(Path(folder) / task.name, volume_node.GetName()),
-                      images, classes.astype(np.int32))
+    return labels_from_segmentation(segmentation_node, volume_node, ids, values).astype(np.int32)
 
 
 def _new_case_name(task_folder: Path, volume_name: str) -> str:

@@ -106,15 +106,18 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def collect_cases(config: TrainingConfig) -> tuple[list[CaseFiles], list[CaseFiles]]:
-    """Training and validation cases; label-map-only cases train the architectures that synthesise
-    images from labels, and are never validation cases (they have no real image to judge)."""
+def collect_cases(config: TrainingConfig, label_space: LabelSpace | None = None) -> tuple[list[CaseFiles], list[CaseFiles]]:
+    """Training and validation cases of the tasks of ``label_space`` (a fine-tune's parent's, which may
+    carry a task no file registers; default: the registered tasks); label-map-only cases train the
+    architectures that synthesise images from labels, and are never validation cases (they have no
+    real image to judge)."""
     label_maps = architecture_class(config.architecture).synthesises_images
     cases: list[CaseFiles] = []
     for task_name in config.tasks:
         if task_name not in config.data:
             raise InputError(f"no data folder given for task {task_name}")
-        cases += find_cases(get_task(task_name), config.data[task_name], label_maps_only=label_maps)
+        task = label_space.task(task_name) if label_space is not None else get_task(task_name)
+        cases += find_cases(task, config.data[task_name], label_maps_only=label_maps)
     train, validation = split_cases([c for c in cases if c.image is not None], config.validation_fraction, config.seed)
     return train + [c for c in cases if c.image is None], validation
 
@@ -268,7 +271,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
     parent = load_model(config.parent["source"]) if config.parent else None
     label_space = parent.label_space if parent else LabelSpace.from_names(config.tasks)
     arguments = dict(config.arguments) if parent else channel_arguments(config, label_space)
-    train_files, validation_files = collect_cases(config)
+    train_files, validation_files = collect_cases(config, label_space)
     log(f"{len(train_files)} training and {len(validation_files)} validation cases for {', '.join(config.tasks)}")
     train_cases = [prepare_case(files, label_space) for files in train_files]
     validation_cases = [prepare_case(files, label_space) for files in validation_files] if main else []

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import make_tiny_model, write_tiny_dataset
+from conftest import TINY_TRIPLANAR, make_tiny_model, write_tiny_dataset
 
 from MultiTaskSegLib.cli import main
 from MultiTaskSegLib.errors import InputError
 from MultiTaskSegLib.finetuning import finetune, finetune_config, store_case
-from MultiTaskSegLib.model_files import load_model, save_model
-from MultiTaskSegLib.tasks import get_task
+from MultiTaskSegLib.model_files import SegmentationModel, load_model, save_model
+from MultiTaskSegLib.tasks import LabelSpace, Task, get_task, task_from_dict
 from MultiTaskSegLib.training import train
 
 TASKS = ["breast_mri", "cardiac_cta"]
@@ -271,3 +271,128 @@ def test_a_cancelled_fine_tune_stops_and_can_be_resumed(tmp_path, parent):
     job.cancel()
     assert job.wait(60).state == "cancelled"
     assert not (tmp_path / "run" / "model").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's own tasks, and several tasks at once, through what the module's buttons run
+
+
+def user_task(name: str, labels: list[int], class_name: str = "Forearm muscle") -> Task:
+    """A task from a user's task file, known to its model only: the file is not on MULTITASKSEG_TASK_PATH."""
+    return task_from_dict({"name": name, "modality": "MR", "working_spacing_mm": 1.3,
+                           "classes": [{"name": class_name, "color": [0.8, 0.3, 0.3], "labels": labels}]},
+                          where=f"task file {name}.toml")
+
+
+def model_of(tasks: list[Task], folder: Path) -> Path:
+    """An untrained tiny model of ``tasks`` (its label space carries their definitions), saved to ``folder``."""
+    import torch
+
+    torch.manual_seed(5)
+    return save_model(SegmentationModel.create(folder.name, "triplanar", LabelSpace(tuple(tasks)), **TINY_TRIPLANAR), folder)
+
+
+@pytest.fixture
+def scene():
+    slicer = pytest.importorskip("slicer", reason="slicer-core is needed for the MRML tests")
+    return slicer.vtkMRMLScene()
+
+
+def segmented_scan(scene, model, tasks=None):
+    """A scan ('patient 7', a bright box in noise) segmented by ``model`` as the module's Apply does."""
+    from MultiTaskSegLib import mrml
+
+    mrml.ensure_segmentation_converters()
+    values = 100.0 + np.random.default_rng(7).normal(0, 5, (10, 12, 14)).astype(np.float32)
+    values[3:7, 4:8, 5:9] += 300.0
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((1.3, 1.3, 1.3))
+    volume = mrml.volume_node_from_image(image, scene, "patient 7")
+    return volume, mrml.segment_volume_node(volume, load_model(model), tasks, device="cpu")
+
+
+def correct(segmentation_node, volume, segment_id: str, mask: np.ndarray) -> None:
+    """The user's correction in the Segment Editor: the segment's voxels become ``mask``."""
+    import vtk
+
+    from MultiTaskSegLib import mrml
+
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    mrml._import_in_volume_frame(mrml._labelmap_node(mask.astype(np.uint8), volume), volume, segmentation_node, ids)
+
+
+def box(z: slice, y: slice, x: slice) -> np.ndarray:
+    mask = np.zeros((10, 12, 14), bool)
+    mask[z, y, x] = True
+    return mask
+
+
+@pytest.mark.parametrize("task, stored_value", [
+    (user_task("forearm_muscle_mri", [5, 6]), 5),  # a task of the user's own, not registered
+    (user_task("breast_mri", [3], "Pectoral muscle"), 3),  # the model's definition of a registered task differs
+], ids=["unregistered task", "registered name, the model's own label values"])
+def test_a_models_own_task_is_stored_in_its_label_values_and_fine_tuned_on(tmp_path, scene, task, stored_value):
+    from MultiTaskSegLib import mrml
+    from MultiTaskSegLib.finetuning import finetune_run_folder
+
+    parent = model_of([task], tmp_path / "models" / "mine")
+    volume, segmentation_node = segmented_scan(scene, parent)
+    correction = box(slice(3, 7), slice(4, 8), slice(5, 9))
+    correct(segmentation_node, volume, f"{task.name}.{task.class_names[0].replace(' ', '_')}", correction)
+    # the Add to training cases button
+    [folder] = mrml.store_corrected_cases(volume, segmentation_node, load_model(parent), [task.name], tmp_path / "cases")
+    assert folder == tmp_path / "cases" / task.name / "patient_7"
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "label.nii.gz")))
+    assert np.array_equal(stored, np.where(correction, stored_value, 0))
+    # the Fine-tune button (its child process runs this command), and the command with TASK=FOLDER
+    out = finetune_run_folder(tmp_path / "cases", load_model(parent))
+    for data, run in ((str(tmp_path / "cases"), out), (f"{task.name}={tmp_path / 'cases' / task.name}", tmp_path / "run")):
+        assert main(["finetune", "--model", str(parent), "--data", data, "--out", str(run), "--steps", "2",
+                     "--batch-size", "4", "--device", "cpu"]) == 0
+        model = load_model(run / "model")
+        assert model.provenance["training_cases"] == [f"{task.name}/patient_7"]
+        assert model.label_space == load_model(parent).label_space
+
+
+def test_every_ticked_task_is_stored_as_its_own_case(tmp_path, scene):
+    from MultiTaskSegLib import mrml
+
+    forearm, elbow = user_task("forearm_muscle_mri", [5]), user_task("elbow_mri", [1, 2], "Elbow joint")
+    parent = model_of([forearm, elbow], tmp_path / "models" / "arm")
+    volume, segmentation_node = segmented_scan(scene, parent)  # both tasks applied to one segmentation
+    corrections = [(forearm, box(slice(3, 7), slice(4, 8), slice(5, 9))), (elbow, box(slice(1, 3), slice(1, 5), slice(2, 6)))]
+    for task, mask in corrections:
+        correct(segmentation_node, volume, f"{task.name}.{task.class_names[0].replace(' ', '_')}", mask)
+    folders = mrml.store_corrected_cases(volume, segmentation_node, load_model(parent), ["forearm_muscle_mri", "elbow_mri"],
+                                         tmp_path / "cases")
+    assert folders == [tmp_path / "cases" / "forearm_muscle_mri" / "patient_7", tmp_path / "cases" / "elbow_mri" / "patient_7"]
+    for folder, (task, mask) in zip(folders, corrections):
+        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "label.nii.gz")))
+        assert np.array_equal(task.map_labels(stored), mask.astype(np.uint8)), task.name
+        assert (folder / "image.nii.gz").is_file()
+
+
+def test_ticked_tasks_of_other_modalities_or_without_segments_are_refused_and_nothing_is_stored(tmp_path, scene, parent):
+    from MultiTaskSegLib import mrml
+
+    volume, segmentation_node = segmented_scan(scene, parent)  # breast_mri (MR) and cardiac_cta (CT)
+    with pytest.raises(InputError, match=r"breast_mri \(MR\), cardiac_cta \(CT\) are ticked together.*tick only"):
+        mrml.store_corrected_cases(volume, segmentation_node, load_model(parent), TASKS, tmp_path / "cases")
+    assert not (tmp_path / "cases").exists()
+    mr_only = model_of([get_task("breast_mri"), get_task("sarcoma_t1_mri")], tmp_path / "models" / "mr")
+    volume, segmentation_node = segmented_scan(scene, mr_only, ["breast_mri"])  # sarcoma_t1_mri was not applied
+    with pytest.raises(InputError, match="no segment of task sarcoma_t1_mri.*nothing was stored"):
+        mrml.store_corrected_cases(volume, segmentation_node, load_model(mr_only), ["breast_mri", "sarcoma_t1_mri"],
+                                   tmp_path / "cases")
+    assert not (tmp_path / "cases").exists()
+
+
+def test_a_class_without_a_label_value_to_store_is_refused_before_anything_is_stored(tmp_path):
+    task = user_task("forearm_muscle_mri", [0])  # 0 is the background of every label map
+    image = sitk.GetImageFromArray(np.ones((4, 5, 6), np.float32))
+    classes = np.zeros((4, 5, 6), np.int32)
+    classes[1:3, 1:3, 1:3] = 1
+    with pytest.raises(InputError, match="class 'Forearm muscle' of task forearm_muscle_mri has no label value or counts 0"):
+        store_case(tmp_path / "cases", task, "patient", image, classes)
+    assert not (tmp_path / "cases").exists()
