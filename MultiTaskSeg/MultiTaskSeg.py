@@ -176,7 +176,7 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.casesFolderEdit.toolTip = _("Where corrected cases are stored (FOLDER/TASK/CASE) and fine-tunes run")
         form.addRow(_("Training cases folder:"), self.casesFolderEdit)
         self.addCaseButton = qt.QPushButton(_("Add to training cases"))
-        self.addCaseButton.toolTip = _("Store the input volume and the output segmentation, as corrected, for the first checked task")
+        self.addCaseButton.toolTip = _("Store the input volume and the output segmentation, as corrected, as one case for each checked task")
         self.fineTuneButton = qt.QPushButton(_("Fine-tune"))
         self.fineTuneButton.toolTip = _("Fine-tune the selected model on the stored cases; the new model is added beside it")
         self.fineTuneStatus = qt.QLabel()
@@ -191,15 +191,10 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fineTuneTimer.connect("timeout()", self.onFineTunePoll)
 
     def onAddTrainingCase(self) -> None:
-        parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("The case could not be stored."), waitCursor=True):
-            if not (parameters.inputVolume and parameters.outputSegmentation and self.controller.checked_tasks()):
-                raise ValueError(_("Choose the input volume, the corrected output segmentation and a task first."))
-            folder = self.logic.addTrainingCase(parameters.inputVolume, parameters.outputSegmentation,
-                                                self.controller.checked_tasks()[0], self.casesFolderEdit.currentPath,
-                                                self._channelNodes())
+            folders = self.controller.add_training_cases(self.casesFolderEdit.currentPath, self._channelNodes())
             self.casesFolderEdit.addCurrentPathToHistory()
-            self.fineTuneStatus.text = _("Stored {folder}").format(folder=folder)
+            self.fineTuneStatus.text = _("Stored {folders}").format(folders=", ".join(str(folder) for folder in folders))
 
     def onFineTune(self) -> None:
         if self.logic.fineTuning:
@@ -603,13 +598,13 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
     # Learning from corrections
 
-    def addTrainingCase(self, volumeNode, segmentationNode, task: str, folder: str, channelNodes=()):
-        """Store the volume and its corrected segmentation as a training case of ``task`` under ``folder``."""
+    def addTrainingCases(self, volumeNode, segmentationNode, model: str, tasks, folder: str, channelNodes=()) -> list:
+        """Store the volume and its corrected segmentation as one training case per task of ``model``
+        under ``folder`` (in the model's own task definitions, registered or not); returns the case folders."""
         from MultiTaskSegLib import mrml
 
-        if not folder:
-            raise ValueError(_("Choose a training cases folder first."))
-        return mrml.store_corrected_case(volumeNode, segmentationNode, task, folder, channel_nodes=channelNodes)
+        return mrml.store_corrected_cases(volumeNode, segmentationNode, self.loadModel(model), tasks, folder,
+                                          channel_nodes=channelNodes)
 
     def startFineTune(self, model: str, folder: str, device: str = "auto") -> None:
         """Fine-tune ``model`` on the cases under ``folder`` in a PythonSlicer process; the run goes to

@@ -1,5 +1,5 @@
-"""What the module's widget decides, without Qt: what Apply and Cancel do with the chosen inputs,
-which tasks the task list shows and which of them are checked.
+"""What the module's widget decides, without Qt: what Apply, Cancel and Add to training cases do
+with the chosen inputs, which tasks the task list shows and which of them are checked.
 
 The widget shows and forwards; this class decides, on the parameter node (the one place the
 choices live, saved with the scene) and a logic described by :class:`SegmentationLogic`, so it is
@@ -39,6 +39,8 @@ class SegmentationLogic(Protocol):
               withUncertainty: bool = False, uncertaintyKind: str = "entropy", channelNodes=()) -> None: ...
 
     def cancel(self) -> None: ...
+
+    def addTrainingCases(self, volumeNode, segmentationNode, model: str, tasks, folder: str, channelNodes=()) -> list: ...
 
 
 class Parameters(Protocol):
@@ -151,3 +153,18 @@ class ModuleController:
             return False
         self.logic.cancel()
         return True
+
+    # Learning from corrections
+
+    def add_training_cases(self, folder: str, channel_nodes: Sequence = ()) -> list:
+        """The Add to training cases button: the input volume and its corrected segmentation stored as
+        one case per checked task (a model of two tasks, both applied, gives two cases); returns the
+        case folders. Raises :class:`InputError` saying what is missing; nothing is stored then."""
+        parameters = self.parameters
+        tasks = self.checked_tasks()
+        if not (parameters.inputVolume and parameters.outputSegmentation and tasks):
+            raise InputError("Choose the input volume, the corrected output segmentation and a task first.")
+        if not folder:
+            raise InputError("Choose a training cases folder first.")
+        return self.logic.addTrainingCases(parameters.inputVolume, parameters.outputSegmentation, parameters.model,
+                                           tasks, folder, list(channel_nodes))

@@ -47,6 +47,7 @@ class MockLogic:
         self.installs = 0
         self.started: list[dict] = []
         self.cancels = 0
+        self.stored: list[dict] = []
 
     def modelCard(self, source: str) -> dict:
         return CARDS.get(source, {})
@@ -67,6 +68,11 @@ class MockLogic:
     def cancel(self) -> None:
         self.cancels += 1
         self.running = False
+
+    def addTrainingCases(self, volumeNode, segmentationNode, model: str, tasks, folder: str, channelNodes=()) -> list:
+        self.stored.append({"volume": volumeNode, "segmentation": segmentationNode, "model": model, "tasks": list(tasks),
+                            "folder": folder, "channels": list(channelNodes)})
+        return [f"{folder}/{task}/case" for task in tasks]
 
 
 @dataclass
@@ -163,6 +169,33 @@ def test_apply_while_running_cancels_and_starts_nothing_new(controller, logic):
     assert controller.can_apply()
     assert controller.apply() == CANCELLED
     assert logic.cancels == 1 and len(logic.started) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Add to training cases
+
+
+def test_add_to_training_cases_stores_a_case_for_every_checked_task(controller, logic):
+    controller.parameters.outputSegmentation = "corrected segmentation"
+    controller.check_tasks(["breast_mri", "brain_t1_mri"])  # both applied, both corrected
+    assert controller.add_training_cases("cases") == ["cases/brain_t1_mri/case", "cases/breast_mri/case"]
+    assert logic.stored == [{"volume": "T1 volume", "segmentation": "corrected segmentation", "model": "two-tasks",
+                             "tasks": ["brain_t1_mri", "breast_mri"], "folder": "cases", "channels": []}]
+
+
+@pytest.mark.parametrize("change, folder, message", [
+    ({"outputSegmentation": None}, "cases", "corrected output segmentation"),
+    ({"tasks": ""}, "cases", "and a task first"),
+    ({}, "", "training cases folder"),
+])
+def test_add_to_training_cases_without_a_segmentation_a_task_or_a_folder_says_so_and_stores_nothing(
+        controller, logic, change, folder, message):
+    controller.parameters.outputSegmentation = "corrected segmentation"
+    for name, value in change.items():
+        setattr(controller.parameters, name, value)
+    with pytest.raises(InputError, match=message):
+        controller.add_training_cases(folder)
+    assert logic.stored == []
 
 
 # ---------------------------------------------------------------------------------------------
