@@ -95,7 +95,7 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
         channel = 0  # a 3-D volume stored as a series of one (some NRRD and NIfTI writers)
     _check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), size, where, channel)
     _check_size(size, reader.GetNumberOfComponents(), where)  # the reader loads every volume and component
-    _check_header_geometry(reader.GetSpacing(), reader.GetDirection(), reader.GetDimension(), where)
+    _check_geometry(reader.GetSpacing(), reader.GetDirection(), reader.GetDimension(), where)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_voxels(path, where, check_values)
     else:
@@ -157,8 +157,9 @@ def volume_count(path: str | os.PathLike) -> int | None:
     return max(reader.GetNumberOfComponents(), 1)
 
 
-def _check_header_geometry(spacing, direction, dimension: int, where: str) -> None:
-    """Zero, negative or NaN spacing and a singular direction matrix describe no real grid."""
+def _check_geometry(spacing, direction, dimension: int, where: str, perpendicular_axes: bool = True) -> None:
+    """Zero, negative or NaN spacing and a singular direction matrix describe no real grid; axes that
+    are not perpendicular (unless ``perpendicular_axes`` is False) no grid to segment on."""
     spacing = np.asarray(spacing[:3], dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"{where} has voxel spacing {tuple(spacing.tolist())} mm; every spacing must be a positive number: fix the header")
@@ -168,7 +169,7 @@ def _check_header_geometry(spacing, direction, dimension: int, where: str) -> No
                          "parallel or zero); fix the header's space directions")
     # A sheared grid (a gantry-tilted CT kept as acquired) would reach the networks as sheared
     # anatomy, and ITK's NIfTI writer would put the labels on an orthogonalised grid.
-    if np.abs(matrix.T @ matrix - np.eye(3)).max() > 1e-3:
+    if perpendicular_axes and np.abs(matrix.T @ matrix - np.eye(3)).max() > 1e-3:
         raise InputError(f"{where} has a direction matrix {np.round(matrix, 3).tolist()} whose axes are not perpendicular "
                          "(a sheared grid, as in a gantry-tilted CT); resample it onto a grid with perpendicular axes first")
 
@@ -343,10 +344,18 @@ def _pick_channel(image: sitk.Image, channel: int | None, where: str) -> sitk.Im
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def check_image(image: sitk.Image, where: str = "the image", check_values: bool = True) -> sitk.Image:
-    """Refuse images the models cannot use; returns the image unchanged when it is fine."""
+def check_image(image: sitk.Image, where: str = "the image", check_values: bool = True,
+                perpendicular_axes: bool = True) -> sitk.Image:
+    """Refuse images the models cannot use; returns the image unchanged when it is fine.
+
+    The grid is checked as :func:`read_image` checks a file's header, so an image that did not come
+    from a file (a Slicer volume node) meets the same refusals. ``perpendicular_axes=False`` lets a
+    sheared grid through, for an image that is only resampled onto another one (a further channel
+    placed by an affine registration).
+    """
     size = image.GetSize()
     _check_shape(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), size, where, None)
+    _check_geometry(image.GetSpacing(), image.GetDirection(), image.GetDimension(), where, perpendicular_axes)
     if 0 in size:
         raise InputError(f"{where} is empty (size {'x'.join(map(str, size))})")
     if check_values:

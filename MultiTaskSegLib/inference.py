@@ -155,8 +155,9 @@ def segment_image(
     """
     report = progress or (lambda fraction, stage: None)
     images = [image] if isinstance(image, sitk.Image) else list(image)
-    for number, channel in enumerate(images):
-        check_image(channel, "the input volume" if len(images) == 1 else f"input {number + 1}")
+    for number, channel in enumerate(images):  # further channels are resampled onto the first: a shear is harmless
+        check_image(channel, "the input volume" if len(images) == 1 else f"input {number + 1}",
+                    perpendicular_axes=number == 0)
     image = images[0]
     tasks = resolve_tasks(model, tasks)
     task, warnings = preprocessing_plan(model, image, tasks)

@@ -589,3 +589,18 @@ def test_undo_is_refused_once_the_result_was_corrected_by_hand(scene, volume, mo
     assert np.array_equal(mrml.labels_from_segmentation(segmentation_node, volume, [edited]), mask)
     assert corrected in segment_ids(segmentation_node)
     assert len(segment_ids(segmentation_node)) == 2 + len(written.segment_ids)
+
+
+def test_a_volume_with_a_sheared_grid_is_refused_as_its_file_would_be(scene, model):
+    """Slicer keeps an IJK-to-RAS matrix whose axes are not perpendicular (a gantry-tilted CT kept as
+    acquired); the networks would see sheared anatomy, so it is refused as read_image refuses the file."""
+    node = mrml.volume_node_from_image(oblique_image(), scene, "tilted")
+    matrix = np.eye(4)
+    matrix[:3, :3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.4], [0.0, 0.0, 1.0]]  # slices leaning 22 degrees
+    node.SetIJKToRASMatrix(mrml._vtk_matrix(matrix))
+    assert np.allclose(mrml.ijk_to_ras(node), matrix)
+    with pytest.raises(InputError, match="volume 'tilted' has a direction matrix .* not perpendicular.*resample it"):
+        mrml.input_warnings(node, model)
+    with pytest.raises(InputError, match="not perpendicular"):
+        mrml.segment_volume_node(node, model, device="cpu")
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0

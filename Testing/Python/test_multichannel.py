@@ -289,3 +289,37 @@ def test_batch_takes_one_channel_per_channel_of_the_task_in_its_order(trained, t
                  "--device", "cpu", "--channel", "0", "--channel", "1", "--channel", "1"]) == 2
     assert "--channel is given 3 times for the 2 channels of brats_glioma_t1c_flair (T1c, FLAIR)" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_flair_under_a_shearing_affine_registration_is_resampled_not_refused(trained, tmp_path):
+    """A sheared first volume is refused (the networks work on its grid); a further channel is only
+    resampled onto the first one's grid in physical space, which an affine registration's shear survives."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is needed for the MRML tests")
+    import vtk
+
+    from MultiTaskSegLib import mrml
+
+    case = trained / "data" / "case0"
+    scene = slicer.vtkMRMLScene()
+    t1c_node = load_volume_node(scene, case / "t1c.nii.gz")
+    flair_node = load_volume_node(scene, case / "flair.nii.gz")
+    shear = np.eye(4)
+    shear[0, 1] = 0.05  # RAS: x moves with y, as an affine registration may leave it
+    registration = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "FLAIR to T1c (affine)")
+    registration.SetMatrixTransformToParent(mrml._vtk_matrix(shear))
+    flair_node.SetAndObserveTransformNodeID(registration.GetID())
+    images = mrml.channel_images(t1c_node, [flair_node])
+    direction = np.asarray(images[1].GetDirection()).reshape(3, 3)
+    assert np.abs(direction.T @ direction - np.eye(3)).max() > 1e-3  # the FLAIR's grid in the T1c frame is sheared
+
+    model = load_model(trained / "run" / "model")
+    t1c, flair = (sitk.ReadImage(str(case / f"{name}.nii.gz")) for name in ("t1c", "flair"))
+    to_flair = sitk.AffineTransform(3)  # T1c (parent) point -> FLAIR point, in LPS
+    lps = np.diag([-1.0, -1.0, 1.0])
+    to_flair.SetMatrix((lps @ np.linalg.inv(shear[:3, :3]) @ lps).ravel().tolist())
+    resampled = sitk.Resample(flair, t1c, to_flair, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    expected = segment_image(model, [t1c, resampled], device="cpu", with_probabilities=True)
+    result = segment_image(model, images, device="cpu", with_probabilities=True)
+    assert np.allclose(sitk.GetArrayViewFromImage(result.probabilities),
+                       sitk.GetArrayViewFromImage(expected.probabilities), atol=1e-4)
+    assert mrml.segment_volume_node(t1c_node, model, device="cpu", channel_nodes=[flair_node]) is not None
