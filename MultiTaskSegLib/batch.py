@@ -407,7 +407,7 @@ class ProgressBar:
         self.width = width
         self.finished = 0
         self.started = time.monotonic()
-        self.in_place = hasattr(stream, "isatty") and stream.isatty()
+        self.in_place = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.drawn = 0
 
     def line(self, latest: str) -> str:

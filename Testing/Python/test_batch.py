@@ -320,3 +320,17 @@ def test_a_full_disk_when_the_batch_summary_is_written_is_an_error_and_keeps_the
     assert code == 2
     assert "No space left on device" in error and "batch_summary" in error and "Traceback" not in error
     assert segmentations_in(output)  # what was segmented before is kept
+
+
+def test_the_progress_bar_redraws_in_place_on_the_terminal_it_defaults_to(monkeypatch):
+    """With no stream given the bar writes to stderr; when that is a terminal it redraws one line."""
+    import os
+
+    from MultiTaskSegLib.batch import ProgressBar
+
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert ProgressBar(total=3).in_place
+    os.close(leader)
+    assert not ProgressBar(total=3, stream=io.StringIO()).in_place
