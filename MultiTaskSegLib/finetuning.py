@@ -18,7 +18,9 @@ provenance and card; the parent is never changed.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -178,8 +180,24 @@ def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sit
     case_folder = Path(folder) / task.name / case_name
     if case_folder.exists():
         raise InputError(f"{case_folder} already holds a stored case; choose another case name")
+    names = [stored_file_name(task, patterns) for patterns in (task.image_files, *task.channel_files)]
+    label_name = stored_file_name(task, task.label_files)
     case_folder.mkdir(parents=True)
-    for channel, names in zip(images, (task.image_files, *task.channel_files)):
-        write_image(channel, case_folder / names[0])
-    write_image(labels, case_folder / task.label_files[0])
+    for channel, name in zip(images, names):
+        write_image(channel, case_folder / name)
+    write_image(labels, case_folder / label_name)
     return case_folder
+
+
+def stored_file_name(task: Task, patterns: Sequence[str]) -> str:
+    """The file name a stored case uses for one of ``task``'s files: the first plain name the task
+    lists, else its first pattern made plain (``*_t1.nii.gz`` -> ``case_t1.nii.gz``), so the case is
+    found again and no file is named ``*`` (which some systems cannot even create)."""
+    plain = [name for name in patterns if not any(c in name for c in "*?[")]
+    if plain:
+        return plain[0]
+    name = re.sub(r"\[!?\^?([^\]])[^\]]*\]", r"\1", patterns[0]).replace("*", "case").replace("?", "x")
+    if any(c in name for c in "*?[]") or not fnmatch.fnmatchcase(name, patterns[0]):
+        raise InputError(f"task {task.name!r} names its files only by the pattern {patterns[0]!r}, which gives "
+                         "no file name to store a case under; add a plain file name to the task's [files] list")
+    return name

@@ -115,6 +115,28 @@ def test_a_stored_case_holds_the_tasks_source_values_and_is_never_overwritten(tm
         store_case(tmp_path / "cases", task, "bert", image, classes)
 
 
+def test_a_task_naming_its_files_by_patterns_stores_plain_names_that_are_found_again(tmp_path):
+    """A user task may list only glob patterns (``*_t1.nii.gz``); a stored case must not be written to a
+    file literally named ``*_t1.nii.gz``, and the fine-tune must find it."""
+    import dataclasses
+
+    from MultiTaskSegLib.datasets import find_cases
+
+    task = dataclasses.replace(get_task("brain_t1_mri"), image_files=("*_t1.nii.gz",),
+                               label_files=("sub-??_aseg.nii.gz",))
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 5, 6)).astype(np.float32) + 1)
+    classes = np.zeros((4, 5, 6), np.int32)
+    classes[1, 1:3, 1:3] = 1
+    folder = store_case(tmp_path / "cases", task, "bert", image, classes)
+    assert sorted(p.name for p in folder.iterdir()) == ["case_t1.nii.gz", "sub-xx_aseg.nii.gz"]
+    [found] = find_cases(task, tmp_path / "cases" / task.name)
+    assert (found.image.name, found.label.name) == ("case_t1.nii.gz", "sub-xx_aseg.nii.gz")
+    unusable = dataclasses.replace(task, image_files=("[!x]*.nii.gz",))
+    with pytest.raises(InputError, match="add a plain file name"):
+        store_case(tmp_path / "cases", unusable, "other", image, classes)
+    assert not (tmp_path / "cases" / task.name / "other").exists()
+
+
 def test_the_slicer_logic_stores_a_corrected_segmentation_as_a_training_case(tmp_path, parent):
     slicer = pytest.importorskip("slicer", reason="slicer-core is needed for the MRML tests")
 
