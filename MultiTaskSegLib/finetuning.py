@@ -158,6 +158,7 @@ def case_labels(task: Task, images: Sequence[sitk.Image], classes: np.ndarray) -
         raise InputError(f"the labels ({classes.shape}) are not on the image's grid ({images[0].GetSize()[::-1]})")
     if int(classes.max(initial=0)) > len(task.classes) or int(classes.min(initial=0)) < 0:
         raise InputError(f"class indices must lie in 0..{len(task.classes)} for task {task.name}")
+    stored_file_names(task)  # a task whose files have no name to store under
     lookup = stored_label_values(task)
     labels = sitk.GetImageFromArray(lookup[classes].astype(np.uint16 if lookup.max() > 255 else np.uint8))
     labels.CopyInformation(images[0])
@@ -180,13 +181,18 @@ def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sit
     case_folder = Path(folder) / task.name / case_name
     if case_folder.exists():
         raise InputError(f"{case_folder} already holds a stored case; choose another case name")
-    names = [stored_file_name(task, patterns) for patterns in (task.image_files, *task.channel_files)]
-    label_name = stored_file_name(task, task.label_files)
+    names, label_name = stored_file_names(task)
     case_folder.mkdir(parents=True)
     for channel, name in zip(images, names):
         write_image(channel, case_folder / name)
     write_image(labels, case_folder / label_name)
     return case_folder
+
+
+def stored_file_names(task: Task) -> tuple[list[str], str]:
+    """The file names of a stored case of ``task``: one per channel, and the label's (see :func:`stored_file_name`)."""
+    return ([stored_file_name(task, patterns) for patterns in (task.image_files, *task.channel_files)],
+            stored_file_name(task, task.label_files))
 
 
 def stored_file_name(task: Task, patterns: Sequence[str]) -> str:

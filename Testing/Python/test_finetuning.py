@@ -418,3 +418,32 @@ def test_a_class_without_a_label_value_to_store_is_refused_before_anything_is_st
     with pytest.raises(InputError, match="class 'Forearm muscle' of task forearm_muscle_mri has no label value or counts 0"):
         store_case(tmp_path / "cases", task, "patient", image, classes)
     assert not (tmp_path / "cases").exists()
+
+
+def test_a_ticked_task_whose_files_cannot_be_named_is_refused_before_any_case_is_stored(tmp_path, scene):
+    """Storing two ticked tasks checks both before writing: a second task that names its files only by
+    a pattern no plain name matches must not leave the first task's case stored alone."""
+    import dataclasses
+
+    from MultiTaskSegLib import mrml
+
+    forearm = user_task("forearm_muscle_mri", [5])
+    elbow = dataclasses.replace(user_task("elbow_mri", [1, 2], "Elbow joint"), image_files=("[!x]*_t1.nii.gz",))
+    parent = model_of([forearm, elbow], tmp_path / "models" / "arm")
+    volume, segmentation_node = segmented_scan(scene, parent)
+    with pytest.raises(InputError, match="add a plain file name"):
+        mrml.store_corrected_cases(volume, segmentation_node, load_model(parent), ["forearm_muscle_mri", "elbow_mri"],
+                                   tmp_path / "cases")
+    assert not (tmp_path / "cases").exists()
+
+
+def test_storing_a_case_of_a_volume_without_voxels_says_to_load_it_again(tmp_path, scene):
+    """A volume node whose image data is gone (a failed load) is refused with what to do, not a traceback."""
+    from MultiTaskSegLib import mrml
+
+    task = user_task("forearm_muscle_mri", [5])
+    volume, segmentation_node = segmented_scan(scene, model_of([task], tmp_path / "models" / "mine"))
+    volume.SetAndObserveImageData(None)
+    with pytest.raises(InputError, match="has no voxels loaded; load the image again"):
+        mrml.store_corrected_case(volume, segmentation_node, task, tmp_path / "cases")
+    assert not (tmp_path / "cases").exists()
