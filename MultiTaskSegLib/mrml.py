@@ -620,6 +620,8 @@ def labels_from_segmentation(segmentation_node, volume_node, segment_ids: Sequen
             slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()):
         raise InputError(f"the segments of segmentation '{segmentation_node.GetName()}' cannot be converted to a "
                          "labelmap; make 'Binary labelmap' its source representation (Segmentations module) first")
+    if volume_node.GetImageData() is None:
+        raise InputError(f"{_describe_node(volume_node)} has no voxels loaded; load the image again")
     geometry = slicer.vtkOrientedImageData()
     geometry.SetExtent(volume_node.GetImageData().GetExtent())
     geometry.SetImageToWorldMatrix(_vtk_matrix(_volume_to_segmentation_frame(volume_node, segmentation_node) @ ijk_to_ras(volume_node)))
@@ -758,9 +760,10 @@ def store_corrected_case(volume_node, segmentation_node, task: "str | Task", fol
     from .finetuning import store_case
 
     task = _registered_task(task) if isinstance(task, str) else task
+    images = channel_images(volume_node, channel_nodes)  # first: it says what is wrong with a volume without voxels
     classes = _corrected_classes(volume_node, segmentation_node, task)
     return store_case(folder, task, case_name or _new_case_name(Path(folder) / task.name, volume_node.GetName()),
-                      channel_images(volume_node, channel_nodes), classes)
+                      images, classes)
 
 
 def store_corrected_cases(volume_node, segmentation_node, model: "str | os.PathLike | SegmentationModel",
