@@ -467,19 +467,24 @@ def check_output_folder(folder: Path, cases: Sequence[BatchCase]) -> None:
 
 
 def check_same_batch(folder: Path, model: SegmentationModel, tasks: Sequence[str], output_format: str,
-                     cases: Sequence[BatchCase]) -> None:
-    """A rerun into a folder resumes only the same batch: the same weights, tasks and format. Otherwise
-    the earlier results would be counted as done and the summary would name a model that made none.
-    A folder no batch wrote that already holds a case's output name is refused: those are the user's files."""
-    identity = {"model": model.name, "weights_sha256": model.weights_sha256, "tasks": list(tasks), "format": output_format}
+                     cases: Sequence[BatchCase], channels: Sequence[int | None] = ()) -> None:
+    """A rerun into a folder resumes only the same batch: the same weights, tasks, format and channels
+    picked from 4-D files (``channels``, one per channel of the task). Otherwise the earlier results
+    would be counted as done and the summary would name a model that made none, or a volume the rerun
+    did not ask for. A folder no batch wrote that already holds a case's output name is refused: those
+    are the user's files."""
+    identity = {"model": model.name, "weights_sha256": model.weights_sha256, "tasks": list(tasks), "format": output_format,
+                "channels": list(channels)}
     path = folder / BATCH_IDENTITY_FILE
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
+        stored.setdefault("channels", identity["channels"])  # written before channels were recorded: not known
         if stored != identity:
             raise InputError(
                 f"the output folder {folder} holds results of another batch (model {stored.get('model')}, tasks "
-                f"{', '.join(stored.get('tasks', []))}, format {stored.get('format')}); use another --output, or the "
-                "same model, tasks and format to resume it"
+                f"{', '.join(stored.get('tasks', []))}, format {stored.get('format')}, channel(s) "
+                f"{', '.join('none' if pick is None else str(pick) for pick in stored['channels'])}); use another "
+                "--output, or the same model, tasks, format and --channel to resume it"
             )
         return
     taken = [output for output in (output_path(folder, case, output_format) for case in cases) if output.exists()]
@@ -517,9 +522,9 @@ def run_batch(
     cases = select_shard(every_case, index, count)
     model = load_model(model_source)
     tasks = resolve_tasks(model, tasks)
-    channels_per_input(channels, len(model.label_space.task(tasks[0]).channels), task_channels(model, tasks))
+    picks = channels_per_input(channels, len(model.label_space.task(tasks[0]).channels), task_channels(model, tasks))
     folder.mkdir(parents=True, exist_ok=True)
-    check_same_batch(folder, model, tasks, output_format, every_case)
+    check_same_batch(folder, model, tasks, output_format, every_case, picks)
 
     summary = BatchSummary(cases=len(cases))
     for case in cases:

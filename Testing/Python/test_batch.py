@@ -334,3 +334,22 @@ def test_the_progress_bar_redraws_in_place_on_the_terminal_it_defaults_to(monkey
         assert ProgressBar(total=3).in_place
     os.close(leader)
     assert not ProgressBar(total=3, stream=io.StringIO()).in_place
+
+
+def test_a_rerun_picking_another_channel_does_not_take_the_earlier_results_as_its_own(model_path, dataset, tmp_path):
+    """A batch of 4-D files run with the wrong --channel, then again with the right one into the same
+    folder, must not count the wrong channel's segmentations as done."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for case in ("case_000", "case_001"):
+        volumes = [sitk.ReadImage(str(dataset / "breast_mri" / name / "image.nii.gz")) for name in (case, "case_002")]
+        sitk.WriteImage(sitk.JoinSeries(volumes), str(scans / f"{case}.nii.gz"))
+    folder = tmp_path / "out"
+    quiet = io.StringIO()
+    run_batch(model_path, scans, folder, tasks=["breast_mri"], device="cpu", channels=[1], stream=quiet)
+    written = {path: path.read_bytes() for path in segmentations_in(folder)}
+    with pytest.raises(InputError, match="holds results of another batch.*channel"):
+        run_batch(model_path, scans, folder, tasks=["breast_mri"], device="cpu", channels=[0], stream=quiet)
+    assert {path: path.read_bytes() for path in segmentations_in(folder)} == written
+    summary = run_batch(model_path, scans, folder, tasks=["breast_mri"], device="cpu", channels=[1], stream=quiet)
+    assert len(summary.skipped) == 2 and not summary.segmented  # the same channel resumes
