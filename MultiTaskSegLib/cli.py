@@ -83,12 +83,12 @@ def command_train(args) -> int:
 
 
 def command_finetune(args) -> int:
-    from .datasets import parse_data_arguments
+    from .datasets import parse_data_arguments, task_folder_pair
     from .finetuning import finetune
     from .model_files import load_model
 
     parent = load_model(args.model)
-    names = [pair.split("=", 1)[0] for pair in args.data if "=" in pair] or [
+    names = [pair[0] for pair in map(task_folder_pair, args.data) if pair] or [
         task for task in parent.label_space.task_names if any((Path(root) / task).is_dir() for root in args.data)]
     if not names:
         raise InputError(f"no cases of the model's tasks ({', '.join(parent.label_space.task_names)}) under "

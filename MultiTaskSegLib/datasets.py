@@ -85,12 +85,21 @@ def find_cases(task: Task, folder: str | Path, require_labels: bool = True,
     return cases
 
 
+def task_folder_pair(argument: str) -> tuple[str, str] | None:
+    """``TASK=FOLDER`` -> (TASK, FOLDER); None for a ROOT, which may hold '=' itself ('runs/lr=0.1/cases')."""
+    if "=" not in argument or Path(argument).is_dir():
+        return None
+    name, folder = argument.split("=", 1)
+    return name, folder
+
+
 def parse_data_arguments(arguments: Iterable[str], task_names: Sequence[str]) -> dict[str, Path]:
     """``TASK=FOLDER`` pairs, or one ROOT holding a folder per task (``ROOT/TASK``)."""
     folders: dict[str, Path] = {}
     for argument in arguments:
-        if "=" in argument:
-            name, folder = argument.split("=", 1)
+        pair = task_folder_pair(argument)
+        if pair:
+            name, folder = pair
             if name not in task_names:  # a task asked for may be a model's own, which no file registers
                 get_task(name)
             folders[name] = Path(folder)

@@ -447,3 +447,13 @@ def test_storing_a_case_of_a_volume_without_voxels_says_to_load_it_again(tmp_pat
     with pytest.raises(InputError, match="has no voxels loaded; load the image again"):
         mrml.store_corrected_case(volume, segmentation_node, task, tmp_path / "cases")
     assert not (tmp_path / "cases").exists()
+
+
+def test_a_cases_folder_whose_path_holds_an_equals_sign_is_fine_tuned_on_as_a_root(tmp_path, parent):
+    """The module's Fine-tune passes its cases folder as --data ROOT; a folder such as
+    'runs/lr=0.1/cases' must not be read as TASK=FOLDER (task 'runs/lr')."""
+    cases = write_tiny_dataset(tmp_path / "lr=0.1" / "cases", cases=1)
+    assert main(["finetune", "--model", str(parent), "--data", str(cases), "--out", str(tmp_path / "run"),
+                 "--steps", "2", "--batch-size", "4", "--device", "cpu"]) == 0
+    assert sorted(load_model(tmp_path / "run" / "model").provenance["training_cases"]) == [
+        "breast_mri/case_000", "cardiac_cta/case_000"]
