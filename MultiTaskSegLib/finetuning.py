@@ -190,9 +190,32 @@ def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sit
 
 
 def stored_file_names(task: Task) -> tuple[list[str], str]:
-    """The file names of a stored case of ``task``: one per channel, and the label's (see :func:`stored_file_name`)."""
-    return ([stored_file_name(task, patterns) for patterns in (task.image_files, *task.channel_files)],
-            stored_file_name(task, task.label_files))
+    """The file names of a stored case of ``task``: one per channel, and the label's (see :func:`stored_file_name`).
+
+    Refused when reading the case back would take one file for another (an image pattern ``*.nii.gz``
+    finds ``aseg.nii.gz``, the label, first), as :func:`~MultiTaskSegLib.datasets.find_cases` looks."""
+    images = [stored_file_name(task, patterns) for patterns in (task.image_files, *task.channel_files)]
+    label = stored_file_name(task, task.label_files)
+    stored = sorted({*images, label})
+    if len(stored) < len(images) + 1:
+        raise InputError(f"task {task.name!r} gives two of its files the same name ({', '.join([*images, label])}), "
+                         "so a stored case would write one over the other; give each file its own name in the task's [files]")
+    lists = ["[files] image", *(f"[files.channels] {channel}" for channel in task.channels[1:]), "[files] label",
+             "[files] mask"]
+    kinds = [*task.channels, "label", "mask"]
+    patterns_of = [task.image_files, *task.channel_files, task.label_files, task.mask_files]
+    for kind, where, patterns, name in zip(kinds, lists, patterns_of, [*images, label, None]):
+        found = next((matches[0] for matches in ([n for n in stored if fnmatch.fnmatch(n, p)] for p in patterns)
+                      if matches), None)
+        if found != name:
+            pattern = next(p for p in patterns if fnmatch.fnmatch(found, p))
+            raise InputError(
+                f"task {task.name!r}: its {kind} pattern {pattern!r} would find {found} in a stored case "
+                f"({'the ' + kind + ' is stored as ' + name if name else 'a stored case has no ' + kind}), so the case "
+                f"would be read back wrongly; put a plain file name first under {where} in the task's definition, "
+                "or narrow the pattern"
+            )
+    return images, label
 
 
 def stored_file_name(task: Task, patterns: Sequence[str]) -> str:

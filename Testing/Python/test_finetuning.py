@@ -457,3 +457,26 @@ def test_a_cases_folder_whose_path_holds_an_equals_sign_is_fine_tuned_on_as_a_ro
                  "--steps", "2", "--batch-size", "4", "--device", "cpu"]) == 0
     assert sorted(load_model(tmp_path / "run" / "model").provenance["training_cases"]) == [
         "breast_mri/case_000", "cardiac_cta/case_000"]
+
+
+def test_a_stored_case_whose_image_pattern_would_find_the_label_file_is_refused(tmp_path):
+    """A task whose image pattern also matches its label's name ('*.nii.gz' beside 'aseg.nii.gz') would
+    store a case the fine-tune reads with the label map as its image; it is refused before writing."""
+    import dataclasses
+
+    from MultiTaskSegLib.datasets import find_cases
+
+    task = dataclasses.replace(get_task("brain_t1_mri"), image_files=("*.nii.gz",), label_files=("aseg.nii.gz",))
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 5, 6)).astype(np.float32) + 1)
+    classes = np.zeros((4, 5, 6), np.int32)
+    classes[1, 1:3, 1:3] = 1
+    with pytest.raises(InputError, match=r"image pattern '\*\.nii\.gz' would find aseg\.nii\.gz .*plain file name first under \[files\] image"):
+        store_case(tmp_path / "cases", task, "bert", image, classes)
+    assert not (tmp_path / "cases").exists()
+    plain = dataclasses.replace(task, image_files=("t1.nii.gz", "*.nii.gz"))  # a plain name looked for first: found again
+    [found] = find_cases(plain, store_case(tmp_path / "cases", plain, "bert", image, classes))
+    assert (found.image.name, found.label.name) == ("t1.nii.gz", "aseg.nii.gz")
+    same = dataclasses.replace(task, image_files=("*_t1.nii.gz",), label_files=("case_t1.nii.gz",))
+    with pytest.raises(InputError, match=r"gives two of its files the same name \(case_t1.nii.gz, case_t1.nii.gz\)"):
+        store_case(tmp_path / "other", same, "bert", image, classes)
+    assert not (tmp_path / "other").exists()
