@@ -99,7 +99,15 @@ def _install_torch() -> None:
             "restart Slicer, then press Apply again."
         ) from None
     logic = PyTorchUtils.PyTorchUtilsLogic()
-    if not logic.torchInstalled() and logic.installTorch(askConfirmation=False) is None:
+    if logic.torchInstalled():
+        return
+    try:
+        # installTorch raises when light-the-torch or pip fails (slicer.util._executePythonModule raises
+        # CalledProcessError); it answers None only when its own confirmation, not asked here, is declined.
+        torch = logic.installTorch(askConfirmation=False)
+    except Exception as error:
+        raise DependencyError(f"{_offline_message(['PyTorch'])} ({error}; see the Python console)") from None
+    if torch is None:
         raise DependencyError("PyTorch could not be installed; see the Python console for the pip output.")
 
 

@@ -221,6 +221,28 @@ def test_under_slicers_tests_a_missing_package_is_refused_not_installed(helpers,
         dependencies.ensure_dependencies(ask=True)
 
 
+def test_a_failed_pytorch_download_says_how_to_install_offline(helpers, monkeypatch):
+    """PyTorchUtilsLogic.installTorch raises CalledProcessError when light-the-torch or pip fails
+    (it runs them through slicer.util._executePythonModule); the user must get the offline advice."""
+    import subprocess
+    import types
+
+    dependencies, _ = helpers
+
+    class FailingPyTorchUtilsLogic:
+        @staticmethod
+        def torchInstalled():
+            return False
+
+        def installTorch(self, askConfirmation=False):
+            raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "light_the_torch", "install", "torch"])
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=FailingPyTorchUtilsLogic))
+    with pytest.raises(dependencies.DependencyError, match="install offline") as raised:
+        dependencies._install_torch()
+    assert "PyTorch" in str(raised.value) and "light_the_torch" in str(raised.value)
+
+
 def test_the_packages_the_module_installs_are_the_dependencies_of_pyproject(helpers, tmp_path, monkeypatch):
     dependencies, _ = helpers
     from packaging.requirements import Requirement
