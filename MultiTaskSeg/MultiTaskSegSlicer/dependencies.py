@@ -141,6 +141,7 @@ def ensure_dependencies(ask: bool = True) -> None:
             slicer.util.pip_install(requirement)
         except Exception as error:  # pip reports failures as CalledProcessError and friends
             raise DependencyError(f"{_offline_message(packages)} ({error}; see the Python console)") from None
+    importlib.invalidate_caches()  # finders cache folder listings: packages pip just added would look missing
     still_missing = missing_packages()
     if still_missing:
         raise DependencyError(f"{', '.join(still_missing)} still cannot be imported; restart Slicer and try again.")
