@@ -50,8 +50,9 @@ from MultiTaskSegLib.sampling import SAMPLING_CHOICES
 
 #: The fold recipe of README "Tumour models" (sarcoma-mr; sarcoma-ct the same from the MR network).
 RECIPE = ["--arch", "unet2d_multiplanar", "--arg", "patch_size=[160,160]", "--arg", "whole_slice_inference=true",
-          "--arg", "steps_per_epoch=3000", "--steps", "3000", "--batch-size", "16", "--validate-every", "1000",
-          "--validation-fraction", "0.15", "--device", "cpu"]
+          "--batch-size", "16", "--validate-every", "1000", "--validation-fraction", "0.15"]
+#: The recipe's mini-batches (one cosine cycle); another count is a variant (``--mini-batches``).
+RECIPE_MINI_BATCHES = 3000
 MODALITIES = {"mr": ("sarcoma_t1_mri", "sarcoma-mr"), "ct_from_mr": ("sarcoma_ct", "sarcoma-ct")}
 
 
@@ -69,6 +70,7 @@ class Recipe:
     seed: int | str = 0
     variant: str = ""
     train_arguments: tuple[str, ...] = ()
+    mini_batches: int = RECIPE_MINI_BATCHES
 
     def folder(self, step: str) -> str:
         """``mr``, ``mr_cases``, ``mr_cases_seed1``, ``mr_cases_ensemble0-1``, ``ct_from_mr_cases_scale0.7-1.4``."""
@@ -84,7 +86,7 @@ class Recipe:
         return Recipe(self.sampling, self.seed)
 
 
-def train(fold: Path, step: str, recipe: Recipe, threads: int) -> None:
+def train(fold: Path, step: str, recipe: Recipe, threads: int, device: str = "cpu") -> None:
     """Train the fold's network of ``step`` unless finished (resuming from a checkpoint); a CT network
     starts from the MR network of the recipe's seed, without its variant."""
     task, name = MODALITIES[step]
@@ -92,7 +94,8 @@ def train(fold: Path, step: str, recipe: Recipe, threads: int) -> None:
     if not (out / "model" / "model.json").exists():
         command = [sys.executable, "-m", "MultiTaskSegLib.cli", "train", "--tasks", task,
                    "--data", f"{task}={fold / 'train' / task}", "--out", str(out), "--name", name, *RECIPE,
-                   "--sampling", recipe.sampling, "--seed", str(recipe.seed)]
+                   "--arg", f"steps_per_epoch={recipe.mini_batches}", "--steps", str(recipe.mini_batches),
+                   "--device", device, "--sampling", recipe.sampling, "--seed", str(recipe.seed)]
         for argument in recipe.train_arguments:
             command += ["--arg", argument]
         if step == "ct_from_mr":
@@ -111,7 +114,7 @@ def assemble(fold: Path, step: str, sampling: str, seeds: list[int]) -> Recipe:
     return ensemble
 
 
-def evaluate(fold: Path, step: str, recipe: Recipe, mirror: str, record: Path, threads: int) -> None:
+def evaluate(fold: Path, step: str, recipe: Recipe, mirror: str, record: Path, threads: int, device: str = "cpu") -> None:
     """Judge the fold's network on its held-out patients; the per-patient table is also copied to
     ``record`` (a folder in the repository), as the run folders do not outlive the machine."""
     task = MODALITIES[step][0]
@@ -119,7 +122,7 @@ def evaluate(fold: Path, step: str, recipe: Recipe, mirror: str, record: Path, t
     if not (out / "per_case.csv").exists():
         run([sys.executable, str(Path(__file__).with_name("evaluate_tumour.py")), "--model", str(out.parent / "model"),
             "--cases", str(fold / "held_out" / task), "--task", task, "--out", str(out), "--refresh-tasks",
-            "--save-probabilities", f"--{mirror}"], threads)
+            "--save-probabilities", f"--{mirror}", "--device", device], threads)
     record.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "per_case.csv", record / f"{fold.name}_{out.parent.name}_{out.name}.csv")
 
@@ -139,6 +142,10 @@ def main() -> None:
                         "the run folders end in _NAME; one step at a time")
     parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="with --variant: one more train --arg (repeatable)")
+    parser.add_argument("--mini-batches", type=int, default=RECIPE_MINI_BATCHES,
+                        help="train --steps (one cosine cycle); another count than the recipe's is a --variant "
+                             "(e.g. longer training on a GPU)")
+    parser.add_argument("--device", default="cpu", help="train and evaluate on this device (cpu, cuda)")
     parser.add_argument("--mirrored-evaluations", action=argparse.BooleanOptionalAction, default=True,
                         help="end with every evaluation once more with test-time mirroring (informational: "
                              "within +-0.02 Dice of one pass per fold so far; study_tumour_postprocessing.py pairs them)")
@@ -147,8 +154,11 @@ def main() -> None:
     parser.add_argument("--final", action="store_true",
                         help="then train the same networks on every patient (ROOT/all/train): the models to bundle")
     args = parser.parse_args()
-    if bool(args.variant) != bool(args.train_arg):
-        parser.error("--variant NAME and --train-arg KEY=VALUE go together: name what the variant changes")
+    changed = bool(args.train_arg) or args.mini_batches != RECIPE_MINI_BATCHES
+    if bool(args.variant) != changed:
+        parser.error("--variant NAME goes with --train-arg KEY=VALUE or --mini-batches N: name what the variant changes")
+    if args.mini_batches < 1:
+        parser.error(f"--mini-batches {args.mini_batches}: give a positive count")
     if args.variant and (len(args.steps) != 1 or args.ensemble):
         parser.error("a --variant trains one step (--steps mr or --steps ct_from_mr) and no --ensemble: "
                      "a CT variant starts from the recipe's MR network, so an MR variant would not feed it")
@@ -158,20 +168,20 @@ def main() -> None:
     for fold in folds:
         if not (fold / "fold.json").exists():
             parser.error(f"{fold} is not a fold; run scripts/prepare_tumour_data.py first")
-    recipe = Recipe(args.sampling, args.seed, args.variant, tuple(args.train_arg))
+    recipe = Recipe(args.sampling, args.seed, args.variant, tuple(args.train_arg), args.mini_batches)
     for fold in folds:
         for step in args.steps:
-            train(fold, step, recipe, args.threads)
-            evaluate(fold, step, recipe, "no-mirror", args.record, args.threads)
+            train(fold, step, recipe, args.threads, args.device)
+            evaluate(fold, step, recipe, "no-mirror", args.record, args.threads, args.device)
             if args.ensemble:
                 ensemble = assemble(fold, step, args.sampling, args.ensemble)
                 evaluate(fold, step, ensemble, "no-mirror", args.record, args.threads)
     if args.final:
         for step in args.steps:
-            train((args.root / "all").resolve(), step, recipe, args.threads)
+            train((args.root / "all").resolve(), step, recipe, args.threads, args.device)
     for fold in folds if args.mirrored_evaluations else []:
         for step in args.steps:
-            evaluate(fold, step, recipe, "mirror", args.record, args.threads)
+            evaluate(fold, step, recipe, "mirror", args.record, args.threads, args.device)
     print("finished", flush=True)
 
 

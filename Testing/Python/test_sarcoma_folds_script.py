@@ -93,3 +93,22 @@ def test_a_ct_variant_starts_from_the_recipes_mr_network(tmp_path):
     assert f"--init-from {fold / 'mr_cases' / 'model'}" in command
     assert "--arg augmentation={\"scale_low\": 0.7}" in command
     assert result.returncode != 0  # the fold has no CT training cases here: the trainer refuses, nothing is made
+
+
+def test_longer_training_on_another_device_is_a_named_variant(tmp_path):
+    """--mini-batches changes the recipe (its cosine cycle too), so it needs a variant name; --device is
+    passed to the trainer (and the evaluation), e.g. for a longer run on a lent GPU."""
+    finished_fold(tmp_path / "runs", 3)
+    base = [sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--folds", "3", "--steps", "mr",
+            "--sampling", "cases", "--mini-batches", "12000", "--no-mirrored-evaluations", "--record", str(tmp_path / "record")]
+
+    unnamed = subprocess.run(base, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    named = subprocess.run(base + ["--variant", "long12k", "--device", "cuda"], capture_output=True, text=True,
+                           cwd=PROJECT_ROOT, timeout=120)
+
+    assert unnamed.returncode != 0 and "--mini-batches" in unnamed.stderr and "--variant" in unnamed.stderr
+    command = next(line for line in named.stdout.splitlines() if line.startswith("$ "))
+    fold = (tmp_path / "runs" / "fold3").resolve()
+    assert f"--out {fold / 'mr_cases_long12k'} " in command
+    assert "--arg steps_per_epoch=12000 --steps 12000 --device cuda" in command
+    assert named.returncode != 0  # the fold has no MR training cases here: the trainer refuses, nothing is made
