@@ -69,10 +69,12 @@ def _check_shape(dimension: int, components: int, size: tuple[int, ...], where: 
         )
 
 
-def read_image(path: str | os.PathLike, channel: int | None = None, check_values: bool = True) -> sitk.Image:
+def read_image(path: str | os.PathLike, channel: int | None = None, check_values: bool = True,
+               perpendicular_axes: bool = True) -> sitk.Image:
     """Read a 3-D scalar volume from NIfTI, NRRD, MHA or a DICOM series folder.
 
-    ``channel`` picks one volume of a 4-D or multi-component file.
+    ``channel`` picks one volume of a 4-D or multi-component file. ``perpendicular_axes=False``
+    accepts a sheared grid: a further channel, which is resampled onto the first channel's grid.
     """
     path = Path(path)
     where = f"'{path}'"
@@ -95,7 +97,7 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
         channel = 0  # a 3-D volume stored as a series of one (some NRRD and NIfTI writers)
     _check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), size, where, channel)
     _check_size(size, reader.GetNumberOfComponents(), where)  # the reader loads every volume and component
-    _check_geometry(reader.GetSpacing(), reader.GetDirection(), reader.GetDimension(), where)
+    _check_geometry(reader.GetSpacing(), reader.GetDirection(), reader.GetDimension(), where, perpendicular_axes)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_voxels(path, where, check_values)
     else:
@@ -106,7 +108,7 @@ def read_image(path: str | os.PathLike, channel: int | None = None, check_values
         reason = _itk_reason(error)
         detail = "" if reason.startswith("Reason:") or not reason else f" ({reason})"
         raise InputError(f"{where} could not be read{detail}; the file is damaged or cut short: copy or export it again") from None
-    return check_image(_pick_channel(image, channel, where), where, check_values)
+    return check_image(_pick_channel(image, channel, where), where, check_values, perpendicular_axes)
 
 
 def read_images(paths: Sequence[str | os.PathLike], channels: Sequence[int | None] = (),
@@ -124,7 +126,9 @@ def read_images(paths: Sequence[str | os.PathLike], channels: Sequence[int | Non
                 raise InputError(f"'{path}' holds a single volume, so it has no channel {channels[0]}: a --channel given once "
                                  "applies to every input; give one --channel per input, in order (none for a file "
                                  "holding a single volume)")
-    return [read_image(path, channel=channel) for path, channel in zip(paths, picks)]
+    # Only the first channel's grid is segmented on; further ones are resampled onto it, shear or not.
+    return [read_image(path, channel=channel, perpendicular_axes=number == 0)
+            for number, (path, channel) in enumerate(zip(paths, picks))]
 
 
 def channels_per_input(channels: Sequence[int | None], count: int, inputs: str) -> list[int | None]:

@@ -323,3 +323,35 @@ def test_a_flair_under_a_shearing_affine_registration_is_resampled_not_refused(t
     assert np.allclose(sitk.GetArrayViewFromImage(result.probabilities),
                        sitk.GetArrayViewFromImage(expected.probabilities), atol=1e-4)
     assert mrml.segment_volume_node(t1c_node, model, device="cpu", channel_nodes=[flair_node]) is not None
+
+
+def test_a_sheared_flair_file_is_resampled_onto_the_t1c_and_a_sheared_t1c_file_refused(trained, tmp_path, capsys):
+    """The command line as the Slicer module: a further channel whose grid is sheared (an NRRD written
+    after an affine registration) is resampled in physical space; the first channel, whose grid the
+    networks work on, must not be sheared."""
+    case = trained / "data" / "case0"
+    t1c, flair = (sitk.ReadImage(str(case / f"{name}.nii.gz")) for name in ("t1c", "flair"))
+    direction = np.eye(3)
+    direction[0, 1] = 0.05  # axes no longer perpendicular
+    sheared = sitk.Image(flair)
+    sheared.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(sheared, str(tmp_path / "flair_sheared.nrrd"))
+    sheared_t1c = sitk.Image(t1c)
+    sheared_t1c.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(sheared_t1c, str(tmp_path / "t1c_sheared.nrrd"))
+    model = trained / "run" / "model"
+
+    code = main(["segment", "--model", str(model), "--input", str(case / "t1c.nii.gz"), "--input",
+                 str(tmp_path / "flair_sheared.nrrd"), "--output", str(tmp_path / "out.nii.gz"), "--device", "cpu",
+                 "--probabilities", str(tmp_path / "p.nii.gz")])
+    assert code == 0
+    resampled = sitk.Resample(sitk.ReadImage(str(tmp_path / "flair_sheared.nrrd")), t1c, sitk.Transform(),
+                              sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    expected = segment_image(load_model(model), [t1c, resampled], device="cpu", with_probabilities=True)
+    assert np.allclose(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "p.nii.gz"))),
+                       sitk.GetArrayViewFromImage(expected.probabilities), atol=1e-4)
+
+    code = main(["segment", "--model", str(model), "--input", str(tmp_path / "t1c_sheared.nrrd"), "--input",
+                 str(case / "flair.nii.gz"), "--output", str(tmp_path / "refused.nii.gz"), "--device", "cpu"])
+    assert code == 2 and "perpendicular" in capsys.readouterr().err
+    assert not (tmp_path / "refused.nii.gz").exists()
