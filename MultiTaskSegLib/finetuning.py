@@ -165,6 +165,17 @@ def case_labels(task: Task, images: Sequence[sitk.Image], classes: np.ndarray) -
     return labels
 
 
+#: Names Windows reserves for devices, whatever the extension (a stored case must copy anywhere).
+WINDOWS_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)), *(f"LPT{n}" for n in range(1, 10))}
+
+
+def portable_folder_name(name: str) -> bool:
+    """Whether ``name`` makes a folder on Linux, macOS and Windows alike (a case folder is shared)."""
+    return (bool(name) and not name.startswith(".") and not name.endswith((".", " "))
+            and not any(c in '/\\<>:"|?*' or ord(c) < 32 for c in name)
+            and name.split(".")[0].upper() not in WINDOWS_RESERVED_NAMES)
+
+
 def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sitk.Image | Sequence[sitk.Image],
                classes: np.ndarray) -> Path:
     """Write one corrected case as a training case under ``FOLDER/TASK/CASE/``: the image (one per
@@ -175,8 +186,9 @@ def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sit
     not. An existing case of that name is refused: a stored correction is never overwritten.
     """
     images = [image] if isinstance(image, sitk.Image) else list(image)
-    if not case_name or case_name.startswith(".") or any(c in case_name for c in "/\\"):
-        raise InputError(f"case name {case_name!r} cannot be a folder name; use letters, digits, '-' and '_'")
+    if not portable_folder_name(case_name):
+        raise InputError(f"case name {case_name!r} cannot be a folder name on every system; use letters, digits, "
+                         "'-' and '_' (and not a name Windows reserves, such as CON or COM1)")
     labels = case_labels(task, images, classes)
     case_folder = Path(folder) / task.name / case_name
     if case_folder.exists():

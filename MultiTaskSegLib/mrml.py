@@ -822,7 +822,11 @@ def _corrected_classes(volume_node, segmentation_node, task: "Task") -> np.ndarr
 
 
 def _new_case_name(task_folder: Path, volume_name: str) -> str:
+    from .finetuning import portable_folder_name
+
     first = "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_name) or "case"
+    if not portable_folder_name(first):  # e.g. a volume named "con" or "COM1"
+        first = f"case_{first}"
     name, number = first, 1
     while (task_folder / name).exists():
         number += 1

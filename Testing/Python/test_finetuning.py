@@ -449,6 +449,26 @@ def test_storing_a_case_of_a_volume_without_voxels_says_to_load_it_again(tmp_pat
     assert not (tmp_path / "cases").exists()
 
 
+def test_case_names_windows_cannot_create_are_refused_or_renamed(tmp_path, scene):
+    """A folder of stored cases is shared between machines: a case named 'CON' or 'a:b' could not be
+    copied to Windows. Given directly such a name is refused; a volume named so is stored under another."""
+    from MultiTaskSegLib import mrml
+
+    task = user_task("forearm_muscle_mri", [5])
+    image = sitk.GetImageFromArray(np.ones((4, 5, 6), np.float32))
+    classes = np.zeros((4, 5, 6), np.int32)
+    classes[1:3, 1:3, 1:3] = 1
+    for name in ("CON", "com1.scan", "a:b", "scan?", "trailing."):
+        with pytest.raises(InputError, match="cannot be a folder name on every system"):
+            store_case(tmp_path / "cases", task, name, image, classes)
+    assert not (tmp_path / "cases").exists()
+    volume, segmentation_node = segmented_scan(scene, model_of([task], tmp_path / "models" / "mine"))
+    volume.SetName("con")
+    [stored] = mrml.store_corrected_cases(volume, segmentation_node, load_model(tmp_path / "models" / "mine"),
+                                          [task.name], tmp_path / "cases")
+    assert stored.name == "case_con"
+
+
 def test_a_cases_folder_whose_path_holds_an_equals_sign_is_fine_tuned_on_as_a_root(tmp_path, parent):
     """The module's Fine-tune passes its cases folder as --data ROOT; a folder such as
     'runs/lr=0.1/cases' must not be read as TASK=FOLDER (task 'runs/lr')."""
