@@ -150,15 +150,15 @@ def stored_label_values(task: Task) -> np.ndarray:
 
 def case_labels(task: Task, images: Sequence[sitk.Image], classes: np.ndarray) -> sitk.Image:
     """The label image of a corrected case of ``task``: ``classes`` (the task's class indices, 0
-    background, 1..K, on the first image's grid) as the task's source values. Refuses what cannot
-    be stored, so that a caller storing several cases can check them all before writing one."""
+    background, 1..K, on the first image's grid) as the task's source values. Refuses labels that
+    cannot be stored, so that a caller storing several cases can check them all (with
+    :func:`stored_file_names`) before writing one."""
     if len(images) != len(task.channels):
         raise InputError(f"task {task.name} reads {len(task.channels)} image(s) ({', '.join(task.channels)}), got {len(images)}")
     if classes.shape != sitk.GetArrayViewFromImage(images[0]).shape:
         raise InputError(f"the labels ({classes.shape}) are not on the image's grid ({images[0].GetSize()[::-1]})")
     if int(classes.max(initial=0)) > len(task.classes) or int(classes.min(initial=0)) < 0:
         raise InputError(f"class indices must lie in 0..{len(task.classes)} for task {task.name}")
-    stored_file_names(task)  # a task whose files have no name to store under
     lookup = stored_label_values(task)
     labels = sitk.GetImageFromArray(lookup[classes].astype(np.uint16 if lookup.max() > 255 else np.uint8))
     labels.CopyInformation(images[0])
@@ -190,10 +190,10 @@ def store_case(folder: str | os.PathLike, task: Task, case_name: str, image: sit
         raise InputError(f"case name {case_name!r} cannot be a folder name on every system; use letters, digits, "
                          "'-' and '_' (and not a name Windows reserves, such as CON or COM1)")
     labels = case_labels(task, images, classes)
+    names, label_name = stored_file_names(task)
     case_folder = Path(folder) / task.name / case_name
     if case_folder.exists():
         raise InputError(f"{case_folder} already holds a stored case; choose another case name")
-    names, label_name = stored_file_names(task)
     case_folder.mkdir(parents=True)
     for channel, name in zip(images, names):
         write_image(channel, case_folder / name)

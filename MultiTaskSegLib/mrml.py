@@ -761,7 +761,8 @@ def store_corrected_case(volume_node, segmentation_node, task: "str | Task", fol
 
     task = _registered_task(task) if isinstance(task, str) else task
     images = channel_images(volume_node, channel_nodes)  # first: it says what is wrong with a volume without voxels
-    classes = _corrected_classes(volume_node, segmentation_node, task)
+    [by_class] = _segments_by_class(segmentation_node, [task])
+    classes = _corrected_classes(volume_node, segmentation_node, by_class)
     return store_case(folder, task, case_name or _new_case_name(Path(folder) / task.name, volume_node.GetName()),
                       images, classes)
 
@@ -776,7 +777,7 @@ def store_corrected_cases(volume_node, segmentation_node, model: "str | os.PathL
     case is written: tasks of different modalities (one scan is either MR or CT), or a task with no
     segment in the segmentation, are refused and nothing is stored.
     """
-    from .finetuning import case_labels, store_case
+    from .finetuning import case_labels, store_case, stored_file_names
     from .model_files import as_model
 
     chosen = [as_model(model).label_space.task(name) for name in dict.fromkeys(tasks)]
@@ -786,17 +787,13 @@ def store_corrected_cases(volume_node, segmentation_node, model: "str | os.PathL
         listed = ", ".join(f"{task.name} ({task.modality})" for task in chosen)
         raise InputError(f"tasks {listed} are ticked together, but one scan is either MR or CT and would be stored "
                          "as a case of each; tick only the task(s) of this scan's modality; nothing was stored")
-    missing = [task for task in chosen if not segments_of_task(segmentation_node, task)]
-    if missing:
-        raise InputError(
-            f"segmentation '{segmentation_node.GetName()}' has no segment of task {', '.join(t.name for t in missing)} "
-            f"(classes: {', '.join(name for t in missing for name in t.class_names)}); untick it, or apply the model "
-            "to it first; nothing was stored"
-        )
+    segments = _segments_by_class(segmentation_node, chosen)
     images = channel_images(volume_node, channel_nodes)
-    cases = [(task, _corrected_classes(volume_node, segmentation_node, task)) for task in chosen]
-    for task, classes in cases:
-        case_labels(task, images, classes)  # refuse what cannot be stored before the first case is written
+    cases = [(task, _corrected_classes(volume_node, segmentation_node, by_class))
+             for task, by_class in zip(chosen, segments)]
+    for task, classes in cases:  # refuse what cannot be stored before the first case is written
+        case_labels(task, images, classes)
+        stored_file_names(task)
     return [store_case(folder, task, _new_case_name(Path(folder) / task.name, volume_node.GetName()), images, classes)
             for task, classes in cases]
 
@@ -810,12 +807,21 @@ def _registered_task(name: str) -> "Task":
     return get_task(name)
 
 
-def _corrected_classes(volume_node, segmentation_node, task: "Task") -> np.ndarray:
-    """The task's class indices (0 background, 1..K) that the segments of ``task`` give, on the volume's grid."""
-    by_class = segments_of_task(segmentation_node, task)
-    if not by_class:
-        raise InputError(f"segmentation '{segmentation_node.GetName()}' has no segment of task {task.name} "
-                         f"(classes: {', '.join(task.class_names)}); nothing to store")
+def _segments_by_class(segmentation_node, tasks: Sequence["Task"]) -> list[dict[int, list[str]]]:
+    """Each task's segments by class index (:func:`segments_of_task`); a task without any is refused, by name."""
+    found = [segments_of_task(segmentation_node, task) for task in tasks]
+    missing = [task for task, by_class in zip(tasks, found) if not by_class]
+    if missing:
+        raise InputError(
+            f"segmentation '{segmentation_node.GetName()}' has no segment of task {', '.join(t.name for t in missing)} "
+            f"(classes: {', '.join(name for t in missing for name in t.class_names)}); apply the model to it first, "
+            "or untick that task; nothing was stored"
+        )
+    return found
+
+
+def _corrected_classes(volume_node, segmentation_node, by_class: dict[int, list[str]]) -> np.ndarray:
+    """The class indices (0 background, 1..K) that a task's segments (``by_class``) give, on the volume's grid."""
     ids = [segment_id for index in sorted(by_class) for segment_id in by_class[index]]
     values = [index for index in sorted(by_class) for _ in by_class[index]]
     return labels_from_segmentation(segmentation_node, volume_node, ids, values).astype(np.int32)

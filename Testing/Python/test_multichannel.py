@@ -341,17 +341,15 @@ def test_a_sheared_flair_file_is_resampled_onto_the_t1c_and_a_sheared_t1c_file_r
     sitk.WriteImage(sheared_t1c, str(tmp_path / "t1c_sheared.nrrd"))
     model = trained / "run" / "model"
 
-    code = main(["segment", "--model", str(model), "--input", str(case / "t1c.nii.gz"), "--input",
-                 str(tmp_path / "flair_sheared.nrrd"), "--output", str(tmp_path / "out.nii.gz"), "--device", "cpu",
-                 "--probabilities", str(tmp_path / "p.nii.gz")])
-    assert code == 0
+    assert segment_cli(model, tmp_path / "out.nii.gz", "--input", str(case / "t1c.nii.gz"), "--input",
+                       str(tmp_path / "flair_sheared.nrrd"), "--probabilities", str(tmp_path / "p.nii.gz")) == 0
     resampled = sitk.Resample(sitk.ReadImage(str(tmp_path / "flair_sheared.nrrd")), t1c, sitk.Transform(),
                               sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     expected = segment_image(load_model(model), [t1c, resampled], device="cpu", with_probabilities=True)
     assert np.allclose(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "p.nii.gz"))),
                        sitk.GetArrayViewFromImage(expected.probabilities), atol=1e-4)
 
-    code = main(["segment", "--model", str(model), "--input", str(tmp_path / "t1c_sheared.nrrd"), "--input",
-                 str(case / "flair.nii.gz"), "--output", str(tmp_path / "refused.nii.gz"), "--device", "cpu"])
-    assert code == 2 and "perpendicular" in capsys.readouterr().err
+    assert segment_cli(model, tmp_path / "refused.nii.gz", "--input", str(tmp_path / "t1c_sheared.nrrd"),
+                       "--input", str(case / "flair.nii.gz")) == 2
+    assert "perpendicular" in capsys.readouterr().err
     assert not (tmp_path / "refused.nii.gz").exists()
