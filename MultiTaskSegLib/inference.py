@@ -21,7 +21,7 @@ from .geometry import resample_probabilities_onto
 from .imageio import available_memory_bytes, check_image
 from .model_files import SegmentationModel
 from .plausibility import CARD_KEY, implausible_volumes
-from .postprocessing import keep_largest_regions
+from .postprocessing import keep_largest_regions, segment_unsure_regions
 from .preprocessing import background_outside, prepare_image, undecided_box, working_grid_sides
 from .tasks import Task
 
@@ -192,6 +192,7 @@ def segment_image(
         inside = source_probabilities[(slice(None), *box)]  # a view: normalised in place
         inside /= np.clip(inside.sum(axis=0, keepdims=True), 1e-6, None)
         label_array[box] = kept[label_decision(inside, kept, model)]
+    warnings += segment_unsure_regions(label_array, source_probabilities, kept, image, model.label_space, tasks)
     warnings += keep_largest_regions(label_array, image, model.label_space, tasks)
     labels = sitk.GetImageFromArray(label_array)
     labels.CopyInformation(image)

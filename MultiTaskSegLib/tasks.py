@@ -68,6 +68,17 @@ class ClassSpec:
 
 
 @dataclass(frozen=True)
+class UnsureRegion:
+    """For a crop around one tumour: when no voxel's probability of the task's class reaches
+    ``confident``, the crop still holds a tumour that the network sees only faintly, so the region of
+    probability at least ``threshold`` around the most probable voxel is segmented instead of the
+    few voxels above the operating point (see :mod:`~MultiTaskSegLib.postprocessing`)."""
+
+    confident: float
+    threshold: float
+
+
+@dataclass(frozen=True)
 class Task:
     """A segmentation task: one modality, one anatomy, one or more classes.
 
@@ -102,6 +113,8 @@ class Task:
     #: Whether only the largest connected region of the task's classes is kept (one lesion per scan;
     #: see :mod:`~MultiTaskSegLib.postprocessing`).
     largest_component: bool = False
+    #: What to segment where the network is nowhere sure (one-tumour crops); None: the operating point alone.
+    unsure_region: UnsureRegion | None = None
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -322,7 +335,31 @@ def task_from_dict(data: Mapping, where: str, source: Path | None = None) -> Tas
         channel_files=tuple(_names(extra_files[channel]) for channel in channels[1:]),
         check_volumes=bool(data.get("check_volumes", True)),
         largest_component=bool(data.get("largest_component", False)),
+        unsure_region=_parse_unsure_region(data, len(classes), where),
     )
+
+
+def _parse_unsure_region(data: Mapping, class_count: int, where: str) -> UnsureRegion | None:
+    """The ``[unsure_region]`` table, checked: it makes sense for one tumour of one class only."""
+    raw = data.get("unsure_region")
+    if raw is None:
+        return None
+    where = f"{where}, [unsure_region]"
+    try:
+        confident, threshold = float(raw["confident"]), float(raw["threshold"])
+    except KeyError as missing:
+        raise InputError(f"{where}: missing required key {missing}") from None
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: confident and threshold must be numbers, got {dict(raw)!r}") from None
+    if not (0.0 < threshold < 1.0 and 0.0 < confident < 1.0):
+        raise InputError(f"{where}: confident and threshold must be between 0 and 1, got {confident} and {threshold}")
+    if threshold >= confident:
+        raise InputError(f"{where}: threshold must be below confident, got {threshold} and {confident}")
+    if class_count != 1:
+        raise InputError(f"{where}: a task with an unsure region must have one class (one tumour), it has {class_count}")
+    if not data.get("largest_component", False):
+        raise InputError(f"{where}: the rule segments one region, so the task needs largest_component = true")
+    return UnsureRegion(confident, threshold)
 
 
 def _entry_to_list(entry: CodedEntry) -> list[str]:
@@ -344,6 +381,8 @@ def task_to_dict(task: Task) -> dict:
     extra: dict = {} if task.check_volumes else {"check_volumes": False}
     if task.largest_component:
         extra["largest_component"] = True
+    if task.unsure_region is not None:
+        extra["unsure_region"] = {"confident": task.unsure_region.confident, "threshold": task.unsure_region.threshold}
     if len(task.channels) > 1:
         files["channels"] = {channel: list(names) for channel, names in zip(task.channels[1:], task.channel_files)}
         extra["channels"] = list(task.channels)

@@ -79,5 +79,19 @@ def test_a_scan_judged_in_one_pass_and_mirrored_is_counted_once_per_pass(tmp_pat
     assert report.startswith("Held-out scans: 2 (2 patients) from ")
     for mirroring in ("no", "yes"):
         row = next(line for line in report.splitlines() if line.startswith(f"| operating point | {mirroring} |"))
-        assert row.count("0.500 (1)") == 3  # per pass: P1 0, P2 1; one patient below 0.1, not two
+        assert row.count("0.500 (1)") == 4  # every rule, per pass: P1 0, P2 1; one patient below 0.1, not two
     assert "| fold1/mr | yes | P1 | 0.000 |" in report and "| fold1/mr | no | P1 | 0.000 |" in report
+
+
+def test_the_unsure_rule_takes_the_faint_region_only_where_the_network_is_nowhere_sure(tmp_path):
+    """P1's tumour is faint (0.2) but for a core of 0.6: at the operating point (0.35) only the core
+    passes, the unsure rule takes the whole box; P2 is predicted surely (0.9) and stays as it is."""
+    folder = write_evaluation(tmp_path, "fold1/mr/evaluation_no-mirror", "sarcoma_t1_mri", "runs/fold1/mr/model", False,
+                              {"P1": (tumour(), tumour()), "P2": (tumour(), tumour())})
+    faint = np.where(tumour(), 0.2, 0.01).astype(np.float32)
+    faint[4:6, 5:7, 5:7] = 0.6  # 8 of the box's 216 voxels
+    write_image(faint, tmp_path / "fold1/mr/evaluation_no-mirror/P1_probabilities.nii.gz")
+    report = study(tmp_path, folder)
+    row = next(line for line in report.splitlines() if line.startswith("| fold1/mr | no | P1 |"))
+    assert row == f"| fold1/mr | no | P1 | {2 * 8 / 224:.3f} | {2 * 8 / 224:.3f} | {2 * 8 / 224:.3f} | 1.000 |"
+    assert "| fold1/mr | no | P2 | 1.000 | 1.000 | 1.000 | 1.000 |" in report

@@ -1,5 +1,7 @@
 """The task registry, label spaces, declarative task files and the FreeSurfer label conventions."""
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -134,6 +136,19 @@ type = ["SCT", "10200004", "Liver"]
         tasks.reload_registry()
 
 
+#: A one-tumour task: the one kind that may have an unsure region.
+_ONE_TUMOUR = 'name = "x"\nmodality = "MR"\nlargest_component = true\n[[classes]]\nname="a"\ncolor=[1,0,0]\nlabels=[1]\n'
+
+
+def test_the_unsure_region_rule_survives_a_model_file_round_trip(tmp_path):
+    path = tmp_path / "task.toml"
+    path.write_text(_ONE_TUMOUR + "[unsure_region]\nconfident = 0.9\nthreshold = 0.1\n", encoding="utf-8")
+    task = load_task_file(path)
+    assert task.unsure_region == tasks.UnsureRegion(confident=0.9, threshold=0.1)
+    assert tasks.task_from_dict(json.loads(json.dumps(tasks.task_to_dict(task))), "model.json") == task
+    assert "unsure_region" not in tasks.task_to_dict(get_task("brain_t1_mri"))
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -144,6 +159,13 @@ type = ["SCT", "10200004", "Liver"]
          '[[classes]]\nname="b"\ncolor=[1,0,0]\nlabels=[1]', "given to both"),
         ('name = "x"\n[[classes]]', "missing required key 'modality'"),
         ("name = ", "not valid TOML"),
+        (_ONE_TUMOUR + "[unsure_region]\nconfident = 0.9\nthreshold = 0.9", "threshold must be below confident"),
+        (_ONE_TUMOUR + "[unsure_region]\nconfident = 1.5\nthreshold = 0.1", "between 0 and 1"),
+        (_ONE_TUMOUR + "[unsure_region]\nconfident = 0.9", "missing required key 'threshold'"),
+        (_ONE_TUMOUR.replace("largest_component = true", "") + "[unsure_region]\nconfident = 0.9\nthreshold = 0.1",
+         "needs largest_component = true"),
+        (_ONE_TUMOUR + '[[classes]]\nname="b"\ncolor=[1,0,0]\nlabels=[2]\n[unsure_region]\nconfident = 0.9\nthreshold = 0.1',
+         "one class"),
     ],
 )
 def test_bad_task_files_get_clear_errors(tmp_path, text, message):

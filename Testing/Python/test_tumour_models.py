@@ -8,6 +8,8 @@ there: its card must say so.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -15,7 +17,7 @@ import SimpleITK as sitk
 from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.inference import segment_image
 from MultiTaskSegLib.model_files import bundled_models, load_model, read_model_card
-from MultiTaskSegLib.tasks import get_task
+from MultiTaskSegLib.tasks import LabelSpace, UnsureRegion, get_task
 
 #: bundled tumour model -> its task
 TUMOUR_MODELS = {"glioma-t1c": "brats_glioma_t1c", "glioma-t1c-flair": "brats_glioma_t1c_flair",
@@ -58,3 +60,27 @@ def test_a_tumour_model_finds_the_tumour_of_a_patient_it_never_saw(name, shared_
     dice = 2 * np.count_nonzero(predicted & expected) / (np.count_nonzero(predicted) + np.count_nonzero(expected))
     assert dice > floor, dice
     assert not any("does not look like the training data" in warning for warning in result.warnings)
+
+
+def _sarcoma_dice(result, shared_data, patient: str) -> float:
+    predicted = sitk.GetArrayFromImage(result.labels) > 0
+    expected = sitk.GetArrayFromImage(read_image(shared_data / "sarcoma" / patient / "MR_T1_mask.nii.gz", check_values=False)) > 0
+    return 2 * np.count_nonzero(predicted & expected) / (np.count_nonzero(predicted) + np.count_nonzero(expected))
+
+
+@pytest.mark.slow
+def test_a_sarcoma_the_network_sees_only_faintly_is_found_by_the_unsure_region_rule(shared_data):
+    """STS_018 looks like muscle in T1: the bundled network (which never saw it) passes its operating
+    point in a few voxels only; the rule segments the faint region around its most probable voxel."""
+    model = load_model(bundled_models()["sarcoma-mr"])
+    assert not any(case.endswith("/STS_018") for case in model.provenance["training_cases"])
+    image = read_image(shared_data / "sarcoma/STS_018/MR_T1_image.nii.gz")
+    task = model.label_space.task("sarcoma_t1_mri")
+    model.label_space = LabelSpace((dataclasses.replace(task, unsure_region=None),))
+    plain = segment_image(model, image, ["sarcoma_t1_mri"], device="cpu")
+    model.label_space = LabelSpace((dataclasses.replace(task, unsure_region=UnsureRegion(0.9, 0.1)),))
+    ruled = segment_image(model, image, ["sarcoma_t1_mri"], device="cpu")
+    assert _sarcoma_dice(plain, shared_data, "STS_018") < 0.15
+    assert _sarcoma_dice(ruled, shared_data, "STS_018") > 0.3
+    assert not any("unsure" in warning for warning in plain.warnings)
+    assert any("the network is unsure of this scan" in warning for warning in ruled.warnings)
