@@ -49,8 +49,8 @@ RULES = ("all", "largest", "central", "unsure")
 UNSURE_RULE = UnsureRegion(confident=0.9, threshold=0.1)
 #: Down to 0.1: the CT networks are under-confident (fold 3's operating point is 0.1).
 FIXED_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-#: What the bundled sarcoma models do now (the trainer's operating point since sarcoma-* 0.2.0):
-#: threshold, region rule, mirroring.
+#: The baseline every setting is paired with: threshold, region rule, mirroring (the bundled sarcoma
+#: models' setting from 0.2.0 until sarcoma-mr 0.2.1 added the unsure rule; sarcoma-ct's still).
 CURRENT_SETTING = ("operating point", "largest", False)
 
 
