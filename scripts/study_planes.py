@@ -3,7 +3,7 @@ averaging the three planes beats any one of them), judged on held-out cases of a
 
 Each plane's probabilities are predicted once per case (the network as trained, inference over
 that plane only) and every subset of planes is scored from their mean, at the model's operating
-point with the largest region kept (what the sarcoma tasks do): mean Dice per subset and the paired
+point with the task's own post-processing (largest region; the unsure rule where the task has it): mean Dice per subset and the paired
 difference, with a 95 % bootstrap interval, against the three planes the model averages now. The
 three-plane row reproduces ``evaluate_tumour.py`` (one pass).
 
@@ -32,7 +32,7 @@ from MultiTaskSegLib.imageio import read_image
 from MultiTaskSegLib.inference import segment_image
 from MultiTaskSegLib.model_files import load_model
 from MultiTaskSegLib.tasks import get_task
-from study_tumour_postprocessing import apply_rule
+from study_tumour_postprocessing import UNSURE_RULE, apply_rule
 
 PLANE_NAMES = {0: "axial", 1: "coronal", 2: "sagittal"}
 
@@ -63,6 +63,8 @@ def study_model(model_path: Path, cases_folder: Path, task_name: str) -> list[di
         raise SystemExit(f"{task_name} has {len(task.class_names)} classes; the study takes one-class tasks (sarcoma)")
     model.label_space = refreshed(model.label_space)
     operating_point = model.card.get("operating_points", {}).get(task_name) or 0.5
+    unsure = model.label_space.task(task_name).unsure_region  # the model's own post-processing, as segment_image
+    rule = "largest" if unsure is None else "unsure"
     planes = tuple(model.architecture.config.planes)
     rows = []
     for case in find_cases(task, cases_folder):
@@ -71,7 +73,8 @@ def study_model(model_path: Path, cases_folder: Path, task_name: str) -> list[di
         probabilities = {plane: plane_probabilities(model, image, task_name, plane) for plane in planes}
         spacing = np.array(image.GetSpacing())[::-1]
         for subset in subsets(planes):
-            mask = apply_rule(sum(probabilities[p] for p in subset) / len(subset) >= operating_point, "largest", spacing)
+            mean = sum(probabilities[p] for p in subset) / len(subset)
+            mask = apply_rule(mean >= operating_point, rule, spacing, mean, unsure or UNSURE_RULE)
             value = dice(mask, reference) if mask.any() or reference.any() else 1.0
             rows.append({"model": str(model_path), "case": case.name, "planes": "+".join(PLANE_NAMES[p] for p in subset),
                          "dice": round(float(value), 4)})

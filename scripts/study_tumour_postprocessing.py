@@ -65,9 +65,12 @@ def distance_to_centre_mm(numbered: np.ndarray, count: int, spacing_zyx: np.ndar
     return nearest[1:]
 
 
-def apply_rule(mask: np.ndarray, rule: str, spacing_zyx: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+def apply_rule(mask: np.ndarray, rule: str, spacing_zyx: np.ndarray, probabilities: np.ndarray | None = None,
+               unsure: UnsureRegion = UNSURE_RULE) -> np.ndarray:
+    """``mask`` (the probabilities at a threshold) after the region ``rule``; ``unsure`` needs the
+    probabilities, and takes the levels of ``unsure``."""
     if rule == "unsure":
-        region = unsure_region(probabilities, UNSURE_RULE)
+        region = unsure_region(probabilities, unsure)
         if region is not None:
             return region
         rule = "largest"
