@@ -192,7 +192,8 @@ def segment_image(
         inside = source_probabilities[(slice(None), *box)]  # a view: normalised in place
         inside /= np.clip(inside.sum(axis=0, keepdims=True), 1e-6, None)
         label_array[box] = kept[label_decision(inside, kept, model)]
-    warnings += segment_unsure_regions(label_array, source_probabilities, kept, image, model.label_space, tasks)
+        # Outside the box every voxel is sure background: the rule has nothing to find there.
+        warnings += segment_unsure_regions(label_array[box], inside, kept, image, model.label_space, tasks)
     warnings += keep_largest_regions(label_array, image, model.label_space, tasks)
     labels = sitk.GetImageFromArray(label_array)
     labels.CopyInformation(image)

@@ -58,9 +58,10 @@ def keep_largest_regions(labels: np.ndarray, grid: sitk.Image, label_space: Labe
 
 def segment_unsure_regions(labels: np.ndarray, probabilities: np.ndarray, kept: np.ndarray, grid: sitk.Image,
                            label_space: LabelSpace, tasks: Sequence[str]) -> list[str]:
-    """Apply each of ``tasks``' unsure-region rule to ``labels`` (label-space indices, changed in place);
-    ``probabilities`` holds one row per label-space index of ``kept`` (background first) on ``grid``.
-    Returns warnings saying where the rule was used."""
+    """Apply each of ``tasks``' unsure-region rule to ``labels`` (label-space indices, changed in place;
+    a view of part of the volume will do); ``probabilities`` holds one row per label-space index of
+    ``kept`` (background first) on the same voxels, ``grid`` gives the spacing. Returns warnings saying
+    where the rule was used."""
     warnings = []
     for name in tasks:
         rule = label_space.task(name).unsure_region
