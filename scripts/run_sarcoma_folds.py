@@ -48,7 +48,7 @@ from pathlib import Path
 
 from MultiTaskSegLib.sampling import SAMPLING_CHOICES
 
-#: The fold recipe of README "Tumour models" (sarcoma-mr; sarcoma-ct the same from the MR network).
+#: The fold recipe of docs/tumour_models.md (sarcoma-mr; sarcoma-ct the same from the MR network).
 RECIPE = ["--arch", "unet2d_multiplanar", "--arg", "patch_size=[160,160]", "--arg", "whole_slice_inference=true",
           "--batch-size", "16", "--validate-every", "1000", "--validation-fraction", "0.15"]
 #: The recipe's mini-batches (one cosine cycle); another count is a variant (``--mini-batches``).
