@@ -15,6 +15,12 @@ from MultiTaskSegLib.errors import InputError
 
 from .model_card import further_channels, task_names
 
+try:  # Slicer's translation of the messages the user reads; slicer-core and plain Python have none
+    from slicer.i18n import tr as _
+except ImportError:
+    def _(text: str) -> str:
+        return text
+
 #: How the parameter node holds the checked tasks (one string, so a scene stores it as it is).
 TASK_SEPARATOR = ","
 
@@ -107,17 +113,18 @@ class ModuleController:
         """What must be chosen before Apply can start, or "" when nothing is missing."""
         parameters = self.parameters
         if not parameters.inputVolume:
-            return "No input volume: choose the volume to segment."
+            return _("No input volume: choose the volume to segment.")
         card = self.card()
         if not card:
-            return "No model: choose a model, add a model folder or install the bundled models."
+            return _("No model: choose a model, add a model folder or install the bundled models.")
         if not self.checked_tasks():
-            return "No task checked: check at least one task of the model."
+            return _("No task checked: check at least one task of the model.")
         channels = further_channels(card)
         nodes = list(channel_nodes)
         unchosen = [channel for index, channel in enumerate(channels) if index >= len(nodes) or not nodes[index]]
         if unchosen:
-            return f"No {', '.join(unchosen)} volume: this model reads it after the input volume; choose it."
+            return _("No {channels} volume: this model reads it after the input volume; choose it.").format(
+                channels=", ".join(unchosen))
         return ""
 
     def can_apply(self, channel_nodes: Sequence = ()) -> bool:
@@ -163,8 +170,8 @@ class ModuleController:
         parameters = self.parameters
         tasks = self.checked_tasks()
         if not (parameters.inputVolume and parameters.outputSegmentation and tasks):
-            raise InputError("Choose the input volume, the corrected output segmentation and a task first.")
+            raise InputError(_("Choose the input volume, the corrected output segmentation and a task first."))
         if not folder:
-            raise InputError("Choose a training cases folder first.")
+            raise InputError(_("Choose a training cases folder first."))
         return self.logic.addTrainingCases(parameters.inputVolume, parameters.outputSegmentation, parameters.model,
                                            tasks, folder, list(channel_nodes))
