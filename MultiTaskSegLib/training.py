@@ -438,14 +438,13 @@ def _initial_model(config: TrainingConfig, parent: SegmentationModel | None, lab
 
 
 def initialise_from(model: SegmentationModel, source: SegmentationModel) -> None:
-    """Copy ``source``'s weights into ``model`` wherever a tensor's name and shape agree. Refuses a
-    source that shares no tensor (another architecture or size)."""
+    """Copy ``source``'s weights into ``model`` wherever a tensor's name and shape agree (and where the
+    architecture can widen them: see ``weights_from``). Refuses a source that shares no tensor
+    (another architecture or size)."""
     if source.architecture.name != model.architecture.name:
         raise InputError(f"cannot start a {model.architecture.name} network from {source.name}, a "
                          f"{source.architecture.name} network; pick a model of the same architecture")
-    target = model.architecture.network.state_dict()
-    copied = {name: tensor for name, tensor in source.architecture.network.state_dict().items()
-              if name in target and target[name].shape == tensor.shape}
+    copied = model.architecture.weights_from(source.architecture)
     if not copied:
         raise InputError(f"{source.name} shares no weights with the new network (different size or channels); "
                          "train from scratch or pick a model with the same architecture arguments")

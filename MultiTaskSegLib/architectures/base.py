@@ -116,6 +116,13 @@ class Architecture(ABC):
     def training_step(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> TrainingStep:
         """Forward the batch and return the loss (the network is in training mode)."""
 
+    def weights_from(self, source: "Architecture") -> dict[str, torch.Tensor]:
+        """The tensors of ``source``'s network to start this network from (``train --init-from``):
+        those whose name and shape agree."""
+        target = self.network.state_dict()
+        return {name: tensor for name, tensor in source.network.state_dict().items()
+                if name in target and target[name].shape == tensor.shape}
+
     def make_optimizer(self, learning_rate: float | None = None) -> torch.optim.Optimizer:
         """Adam, as every paper here uses; subclasses add their paper's settings."""
         return torch.optim.Adam(self.network.parameters(), lr=learning_rate or 1e-3)

@@ -59,19 +59,22 @@ class MultiplanarConfig(SliceUNetConfig):
     locate_stride: int = 0
     locate_margin: int = 16
     position_channels: bool = False
+    context_slices: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.planes = tuple(sorted({int(plane) for plane in self.planes}))
         if not self.planes or any(plane not in (0, 1, 2) for plane in self.planes):
             raise InputError(f"planes must be a non-empty subset of 0 (axial), 1 (coronal), 2 (sagittal), got {list(self.planes)}")
-        if min(float(self.cross_entropy_weight), int(self.crop_margin), int(self.locate_stride), int(self.locate_margin)) < 0:
-            raise InputError("cross_entropy_weight, crop_margin, locate_stride and locate_margin must be zero or more")
+        if min(float(self.cross_entropy_weight), int(self.crop_margin), int(self.locate_stride), int(self.locate_margin),
+               int(self.context_slices)) < 0:
+            raise InputError("cross_entropy_weight, crop_margin, locate_stride, locate_margin and context_slices must be zero or more")
         settings = SliceAugmentation.from_arguments(self.augmentation)
         self.augmentation = settings.to_arguments()
         self._slice_augmentation = settings  # not a field: not stored
         self.cross_entropy_weight, self.crop_margin = float(self.cross_entropy_weight), int(self.crop_margin)
         self.locate_stride, self.locate_margin = int(self.locate_stride), int(self.locate_margin)
+        self.context_slices = int(self.context_slices)
         self.whole_slice_inference, self.position_channels = bool(self.whole_slice_inference), bool(self.position_channels)
 
     @property
@@ -115,6 +118,12 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             as in box-prompted segmentation (MedSAM), and the network can learn that the structure is
             the one near the crop's centre. Distances, not signed positions: instance norm removes a
             slice's mean, which would shift a signed ramp's zero but leaves the V of a distance at the centre.
+        context_slices: K > 0 gives the network, for each image channel, the K slices on either side of
+            the one it segments as more input channels (2K + 1 per image channel; FastSurfer reads 7
+            slices, K = 3): a 2-D network then sees some of the third dimension, which tells a tumour
+            that looks like its surroundings in one slice by its shape across slices. Slices beyond the
+            volume are 0, in training and at inference alike. Label-map-only cases (synthesised images)
+            cannot be used with it.
     """
 
     name: ClassVar[str] = "unet2d_multiplanar"
@@ -128,8 +137,44 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
     reads_channels: ClassVar[bool] = True
 
     @property
+    def slab_thickness(self) -> int:
+        """Slices per image channel that the network reads: the segmented one and its context."""
+        return 2 * self.config.context_slices + 1
+
+    @property
     def network_channels(self) -> int:
-        return self.config.in_channels + (POSITION_CHANNELS if self.config.position_channels else 0)
+        return self.config.in_channels * self.slab_thickness + (POSITION_CHANNELS if self.config.position_channels else 0)
+
+    def weights_from(self, source) -> dict[str, torch.Tensor]:
+        """As every architecture, and the first convolution of a network that reads another number of
+        context slices (or no position channels): its weights for the slices both read, zero for the
+        others, so the new network starts out predicting exactly as ``source`` and learns from there
+        what the further slices add."""
+        weights = super().weights_from(source)
+        if not isinstance(source, MultiplanarUNet2DArchitecture) or source.config.in_channels != self.config.in_channels:
+            return weights
+        target = self.network.state_dict()
+        for name, tensor in source.network.state_dict().items():
+            wanted = target.get(name)
+            if (name in weights or wanted is None or tensor.ndim != 4 or tensor.shape[1] != source.network_channels
+                    or wanted.shape[1] != self.network_channels or tensor.shape[0] != wanted.shape[0]
+                    or tensor.shape[2:] != wanted.shape[2:]):
+                continue
+            weights[name] = self._widened_input_weights(source, tensor, wanted)
+        return weights
+
+    def _widened_input_weights(self, source: MultiplanarUNet2DArchitecture, tensor: torch.Tensor,
+                               wanted: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a first convolution of ``source``) laid out as this network's input channels."""
+        widened = torch.zeros_like(wanted)
+        shared = min(source.config.context_slices, self.config.context_slices)
+        for channel in range(self.config.in_channels):
+            for offset in range(-shared, shared + 1):
+                widened[:, channel * self.slab_thickness + self.config.context_slices + offset] = \
+                    tensor[:, channel * source.slab_thickness + source.config.context_slices + offset]
+        if source.config.position_channels and self.config.position_channels:
+            widened[:, -POSITION_CHANNELS:] = tensor[:, -POSITION_CHANNELS:]
+        return widened
 
     def inference_window(self, plane: Sequence[int]) -> tuple[int, ...]:
         patch_size = self.config.patch_size
@@ -142,7 +187,8 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         config = self.config
         numbers, positions = sampler.sample(batch_size, rng)
         axes = rng.choice(config.planes, size=len(numbers))
-        images = np.zeros((len(numbers), config.in_channels, *config.patch_size), np.float32)
+        thickness, context = self.slab_thickness, config.context_slices
+        images = np.zeros((len(numbers), config.in_channels * thickness, *config.patch_size), np.float32)
         labels, inside, synthetic = [], [], []
         for item, (number, position, axis) in enumerate(zip(numbers, positions, axes)):
             case = sampler.cases[number]
@@ -152,13 +198,19 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             labels.append(label.astype(np.int64))
             inside.append(valid)
             if case.image is None:
+                if context:
+                    raise InputError("context_slices needs real images: a label-map-only case gives one synthetic "
+                                     "slice, not its neighbours; train without label-map-only cases or without context_slices")
                 source = np.take(case.extra["source_labels"], position[axis], axis=axis)
                 synthetic.append((item, crop_centred(source, centre, config.patch_size)[0]))
             else:
                 stack = case.image if case.image.ndim == 4 else case.image[None]  # (channels, z, y, x)
                 for channel, volume in enumerate(stack):
-                    image_slice = np.take(volume, position[axis], axis=axis)
-                    images[item, channel] = crop_centred(image_slice.astype(np.float32, copy=False), centre, config.patch_size)[0]
+                    for offset in range(-context, context + 1):
+                        index = position[axis] + offset
+                        if 0 <= index < volume.shape[axis]:  # beyond the volume: 0, as inference pads
+                            image_slice = np.take(volume, index, axis=axis).astype(np.float32, copy=False)
+                            images[item, channel * thickness + context + offset] = crop_centred(image_slice, centre, config.patch_size)[0]
         if synthetic:
             items = [item for item, _ in synthetic]
             if config.in_channels > 1:
@@ -208,11 +260,12 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             passes = len(config.planes) + (1 if config.locate_stride else 0)
             if config.locate_stride:
                 box = self._locate(stack, box, device, part_options(options, 0, passes, "locating"))
-            cropped = np.ascontiguousarray(stack[(slice(None), *box)])
+            cropped = None if config.context_slices else np.ascontiguousarray(stack[(slice(None), *box)])
             region = result[(slice(None), *box)]  # the planes are summed in place: no extra volume in memory
             region[0] = 0.0
             for number, axis in enumerate(config.planes, start=passes - len(config.planes)):
-                self._add_probabilities(region, cropped, axis, device, part_options(options, number, passes, PLANE_NAMES[axis]),
+                planes_input = cropped if cropped is not None else self._slabs(stack, box, axis)
+                self._add_probabilities(region, planes_input, axis, device, part_options(options, number, passes, PLANE_NAMES[axis]),
                                         scale=1.0 / len(config.planes))
         return result
 
@@ -229,12 +282,14 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         picks = np.arange(stride // 2, cropped.shape[1 + axis], stride)
         if picks.size == 0:
             return box
-        sparse = np.ascontiguousarray(np.take(cropped, picks, axis=1 + axis))
+        source = self._slabs(stack, box, axis) if config.context_slices else cropped
+        sparse = np.ascontiguousarray(np.take(source, picks, axis=1 + axis))
         probabilities = np.zeros((self.num_labels, *sparse.shape[1:]), np.float32)
         self._add_probabilities(probabilities, sparse, axis, device, options)
         labels = options.requested_labels or range(1, self.num_labels)
         kept = np.asarray([0, *sorted({int(label) for label in labels})])
-        found = (kept[np.argmax(probabilities[kept], axis=0)] != 0) & np.any(sparse[:self.config.in_channels] != 0, axis=0)
+        images = np.take(cropped[:config.in_channels], picks, axis=1 + axis)
+        found = (kept[np.argmax(probabilities[kept], axis=0)] != 0) & np.any(images != 0, axis=0)
         if not found.any():
             return box
         located = []
@@ -246,6 +301,28 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
                 first, last, grow = picks[first], picks[last], grow + stride
             located.append(slice(outer.start + max(0, int(first) - grow), outer.start + min(outer.stop - outer.start, int(last) + 1 + grow)))
         return tuple(located)
+
+    def _slabs(self, stack: np.ndarray, box: tuple[slice, ...], axis: int) -> np.ndarray:
+        """The network's input over ``box`` for slices along ``axis``: each image channel of ``stack``
+        as ``2 * context_slices + 1`` channels, the volume shifted by -K..K slices along ``axis`` (so a
+        slice's channels are it and its neighbours, as in training; 0 beyond the volume), then the
+        other channels (positions) as they are."""
+        config = self.config
+        context, thickness = config.context_slices, self.slab_thickness
+        image_channels = config.in_channels
+        shape = tuple(part.stop - part.start for part in box)
+        slabs = np.zeros((stack.shape[0] + image_channels * (thickness - 1), *shape), np.float32)
+        length, along = stack.shape[1 + axis], box[axis]
+        for offset in range(-context, context + 1):
+            first, last = max(along.start + offset, 0), min(along.stop + offset, length)
+            if first >= last:
+                continue
+            source, target = list(box), [slice(None)] * 3
+            source[axis], target[axis] = slice(first, last), slice(first - along.start - offset, last - along.start - offset)
+            for channel in range(image_channels):
+                slabs[(channel * thickness + context + offset, *target)] = stack[(channel, *source)]
+        slabs[image_channels * thickness:] = stack[(slice(image_channels, None), *box)]
+        return slabs
 
 
 def _distances(indices: np.ndarray, side: int) -> np.ndarray:
