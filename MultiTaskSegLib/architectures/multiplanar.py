@@ -282,8 +282,8 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         picks = np.arange(stride // 2, cropped.shape[1 + axis], stride)
         if picks.size == 0:
             return box
-        source = self._slabs(stack, box, axis) if config.context_slices else cropped
-        sparse = np.ascontiguousarray(np.take(source, picks, axis=1 + axis))
+        sparse = (self._slabs(stack, box, axis, picks) if config.context_slices
+                  else np.ascontiguousarray(np.take(cropped, picks, axis=1 + axis)))
         probabilities = np.zeros((self.num_labels, *sparse.shape[1:]), np.float32)
         self._add_probabilities(probabilities, sparse, axis, device, options)
         labels = options.requested_labels or range(1, self.num_labels)
@@ -302,26 +302,27 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
             located.append(slice(outer.start + max(0, int(first) - grow), outer.start + min(outer.stop - outer.start, int(last) + 1 + grow)))
         return tuple(located)
 
-    def _slabs(self, stack: np.ndarray, box: tuple[slice, ...], axis: int) -> np.ndarray:
-        """The network's input over ``box`` for slices along ``axis``: each image channel of ``stack``
-        as ``2 * context_slices + 1`` channels, the volume shifted by -K..K slices along ``axis`` (so a
-        slice's channels are it and its neighbours, as in training; 0 beyond the volume), then the
-        other channels (positions) as they are."""
+    def _slabs(self, stack: np.ndarray, box: tuple[slice, ...], axis: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """The network's input over ``box`` for slices along ``axis`` (only the ``rows`` of the box along
+        it, when given): each image channel of ``stack`` as ``2 * context_slices + 1`` channels, the
+        slice and its -K..K neighbours (as in training; 0 beyond the volume), then the other channels
+        (positions) as they are."""
         config = self.config
-        context, thickness = config.context_slices, self.slab_thickness
-        image_channels = config.in_channels
-        shape = tuple(part.stop - part.start for part in box)
+        context, thickness, image_channels = config.context_slices, self.slab_thickness, config.in_channels
+        across = list(box)
+        across[axis] = slice(None)  # the box across the slices, the whole volume along them
+        planes = stack[(slice(None), *across)]
+        rows = np.arange(box[axis].start, box[axis].stop) if rows is None else box[axis].start + np.asarray(rows)
+        shape = list(planes.shape[1:])
+        shape[axis] = rows.size
         slabs = np.zeros((stack.shape[0] + image_channels * (thickness - 1), *shape), np.float32)
-        length, along = stack.shape[1 + axis], box[axis]
         for offset in range(-context, context + 1):
-            first, last = max(along.start + offset, 0), min(along.stop + offset, length)
-            if first >= last:
-                continue
-            source, target = list(box), [slice(None)] * 3
-            source[axis], target[axis] = slice(first, last), slice(first - along.start - offset, last - along.start - offset)
+            neighbours = rows + offset
+            inside = (neighbours >= 0) & (neighbours < planes.shape[1 + axis])
             for channel in range(image_channels):
-                slabs[(channel * thickness + context + offset, *target)] = stack[(channel, *source)]
-        slabs[image_channels * thickness:] = stack[(slice(image_channels, None), *box)]
+                target = np.moveaxis(slabs[channel * thickness + context + offset], axis, 0)  # a view
+                target[inside] = np.moveaxis(np.take(planes[channel], neighbours[inside], axis=axis), axis, 0)
+        slabs[image_channels * thickness:] = np.take(planes[image_channels:], rows, axis=1 + axis)
         return slabs
 
 

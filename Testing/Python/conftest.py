@@ -81,6 +81,28 @@ def make_tiny_model(tasks, seed: int = 0, varied: bool = False, name: str = "tin
     return model
 
 
+def train_small_multiplanar(tmp_path: Path, arguments: dict):
+    """A ``unet2d_multiplanar`` model with ``arguments`` trained 2 steps on one small brain phantom,
+    saved and loaded again: (trained model, loaded model, the phantom's image)."""
+    import SimpleITK as sitk
+
+    from MultiTaskSegLib.model_files import load_model, save_model
+    from MultiTaskSegLib.phantoms import generate_case
+    from MultiTaskSegLib.training import TrainingConfig, train
+
+    image, label = generate_case("brain_t1_mri", seed=1, size="small")
+    case = tmp_path / "data" / "case1"
+    case.mkdir(parents=True)
+    sitk.WriteImage(image, str(case / "image.nii.gz"))
+    sitk.WriteImage(label, str(case / "label.nii.gz"))
+    config = TrainingConfig(tasks=["brain_t1_mri"], architecture="unet2d_multiplanar", arguments=arguments,
+                            batch_size=4, steps=2, validate_every=2, validation_fraction=0.0, device="cpu",
+                            data={"brain_t1_mri": str(tmp_path / "data")})
+    model = train(config, tmp_path / "run", log=lambda message: None)
+    save_model(model, tmp_path / "saved")
+    return model, load_model(tmp_path / "saved"), image
+
+
 #: The columns of an evaluation's ``per_case.csv`` as ``scripts/evaluate_tumour.py`` writes it.
 EVALUATION_FIELDS = ["case", "task", "region", "dice", "hd95_mm", "seconds", "warnings", "confusion_percent"]
 

@@ -11,10 +11,9 @@ import torch
 from MultiTaskSegLib.architectures.multiplanar import MultiplanarUNet2DArchitecture
 from MultiTaskSegLib.errors import InputError
 from MultiTaskSegLib.inference import segment_image
-from MultiTaskSegLib.model_files import load_model, save_model
-from MultiTaskSegLib.phantoms import generate_case
 from MultiTaskSegLib.sampling import BalancedVoxelSampler, PreparedCase
-from MultiTaskSegLib.training import TrainingConfig, train
+
+from conftest import train_small_multiplanar
 
 TINY = {"channels": [4, 8], "patch_size": [16, 16], "mixed_precision": False, "whole_slice_inference": True,
         "augmentation": {"probability": 0, "low_resolution_probability": 0}}
@@ -104,18 +103,7 @@ def test_context_slices_refuse_label_map_only_cases_and_negative_counts():
 
 
 def test_a_model_with_context_slices_trains_saves_loads_and_segments(tmp_path):
-    image, label = generate_case("brain_t1_mri", seed=1, size="small")
-    case = tmp_path / "data" / "case1"
-    case.mkdir(parents=True)
-    sitk.WriteImage(image, str(case / "image.nii.gz"))
-    sitk.WriteImage(label, str(case / "label.nii.gz"))
-    config = TrainingConfig(tasks=["brain_t1_mri"], architecture="unet2d_multiplanar",
-                            arguments={**TINY, "patch_size": [32, 32], "context_slices": 3}, batch_size=4, steps=2,
-                            validate_every=2, validation_fraction=0.0, device="cpu",
-                            data={"brain_t1_mri": str(tmp_path / "data")})
-    model = train(config, tmp_path / "run", log=lambda message: None)
-    save_model(model, tmp_path / "saved")
-    loaded = load_model(tmp_path / "saved")
+    _, loaded, image = train_small_multiplanar(tmp_path, {**TINY, "patch_size": [32, 32], "context_slices": 3})
     assert loaded.architecture.config.context_slices == 3
     assert loaded.architecture.network_channels == 7
     result = segment_image(loaded, image, device="cpu")

@@ -10,9 +10,8 @@ import torch
 from MultiTaskSegLib.architectures.inputs import crop_centred
 from MultiTaskSegLib.architectures.multiplanar import MultiplanarUNet2DArchitecture, slice_positions, volume_positions
 from MultiTaskSegLib.inference import segment_image
-from MultiTaskSegLib.model_files import load_model, save_model
-from MultiTaskSegLib.phantoms import generate_case
-from MultiTaskSegLib.training import TrainingConfig, train
+
+from conftest import train_small_multiplanar
 
 TINY = {"channels": [4, 8], "patch_size": [32, 32], "mixed_precision": False, "whole_slice_inference": True}
 
@@ -65,17 +64,7 @@ def test_only_a_network_with_position_channels_sees_where_the_content_sits_in_th
 
 
 def test_a_model_with_position_channels_trains_saves_loads_and_segments(tmp_path):
-    image, label = generate_case("brain_t1_mri", seed=1, size="small")
-    case = tmp_path / "data" / "case1"
-    case.mkdir(parents=True)
-    sitk.WriteImage(image, str(case / "image.nii.gz"))
-    sitk.WriteImage(label, str(case / "label.nii.gz"))
-    config = TrainingConfig(tasks=["brain_t1_mri"], architecture="unet2d_multiplanar",
-                            arguments={**TINY, "position_channels": True}, batch_size=4, steps=2, validate_every=2,
-                            validation_fraction=0.0, device="cpu", data={"brain_t1_mri": str(tmp_path / "data")})
-    model = train(config, tmp_path / "run", log=lambda message: None)
-    save_model(model, tmp_path / "saved")
-    loaded = load_model(tmp_path / "saved")
+    model, loaded, image = train_small_multiplanar(tmp_path, {**TINY, "position_channels": True})
     assert loaded.architecture.config.position_channels
     assert loaded.architecture.network.state_dict().keys() == model.architecture.network.state_dict().keys()
     result = segment_image(loaded, image, device="cpu")
