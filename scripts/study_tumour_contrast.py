@@ -6,6 +6,7 @@ if it follows size, the lever is elsewhere. For each patient of the per-patient 
 ``evaluate_tumour.py``) it measures, on the reference mask and the scan's own grid:
 
 - volume in ml;
+- slice share: the share of the tumour's slices (the scan's own, usually axial) that it covers;
 - contrast: the median intensity of the tumour minus that of a 10 mm shell around it, soft tissue
   only (intensities in ``--soft-tissue``, which leaves out fat, air and bone);
 - separability: how well one voxel's intensity tells tumour from that shell, 2 × |AUC − 0.5| (0: the
@@ -75,7 +76,9 @@ def measure(image_path: Path, mask_path: Path, soft_tissue: tuple[float, float],
                          "check --soft-tissue against the scan's intensities")
     rng = np.random.default_rng(seed)
     sample = [rng.choice(v, min(VOXELS_PER_SAMPLE, v.size), replace=False) for v in (inside, outside)]
+    tumour_slices = tumour[tumour.any(axis=(1, 2))]
     return {"volume_ml": tumour.sum() * np.prod(mask.GetSpacing()) / 1000.0,
+            "slice_share": float(tumour_slices.mean()),
             "contrast": float(np.median(inside) - np.median(outside)),
             "separability": separability(*sample)}
 
@@ -98,11 +101,13 @@ def main() -> None:
         rows.append({"case": case, "dice": case_dice,
                      **measure(folder / args.image, folder / args.mask, tuple(args.soft_tissue))})
     dice = np.array([row["dice"] for row in rows])
-    lines = ["| patient | volume ml | contrast (median, tumour − 10 mm shell) | separability | Dice |", "|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['volume_ml']:.1f} | {r['contrast']:+.0f} | {r['separability']:.2f} | {r['dice']:.3f} |"
+    lines = ["| patient | volume ml | slice share | contrast (median, tumour − 10 mm shell) | separability | Dice |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['volume_ml']:.1f} | {r['slice_share']:.2f} | {r['contrast']:+.0f} | {r['separability']:.2f} | {r['dice']:.3f} |"
               for r in rows]
     lines += ["", f"| Spearman with Dice ({len(rows)} patients) | rho | permutation p |", "|---|---|---|"]
-    for name, values in (("volume", [r["volume_ml"] for r in rows]), ("absolute contrast", [abs(r["contrast"]) for r in rows]),
+    for name, values in (("volume", [r["volume_ml"] for r in rows]), ("slice share", [r["slice_share"] for r in rows]),
+                         ("absolute contrast", [abs(r["contrast"]) for r in rows]),
                          ("separability", [r["separability"] for r in rows])):
         rho, p = spearman(np.array(values), dice)
         lines.append(f"| {name} | {rho:+.2f} | {p:.3f} |")

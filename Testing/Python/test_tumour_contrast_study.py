@@ -56,10 +56,11 @@ def test_report_measures_each_patient_and_shows_dice_following_contrast(tmp_path
     report = out.read_text()
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| P")}
     assert len(rows) == len(contrasts)
-    measured = [float(rows[f"P{n}"].split("|")[3]) for n in range(len(contrasts))]
+    measured = [float(rows[f"P{n}"].split("|")[4]) for n in range(len(contrasts))]
     assert measured == pytest.approx(contrasts, abs=3.0)
     volumes = {n: float(rows[f"P{n}"].split("|")[2]) for n in (0, 1)}
     assert volumes == {0: pytest.approx(8 * 8 * 4 * 2 / 1000, abs=0.05), 1: pytest.approx(12 * 12 * 6 * 2 / 1000, abs=0.05)}
-    assert float(rows["P0"].split("|")[4]) < 0.3 < float(rows["P3"].split("|")[4])
+    assert float(rows["P0"].split("|")[3]) == pytest.approx(8 * 8 / 1600, abs=0.005)  # a box: its slices' share
+    assert float(rows["P0"].split("|")[5]) < 0.3 < float(rows["P3"].split("|")[5])
     contrast_row = next(line for line in report.splitlines() if line.startswith("| absolute contrast"))
     assert float(contrast_row.split("|")[2]) == pytest.approx(1.0)
