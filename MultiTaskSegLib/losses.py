@@ -48,17 +48,22 @@ def soft_dice_loss(
     valid: torch.Tensor | None = None,
     include_background: bool = False,
     smooth: float = 1e-5,
+    per_item: bool = False,
 ) -> torch.Tensor:
     """``1 - mean over classes of (2 sum(y p) + smooth) / (sum(y) + sum(p) + smooth)``.
 
-    Sums run over the batch and the voxels (one Dice per class for the whole batch); the mean runs
-    over label-space classes 1.. (0 too when ``include_background``). With a softmax over the label
-    space the background is learnt through the other classes, as in CMU-Net's binary Dice loss.
+    Sums run over the batch and the voxels (one Dice per class for the whole batch, "batch Dice");
+    the mean runs over label-space classes 1.. (0 too when ``include_background``). With a softmax
+    over the label space the background is learnt through the other classes, as in CMU-Net's binary
+    Dice loss. ``per_item`` sums over each item's voxels only and averages the items' Dice (MONAI's
+    ``DiceLoss`` default): a slice of a small tumour then weighs as much as one of a large tumour,
+    where batch Dice weighs each by its voxels; an item without the class scores near 0 unless it
+    predicts none of it.
     """
     target = _one_hot(labels, probabilities.shape[1], probabilities.dtype)
     first = 0 if include_background else 1
     probabilities, target = _masked(probabilities[:, first:], target[:, first:], valid)
-    dims = [0, *range(2, probabilities.dim())]
+    dims = [*([] if per_item else [0]), *range(2, probabilities.dim())]
     intersection = (probabilities * target).sum(dims)
     total = probabilities.sum(dims) + target.sum(dims)
     return 1 - ((2 * intersection + smooth) / (total + smooth)).mean()

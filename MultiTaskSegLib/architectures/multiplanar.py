@@ -53,6 +53,7 @@ class MultiplanarConfig(SliceUNetConfig):
     restart_epochs: int = 1
     steps_per_epoch: int = 10_000
     cross_entropy_weight: float = 1.0
+    batch_dice: bool = True
     augmentation: Mapping[str, Any] | None = None
     whole_slice_inference: bool = False
     crop_margin: int = 8
@@ -69,6 +70,11 @@ class MultiplanarConfig(SliceUNetConfig):
         if min(float(self.cross_entropy_weight), int(self.crop_margin), int(self.locate_stride), int(self.locate_margin),
                int(self.context_slices)) < 0:
             raise InputError("cross_entropy_weight, crop_margin, locate_stride, locate_margin and context_slices must be zero or more")
+        flags = {"whole_slice_inference": self.whole_slice_inference, "position_channels": self.position_channels,
+                 "batch_dice": self.batch_dice}
+        wrong = [f"{name}={value!r}" for name, value in flags.items() if value not in (True, False)]
+        if wrong:  # bool("false") is True: a flag given as text would silently mean yes
+            raise InputError(f"{', '.join(wrong)}: give true or false (e.g. --arg batch_dice=false)")
         settings = SliceAugmentation.from_arguments(self.augmentation)
         self.augmentation = settings.to_arguments()
         self._slice_augmentation = settings  # not a field: not stored
@@ -76,6 +82,7 @@ class MultiplanarConfig(SliceUNetConfig):
         self.locate_stride, self.locate_margin = int(self.locate_stride), int(self.locate_margin)
         self.context_slices = int(self.context_slices)
         self.whole_slice_inference, self.position_channels = bool(self.whole_slice_inference), bool(self.position_channels)
+        self.batch_dice = bool(self.batch_dice)
 
     @property
     def slice_augmentation(self) -> SliceAugmentation:
@@ -95,6 +102,8 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         restart_epochs, steps_per_epoch: cosine schedule (``restart_epochs * steps_per_epoch`` steps
             per cycle; one cycle over the whole run anneals to zero at its end).
         cross_entropy_weight: weight of cross-entropy beside the soft Dice loss.
+        batch_dice: one soft Dice over the whole mini-batch (True), or one per slice, averaged
+            (False, MONAI's default): each tumour slice then counts alike, however few its voxels.
         mixed_precision: as the other 2-D U-Nets; here prediction runs in bfloat16 too on such CPUs.
         augmentation: settings of :class:`~MultiTaskSegLib.augmentation.SliceAugmentation`
             (defaults when left out; ``{"probability": 0, "low_resolution_probability": 0}`` turns it off).
@@ -233,7 +242,7 @@ class MultiplanarUNet2DArchitecture(_SliceUNetArchitecture):
         with bfloat16_autocast(device, self.config.mixed_precision):
             logits = self.network(image)
         logits = logits.float()
-        dice = soft_dice_loss(torch.softmax(logits, dim=1), labels, valid)
+        dice = soft_dice_loss(torch.softmax(logits, dim=1), labels, valid, per_item=not self.config.batch_dice)
         weight = valid.to(logits.dtype)
         cross_entropy = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
         loss = dice + self.config.cross_entropy_weight * cross_entropy

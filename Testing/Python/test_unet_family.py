@@ -22,7 +22,7 @@ from MultiTaskSegLib.architectures.unet2d import (
 from MultiTaskSegLib.architectures.unet3d import FactorisedUNet3DArchitecture
 from MultiTaskSegLib.architectures.inputs import crop_centred
 from MultiTaskSegLib.inferers import InferenceOptions, plan_axis_windows
-from MultiTaskSegLib.errors import CancelledError
+from MultiTaskSegLib.errors import CancelledError, InputError
 from MultiTaskSegLib.losses import presence_focal_loss, soft_dice_loss, soft_iou_loss
 from MultiTaskSegLib.networks.blocks import FactorisedConvBlock3d, HalvingMaxPool
 from MultiTaskSegLib.networks.unet_factorised import FactorisedUNet3d
@@ -179,6 +179,16 @@ def test_soft_dice_loss_matches_hand_computation():
     # With background: no background voxel, 0.7 predicted -> Dice ~0; loss = 1 - (0 + 0.7778 + 0.5333) / 3.
     with_background = soft_dice_loss(HAND_PROBABILITIES, HAND_LABELS, include_background=True)
     assert float(with_background) == pytest.approx(0.562963, abs=1e-5)
+
+
+def test_per_item_soft_dice_weighs_a_small_tumour_slice_as_much_as_a_large_one():
+    # Two slices of 8 voxels, one class: a large tumour (6 voxels) found whole, a small one (1 voxel) missed.
+    labels = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]])
+    found = (labels[0] == 1).float()
+    probabilities = torch.stack([torch.stack([1 - found, found]), torch.stack([torch.ones(8), torch.zeros(8)])])
+    # Batch Dice: 2 * 6 / (7 + 6) = 0.923, the missed voxel is 1 of 7; per slice: (1 + 0) / 2 = 0.5.
+    assert float(soft_dice_loss(probabilities, labels)) == pytest.approx(1 - 12 / 13, abs=1e-4)
+    assert float(soft_dice_loss(probabilities, labels, per_item=True)) == pytest.approx(0.5, abs=1e-4)
 
 
 def test_presence_focal_loss_matches_hand_computation():
@@ -457,3 +467,31 @@ def test_cmunet_presence_decides_per_slice_never_per_window():
     probabilities = architecture.predict_probabilities(image, CPU, InferenceOptions(requested_labels=[1]))
     assert not np.any(np.all(np.isclose(probabilities[0, 0, :, :32], 1.0), axis=0))  # left windows decoded too
     np.testing.assert_allclose(probabilities[0, 1], 1.0, atol=1e-6)  # slice 1: absent in every window, skipped
+
+
+def test_multiplanar_training_step_uses_per_slice_dice_when_batch_dice_is_off():
+    from MultiTaskSegLib.architectures.multiplanar import MultiplanarUNet2DArchitecture
+
+    tiny = {"channels": [4, 8], "patch_size": [16, 16], "mixed_precision": False,
+            "augmentation": {"probability": 0, "low_resolution_probability": 0}}
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[0, 2:14, 2:14] = 1  # a large tumour slice
+    labels[1, 7:9, 7:9] = 1  # a small one
+    batch = {"image": torch.randn(2, 1, 16, 16), "labels": labels, "valid": torch.ones(2, 16, 16, dtype=torch.bool)}
+    losses = {}
+    for batch_dice in (True, False):
+        torch.manual_seed(0)
+        architecture = MultiplanarUNet2DArchitecture(2, ["sarcoma_t1_mri"], batch_dice=batch_dice, **tiny)
+        with torch.no_grad():
+            probabilities = torch.softmax(architecture.network(batch["image"]).float(), dim=1)
+        expected = soft_dice_loss(probabilities, labels, per_item=not batch_dice)
+        losses[batch_dice] = architecture.training_step(batch, torch.device("cpu")).parts["dice_loss"]
+        assert losses[batch_dice] == pytest.approx(float(expected.detach()), abs=1e-5)
+    assert losses[True] != pytest.approx(losses[False], abs=1e-3)
+
+
+def test_multiplanar_flags_given_as_text_are_refused_not_read_as_yes():
+    from MultiTaskSegLib.architectures.multiplanar import MultiplanarUNet2DArchitecture
+
+    with pytest.raises(InputError, match="batch_dice='False'.*true or false"):
+        MultiplanarUNet2DArchitecture(2, ["sarcoma_t1_mri"], batch_dice="False", channels=[4, 8], patch_size=[16, 16])
