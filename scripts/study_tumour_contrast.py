@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the Markdown report")
     args = parser.parse_args()
 
-    dice_by_case = {row["case"]: float(row["dice"]) for table in args.tables for row in csv.DictReader(table.open())}
+    dice_by_case = {row["case"]: float(row["dice"]) for table in args.tables for row in csv.DictReader(table.open(encoding="utf-8"))}
     rows = []
     for case, case_dice in sorted(dice_by_case.items()):
         folder = args.cases / case
@@ -113,7 +114,8 @@ def main() -> None:
         lines.append(f"| {name} | {rho:+.2f} | {p:.3f} |")
     report = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    args.out.write_text(report, encoding="utf-8")
+    sys.stdout.reconfigure(errors="replace")  # an ASCII terminal gets "?" for "−", not a crash after the work
     print(report)
 
 

@@ -49,11 +49,11 @@ def test_report_measures_each_patient_and_shows_dice_following_contrast(tmp_path
     for number, contrast in enumerate(contrasts):
         write_case(cases / f"P{number}", 40.0 + contrast, half_size=4 + number % 2 * 2, seed=number)
         lines.append(f"P{number},sarcoma_ct,Sarcoma,{0.1 + contrast / 200:.3f}")
-    table.write_text("\n".join(lines) + "\n")
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "report.md"
     subprocess.run([sys.executable, str(SCRIPT), str(table), "--cases", str(cases), "--out", str(out)],
-                   check=True, capture_output=True, text=True)
-    report = out.read_text()
+                   check=True, capture_output=True, encoding="utf-8")
+    report = out.read_text(encoding="utf-8")
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| P")}
     assert len(rows) == len(contrasts)
     measured = [float(rows[f"P{n}"].split("|")[4]) for n in range(len(contrasts))]
