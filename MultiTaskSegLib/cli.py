@@ -34,6 +34,18 @@ def _arguments(pairs: Sequence[str]) -> dict:
     return result
 
 
+def _working_spacings(pairs: Sequence[str]) -> dict[str, float]:
+    """``--working-spacing sarcoma_ct=1.0`` -> {"sarcoma_ct": 1.0}."""
+    result = {}
+    for pair in pairs:
+        task, _, value = pair.partition("=")
+        try:
+            result[task.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"--working-spacing takes TASK=MM, got {pair!r}") from None
+    return result
+
+
 def _channel(text: str) -> int | None:
     """``--channel 2`` -> 2; ``--channel none`` -> None (an input holding a single volume)."""
     if text.strip().lower() == "none":
@@ -75,6 +87,7 @@ def command_train(args) -> int:
         steps=args.steps, learning_rate=args.learning_rate, validate_every=args.validate_every,
         validation_fraction=args.validation_fraction, seed=args.seed, device=args.device,
         model_name=args.name or Path(args.out).name, data=data, init_from=args.init_from, sampling=args.sampling,
+        working_spacing_mm=_working_spacings(args.working_spacing),
     )
     model = train(config, args.out, checkpoint_minutes=args.checkpoint_minutes or None)
     if is_main_process():  # under torchrun, process 0 wrote the model
@@ -260,6 +273,9 @@ def _add_training_commands(commands) -> None:
     sub.add_argument("--sampling", choices=SAMPLING_CHOICES, default=SAMPLING_CHOICES[0],
                      help="spread each class's samples over the cases in proportion to its volume (voxels, "
                           "Moeskops et al.) or evenly over the cases (cases, nnU-Net: small tumours seen as often)")
+    sub.add_argument("--working-spacing", action="append", default=[], metavar="TASK=MM",
+                     help="resample TASK's cases to MM instead of its task file's working spacing (repeatable); "
+                          "the model stores it and segments at it")
     sub.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
                      help="also checkpoint every M minutes between validations, so an interrupted run loses "
                           "at most M minutes (default 10; 0: only at validations); the result is the same")

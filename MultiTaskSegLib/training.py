@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,7 +44,7 @@ STATE_JSON = "training_state.json"
 
 
 #: Settings of :class:`TrainingConfig` added after runs were made, with the value those runs had.
-FIELDS_ADDED_LATER = {"init_from": None, "sampling": SAMPLING_CHOICES[0]}
+FIELDS_ADDED_LATER = {"init_from": None, "sampling": SAMPLING_CHOICES[0], "working_spacing_mm": {}}
 
 
 @dataclass
@@ -74,6 +74,10 @@ class TrainingConfig:
     #: class's volume in each case, as Moeskops et al.) or ``"cases"`` (evenly over the cases that
     #: hold it, as nnU-Net: a small tumour is seen as often as a large one).
     sampling: str = SAMPLING_CHOICES[0]
+    #: Per task, a working spacing (mm) other than its task file's, as nnU-Net derives the spacing
+    #: from the data: cases are resampled to it in training, and the model stores it, so inference
+    #: follows. Empty: every task's own.
+    working_spacing_mm: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +92,13 @@ class TrainingConfig:
             problems.append(f"the learning rate must be positive, got {self.learning_rate}")
         if self.sampling not in SAMPLING_CHOICES:
             problems.append(f"sampling must be one of {', '.join(SAMPLING_CHOICES)}, got {self.sampling!r}")
+        for task, spacing in self.working_spacing_mm.items():
+            if task not in self.tasks:
+                problems.append(f"a working spacing is given for {task}, which is not among the tasks trained ({', '.join(self.tasks)})")
+            elif not (isinstance(spacing, (int, float)) and 0.1 <= spacing <= 10.0):
+                problems.append(f"the working spacing of {task} must be 0.1-10 mm, got {spacing!r}")
+        if self.working_spacing_mm and self.parent:
+            problems.append("a fine-tuned model keeps its parent's working spacing; leave the working spacing out")
         if problems:
             raise InputError("training settings: " + "; ".join(problems))
 
@@ -99,6 +110,13 @@ class TrainingConfig:
         # A field at the value every run had before it existed is left out: older runs stay resumable.
         return {key: value for key, value in identity.items()
                 if key not in FIELDS_ADDED_LATER or value != FIELDS_ADDED_LATER[key]}
+
+
+def training_label_space(config: TrainingConfig) -> LabelSpace:
+    """The registered tasks of the run, each at its working spacing (the run's, where it sets one)."""
+    return LabelSpace(tuple(replace(task, working_spacing_mm=float(config.working_spacing_mm[task.name]))
+                            if task.name in config.working_spacing_mm else task
+                            for task in LabelSpace.from_names(config.tasks).tasks))
 
 
 def set_seed(seed: int) -> None:
@@ -269,7 +287,7 @@ def _train(context: distributed.DistributedContext, config: TrainingConfig, run:
                          "use a batch size of at least the number of processes")
     set_seed(config.seed)
     parent = load_model(config.parent["source"]) if config.parent else None
-    label_space = parent.label_space if parent else LabelSpace.from_names(config.tasks)
+    label_space = parent.label_space if parent else training_label_space(config)
     arguments = dict(config.arguments) if parent else channel_arguments(config, label_space)
     train_files, validation_files = collect_cases(config, label_space)
     log(f"{len(train_files)} training and {len(validation_files)} validation cases for {', '.join(config.tasks)}")

@@ -16,6 +16,7 @@ gives the training volume ranges, the operating points are the members' mean.
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from MultiTaskSegLib.datasets import prepare_case
@@ -63,15 +64,16 @@ def main() -> None:
 
 
 def refreshed(label_space: LabelSpace) -> LabelSpace:
-    """The label space with each task's current definition, which must agree on what the network learnt."""
+    """The label space with each task's current definition, which must agree on what the network learnt;
+    the working spacing stays the model's (a run may have chosen its own: ``train --working-spacing``)."""
     tasks = []
     for stored in label_space.tasks:
         current = get_task(stored.name)
-        learnt = ("classes", "label_values", "channels", "working_spacing_mm", "normalization", "normalization_parameters")
+        learnt = ("classes", "label_values", "channels", "normalization", "normalization_parameters")
         changed = [field for field in learnt if getattr(current, field) != getattr(stored, field)]
         if changed:
             raise SystemExit(f"task {stored.name} changed in what the model learnt ({', '.join(changed)}); retrain instead")
-        tasks.append(current)
+        tasks.append(replace(current, working_spacing_mm=stored.working_spacing_mm))
     return LabelSpace(tuple(tasks))
 
 

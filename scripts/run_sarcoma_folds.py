@@ -19,7 +19,7 @@ patient (``ROOT/all``, no evaluation: nobody is left out). ``--sampling cases`` 
 per-case sampling (``train --sampling cases``) into ``mr_cases`` and ``ct_from_mr_cases`` beside
 the default recipe's ``mr`` and ``ct_from_mr``.
 
-``--variant NAME --train-arg KEY=VALUE ...`` trains one step (``--steps mr`` or ``--steps ct_from_mr``)
+``--variant NAME --train-arg KEY=VALUE ...`` (or ``--working-spacing MM``) trains one step (``--steps mr`` or ``--steps ct_from_mr``)
 with changed trainer arguments (``train --arg``) into ``..._NAME``, evaluated on the same held-out
 patients, so it pairs with the recipe: e.g. a CT network with wider scale augmentation, still started
 from the recipe's MR network of its fold:
@@ -71,6 +71,7 @@ class Recipe:
     variant: str = ""
     train_arguments: tuple[str, ...] = ()
     mini_batches: int = RECIPE_MINI_BATCHES
+    working_spacing_mm: float | None = None
 
     def folder(self, step: str) -> str:
         """``mr``, ``mr_cases``, ``mr_cases_seed1``, ``mr_cases_ensemble0-1``, ``ct_from_mr_cases_scale0.7-1.4``."""
@@ -98,6 +99,8 @@ def train(fold: Path, step: str, recipe: Recipe, threads: int, device: str = "cp
                    "--device", device, "--sampling", recipe.sampling, "--seed", str(recipe.seed)]
         for argument in recipe.train_arguments:
             command += ["--arg", argument]
+        if recipe.working_spacing_mm:
+            command += ["--working-spacing", f"{task}={recipe.working_spacing_mm}"]
         if step == "ct_from_mr":
             command += ["--init-from", str(fold / recipe.without_variant().folder("mr") / "model")]
         run(command, threads)
@@ -145,6 +148,8 @@ def main() -> None:
     parser.add_argument("--mini-batches", type=int, default=RECIPE_MINI_BATCHES,
                         help="train --steps (one cosine cycle); another count than the recipe's is a --variant "
                              "(e.g. longer training on a GPU)")
+    parser.add_argument("--working-spacing", type=float, metavar="MM",
+                        help="with --variant: train --working-spacing for the step's task (its task file's otherwise)")
     parser.add_argument("--device", default="cpu", help="train and evaluate on this device (cpu, cuda)")
     parser.add_argument("--mirrored-evaluations", action=argparse.BooleanOptionalAction, default=True,
                         help="end with every evaluation once more with test-time mirroring (informational: "
@@ -154,9 +159,10 @@ def main() -> None:
     parser.add_argument("--final", action="store_true",
                         help="then train the same networks on every patient (ROOT/all/train): the models to bundle")
     args = parser.parse_args()
-    changed = bool(args.train_arg) or args.mini_batches != RECIPE_MINI_BATCHES
+    changed = bool(args.train_arg) or args.mini_batches != RECIPE_MINI_BATCHES or args.working_spacing is not None
     if bool(args.variant) != changed:
-        parser.error("--variant NAME goes with --train-arg KEY=VALUE or --mini-batches N: name what the variant changes")
+        parser.error("--variant NAME goes with --train-arg KEY=VALUE, --mini-batches N or --working-spacing MM: "
+                     "name what the variant changes")
     if args.mini_batches < 1:
         parser.error(f"--mini-batches {args.mini_batches}: give a positive count")
     if args.variant and (len(args.steps) != 1 or args.ensemble):
@@ -168,7 +174,7 @@ def main() -> None:
     for fold in folds:
         if not (fold / "fold.json").exists():
             parser.error(f"{fold} is not a fold; run scripts/prepare_tumour_data.py first")
-    recipe = Recipe(args.sampling, args.seed, args.variant, tuple(args.train_arg), args.mini_batches)
+    recipe = Recipe(args.sampling, args.seed, args.variant, tuple(args.train_arg), args.mini_batches, args.working_spacing)
     for fold in folds:
         for step in args.steps:
             train(fold, step, recipe, args.threads, args.device)

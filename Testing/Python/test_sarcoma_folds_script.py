@@ -95,6 +95,20 @@ def test_a_ct_variant_starts_from_the_recipes_mr_network(tmp_path):
     assert result.returncode != 0  # the fold has no CT training cases here: the trainer refuses, nothing is made
 
 
+def test_a_working_spacing_variant_passes_the_spacing_for_the_steps_task(tmp_path):
+    finished_fold(tmp_path / "runs", 3)
+    base = [sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--folds", "3", "--steps", "ct_from_mr",
+            "--sampling", "cases", "--working-spacing", "1.0", "--no-mirrored-evaluations", "--record", str(tmp_path / "record")]
+
+    unnamed = subprocess.run(base, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    named = subprocess.run(base + ["--variant", "1mm"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    assert unnamed.returncode != 0 and "--working-spacing" in unnamed.stderr and "--variant" in unnamed.stderr
+    command = next(line for line in named.stdout.splitlines() if line.startswith("$ "))
+    assert "--working-spacing sarcoma_ct=1.0" in command
+    assert f"--out {(tmp_path / 'runs' / 'fold3').resolve() / 'ct_from_mr_cases_1mm'} " in command
+
+
 def test_longer_training_on_another_device_is_a_named_variant(tmp_path):
     """--mini-batches changes the recipe (its cosine cycle too), so it needs a variant name; --device is
     passed to the trainer (and the evaluation), e.g. for a longer run on a lent GPU."""

@@ -173,3 +173,22 @@ def test_bad_task_files_get_clear_errors(tmp_path, text, message):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(InputError, match=message):
         load_task_file(path)
+
+
+def test_refreshed_tasks_keep_the_models_working_spacing_and_refuse_a_changed_class():
+    import sys
+    from dataclasses import replace
+
+    from conftest import PROJECT_ROOT
+
+    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+    from bundle_model import refreshed
+
+    current = get_task("sarcoma_ct")
+    trained = LabelSpace((replace(current, working_spacing_mm=1.0, largest_component=not current.largest_component),))
+    refreshed_task = refreshed(trained).task("sarcoma_ct")
+    assert refreshed_task.working_spacing_mm == 1.0  # what the network learnt at
+    assert refreshed_task.largest_component == current.largest_component  # post-processing: the task file's
+    other_classes = LabelSpace((replace(current, label_values=(frozenset({2}),)),))
+    with pytest.raises(SystemExit, match="label_values"):
+        refreshed(other_classes)

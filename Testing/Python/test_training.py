@@ -105,6 +105,34 @@ def test_sampling_by_cases_trains_another_network_and_a_run_resumes_only_with_it
     assert json.loads((run / "config.json").read_text())["sampling"] == "cases"
 
 
+def test_a_working_spacing_chosen_for_the_run_is_trained_at_stored_in_the_model_and_segmented_at(tmp_path, tiny_dataset):
+    import SimpleITK as sitk
+
+    from MultiTaskSegLib.datasets import find_cases, prepare_case
+    from MultiTaskSegLib.inference import segment_image
+    from MultiTaskSegLib.tasks import get_task
+    from MultiTaskSegLib.training import training_label_space
+
+    own = get_task("breast_mri").working_spacing_mm
+    chosen = config(tiny_dataset, working_spacing_mm={"breast_mri": own * 2}, steps=2)
+    label_space = training_label_space(chosen)
+    assert label_space.task("breast_mri").working_spacing_mm == own * 2
+    assert label_space.task("cardiac_cta") == get_task("cardiac_cta")
+    case = prepare_case(find_cases(get_task("breast_mri"), tiny_dataset / "breast_mri")[0], label_space)
+    assert case.extra["grid"].GetSpacing() == (own * 2,) * 3 and case.image.shape == (7, 7, 7)  # 14 voxels, halved
+
+    model = train(chosen, tmp_path / "run", log=quiet)
+    loaded = load_model(tmp_path / "run" / "model")
+    assert loaded.label_space.task("breast_mri").working_spacing_mm == own * 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["working_spacing_mm"] == {"breast_mri": own * 2}
+    image = sitk.ReadImage(str(tiny_dataset / "breast_mri" / "case_000" / "image.nii.gz"))
+    labels = segment_image(loaded, image, ["breast_mri"]).labels
+    assert labels.GetSize() == image.GetSize() and labels.GetSpacing() == image.GetSpacing()
+    assert model.weights_sha256 != train(config(tiny_dataset, steps=2), tmp_path / "own", log=quiet).weights_sha256
+    with pytest.raises(InputError, match="different settings \\(working_spacing_mm\\)"):
+        train(config(tiny_dataset, steps=2), tmp_path / "run", log=quiet)
+
+
 def test_binary_tasks_are_scored_at_the_operating_point_with_the_best_dice_over_validation(tiny_dataset):
     import numpy as np
     import torch
@@ -159,7 +187,9 @@ def test_binary_labels_stored_as_255_are_refused_with_the_values_the_task_reads(
 
 
 @pytest.mark.parametrize("settings", [{"validation_fraction": 1.5}, {"steps": -5}, {"batch_size": 0},
-                                      {"validate_every": 0}, {"learning_rate": -1.0}, {"sampling": "slices"}])
+                                      {"validate_every": 0}, {"learning_rate": -1.0}, {"sampling": "slices"},
+                                      {"working_spacing_mm": {"cardiac_cta": 1.0}}, {"working_spacing_mm": {"breast_mri": 0}},
+                                      {"working_spacing_mm": {"breast_mri": "fine"}}])
 def test_impossible_training_settings_are_refused(settings):
     from MultiTaskSegLib.errors import InputError
     from MultiTaskSegLib.training import TrainingConfig
