@@ -70,19 +70,18 @@ class MultiplanarConfig(SliceUNetConfig):
         if min(float(self.cross_entropy_weight), int(self.crop_margin), int(self.locate_stride), int(self.locate_margin),
                int(self.context_slices)) < 0:
             raise InputError("cross_entropy_weight, crop_margin, locate_stride, locate_margin and context_slices must be zero or more")
-        flags = {"whole_slice_inference": self.whole_slice_inference, "position_channels": self.position_channels,
-                 "batch_dice": self.batch_dice}
-        wrong = [f"{name}={value!r}" for name, value in flags.items() if value not in (True, False)]
+        flags = ("whole_slice_inference", "position_channels", "batch_dice")
+        wrong = [f"{name}={getattr(self, name)!r}" for name in flags if getattr(self, name) not in (True, False)]
         if wrong:  # bool("false") is True: a flag given as text would silently mean yes
             raise InputError(f"{', '.join(wrong)}: give true or false (e.g. --arg batch_dice=false)")
+        for name in flags:
+            setattr(self, name, bool(getattr(self, name)))
         settings = SliceAugmentation.from_arguments(self.augmentation)
         self.augmentation = settings.to_arguments()
         self._slice_augmentation = settings  # not a field: not stored
         self.cross_entropy_weight, self.crop_margin = float(self.cross_entropy_weight), int(self.crop_margin)
         self.locate_stride, self.locate_margin = int(self.locate_stride), int(self.locate_margin)
         self.context_slices = int(self.context_slices)
-        self.whole_slice_inference, self.position_channels = bool(self.whole_slice_inference), bool(self.position_channels)
-        self.batch_dice = bool(self.batch_dice)
 
     @property
     def slice_augmentation(self) -> SliceAugmentation:
