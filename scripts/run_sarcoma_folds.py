@@ -87,7 +87,8 @@ class Recipe:
         return Recipe(self.sampling, self.seed)
 
 
-def train(fold: Path, step: str, recipe: Recipe, threads: int, device: str = "cpu") -> None:
+def train(fold: Path, step: str, recipe: Recipe, threads: int, device: str = "cpu",
+          checkpoint_minutes: float | None = None) -> None:
     """Train the fold's network of ``step`` unless finished (resuming from a checkpoint); a CT network
     starts from the MR network of the recipe's seed, without its variant."""
     task, name = MODALITIES[step]
@@ -103,6 +104,8 @@ def train(fold: Path, step: str, recipe: Recipe, threads: int, device: str = "cp
             command += ["--working-spacing", f"{task}={recipe.working_spacing_mm}"]
         if step == "ct_from_mr":
             command += ["--init-from", str(fold / recipe.without_variant().folder("mr") / "model")]
+        if checkpoint_minutes is not None:
+            command += ["--checkpoint-minutes", str(checkpoint_minutes)]
         run(command, threads)
 
 
@@ -133,7 +136,8 @@ def evaluate(fold: Path, step: str, recipe: Recipe, mirror: str, record: Path, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("runs/tumour"), help="written by prepare_tumour_data.py")
-    parser.add_argument("--folds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--folds", nargs="*", type=int, default=[1, 2, 3],
+                        help="none with --final: only the final networks (e.g. trained beside the folds' on a GPU)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sampling", choices=SAMPLING_CHOICES, default=SAMPLING_CHOICES[0], help="train --sampling")
     parser.add_argument("--steps", nargs="+", choices=tuple(MODALITIES), default=list(MODALITIES),
@@ -156,6 +160,11 @@ def main() -> None:
                              "within +-0.02 Dice of one pass per fold so far; study_tumour_postprocessing.py pairs them)")
     parser.add_argument("--record", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results" / "sarcoma",
                         help="where each evaluation's per-patient table is copied, to commit (default: %(default)s)")
+    parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                        help="judge each network on its fold's held-out patients; --no-evaluate only trains "
+                             "(on a lent GPU, to judge here afterwards: the same command again evaluates)")
+    parser.add_argument("--checkpoint-minutes", type=float, metavar="M",
+                        help="train --checkpoint-minutes (10 otherwise): shorter on a lent GPU, whose call may be cut")
     parser.add_argument("--final", action="store_true",
                         help="then train the same networks on every patient (ROOT/all/train): the models to bundle")
     args = parser.parse_args()
@@ -170,6 +179,8 @@ def main() -> None:
                      "a CT variant starts from the recipe's MR network, so an MR variant would not feed it")
     if args.variant and not re.fullmatch(r"[A-Za-z0-9._-]+", args.variant):
         parser.error(f"--variant {args.variant!r}: use letters, digits, '.', '-' or '_' (it names folders)")
+    if not args.folds and not args.final:
+        parser.error("--folds names no fold: give fold numbers, or --final to train only the final networks")
     folds = [(args.root / f"fold{number}").resolve() for number in args.folds]
     for fold in folds:
         if not (fold / "fold.json").exists():
@@ -177,15 +188,17 @@ def main() -> None:
     recipe = Recipe(args.sampling, args.seed, args.variant, tuple(args.train_arg), args.mini_batches, args.working_spacing)
     for fold in folds:
         for step in args.steps:
-            train(fold, step, recipe, args.threads, args.device)
+            train(fold, step, recipe, args.threads, args.device, args.checkpoint_minutes)
+            if not args.evaluate:
+                continue
             evaluate(fold, step, recipe, "no-mirror", args.record, args.threads, args.device)
             if args.ensemble:
                 ensemble = assemble(fold, step, args.sampling, args.ensemble)
                 evaluate(fold, step, ensemble, "no-mirror", args.record, args.threads)
     if args.final:
         for step in args.steps:
-            train((args.root / "all").resolve(), step, recipe, args.threads, args.device)
-    for fold in folds if args.mirrored_evaluations else []:
+            train((args.root / "all").resolve(), step, recipe, args.threads, args.device, args.checkpoint_minutes)
+    for fold in folds if args.mirrored_evaluations and args.evaluate else []:
         for step in args.steps:
             evaluate(fold, step, recipe, "mirror", args.record, args.threads, args.device)
     print("finished", flush=True)

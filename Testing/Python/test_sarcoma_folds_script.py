@@ -126,3 +126,26 @@ def test_longer_training_on_another_device_is_a_named_variant(tmp_path):
     assert f"--out {fold / 'mr_cases_long12k'} " in command
     assert "--arg steps_per_epoch=12000 --steps 12000 --device cuda" in command
     assert named.returncode != 0  # the fold has no MR training cases here: the trainer refuses, nothing is made
+
+
+def test_training_only_on_a_lent_gpu_checkpoints_often_and_evaluates_nothing(tmp_path):
+    """--no-evaluate --checkpoint-minutes: the GPU call trains (checkpointing often, as the call may be
+    cut) and leaves the judging to the same command here; a finished network is then neither trained
+    nor judged, and no table is recorded."""
+    finished_fold(tmp_path / "runs", 3)
+    record = tmp_path / "record"
+    base = [sys.executable, str(SCRIPT), "--root", str(tmp_path / "runs"), "--steps", "mr", "--sampling", "cases",
+            "--no-evaluate", "--checkpoint-minutes", "1", "--record", str(record)]
+    (tmp_path / "runs" / "all").mkdir()
+
+    finished = subprocess.run(base + ["--folds", "3"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    final_only = subprocess.run(base + ["--folds", "--final"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    no_fold = subprocess.run(base + ["--folds"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    assert finished.returncode == 0, finished.stderr
+    assert "$ " not in finished.stdout and not record.exists()
+    command = next(line for line in final_only.stdout.splitlines() if line.startswith("$ "))
+    assert f"--out {(tmp_path / 'runs' / 'all').resolve() / 'mr_cases'} " in command
+    assert command.endswith("--checkpoint-minutes 1.0")
+    assert final_only.returncode != 0  # no MR training cases under all/: the trainer refuses, nothing is made
+    assert no_fold.returncode != 0 and "--final" in no_fold.stderr
