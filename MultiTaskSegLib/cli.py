@@ -34,7 +34,7 @@ def _arguments(pairs: Sequence[str]) -> dict:
     return result
 
 
-def _working_spacings(pairs: Sequence[str]) -> dict[str, float]:
+def parse_working_spacings(pairs: Sequence[str]) -> dict[str, float]:
     """``--working-spacing sarcoma_ct=1.0`` -> {"sarcoma_ct": 1.0}."""
     result = {}
     for pair in pairs:
@@ -87,7 +87,7 @@ def command_train(args) -> int:
         steps=args.steps, learning_rate=args.learning_rate, validate_every=args.validate_every,
         validation_fraction=args.validation_fraction, seed=args.seed, device=args.device,
         model_name=args.name or Path(args.out).name, data=data, init_from=args.init_from, sampling=args.sampling,
-        working_spacing_mm=_working_spacings(args.working_spacing),
+        working_spacing_mm=parse_working_spacings(args.working_spacing),
     )
     model = train(config, args.out, checkpoint_minutes=args.checkpoint_minutes or None)
     if is_main_process():  # under torchrun, process 0 wrote the model

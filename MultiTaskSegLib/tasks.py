@@ -16,7 +16,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10 (Slicer 5.10's): the same parser, as a package
     import tomli as tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -188,6 +188,20 @@ class LabelSpace:
 
     def __len__(self) -> int:
         return 1 + sum(len(task.classes) for task in self.tasks)
+
+    def with_working_spacing(self, spacings: Mapping[str, float]) -> "LabelSpace":
+        """The same tasks on other working grids (task name -> mm): a run's own (``train
+        --working-spacing``), or a finer grid at test time, where a network trained with scale
+        augmentation sees small structures larger (``evaluate_tumour.py --working-spacing``)."""
+        unknown = sorted(set(spacings) - set(self.task_names))
+        if unknown:
+            raise InputError(f"a working spacing is given for {', '.join(unknown)}, not among the tasks "
+                             f"({', '.join(self.task_names)})")
+        for name, spacing in spacings.items():
+            if not 0.1 <= float(spacing) <= 10.0:
+                raise InputError(f"the working spacing of {name} must be 0.1-10 mm, got {spacing!r}")
+        return LabelSpace(tuple(replace(task, working_spacing_mm=float(spacings[task.name])) if task.name in spacings
+                                else task for task in self.tasks))
 
     def task(self, name: str) -> Task:
         for task in self.tasks:

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -114,9 +114,7 @@ class TrainingConfig:
 
 def training_label_space(config: TrainingConfig) -> LabelSpace:
     """The registered tasks of the run, each at its working spacing (the run's, where it sets one)."""
-    return LabelSpace(tuple(replace(task, working_spacing_mm=float(config.working_spacing_mm[task.name]))
-                            if task.name in config.working_spacing_mm else task
-                            for task in LabelSpace.from_names(config.tasks).tasks))
+    return LabelSpace.from_names(config.tasks).with_working_spacing(config.working_spacing_mm)
 
 
 def set_seed(seed: int) -> None:

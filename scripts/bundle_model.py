@@ -12,6 +12,9 @@ of a run. ``--card FILE.json`` merges more card fields (intended input, cross-va
 and normalisation must be those the model was trained with. ``--ensemble-with RUN2/model ...``
 bundles the mean of the models' probabilities (``multitaskseg ensemble``); the first model's run
 gives the training volume ranges, the operating points are the members' mean.
+``--working-spacing TASK=MM`` makes the bundled model segment TASK on another grid than it trained
+on (a finer one where that was measured to find small structures better: ``evaluate_tumour.py
+--working-spacing`` on the recipe's fold networks first).
 """
 
 import argparse
@@ -19,6 +22,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from MultiTaskSegLib.cli import parse_working_spacings
 from MultiTaskSegLib.datasets import prepare_case
 from MultiTaskSegLib.ensembles import assemble_ensemble
 from MultiTaskSegLib.inference import choose_device
@@ -36,6 +40,10 @@ def main() -> None:
     parser.add_argument("--card", type=Path, help="JSON file of card fields to add or replace")
     parser.add_argument("--refresh-tasks", action="store_true", help="take check_volumes etc. from the task files")
     parser.add_argument("--version", help="the bundled model's version (default: the trained model's)")
+    parser.add_argument("--working-spacing", nargs="+", default=[], metavar="TASK=MM",
+                        help="segment TASK on this working grid instead of the one it trained on (e.g. finer, "
+                             "measured first with evaluate_tumour.py --working-spacing); the training grid stays in "
+                             "the provenance")
     parser.add_argument("--ensemble-with", nargs="+", type=Path, default=[], metavar="MODEL",
                         help="more trained models of the same recipe: bundle the ensemble of all")
     args = parser.parse_args()
@@ -44,6 +52,7 @@ def main() -> None:
         model = assemble_ensemble([model, *args.ensemble_with])
     if args.refresh_tasks:
         model.label_space = refreshed(model.label_space)
+    model.label_space = model.label_space.with_working_spacing(parse_working_spacings(args.working_spacing))
     before = model.weights_sha256  # empty for an ensemble assembled here: its file is new
     config = TrainingConfig(**json.loads((args.model.parent / "config.json").read_text(encoding="utf-8")))
     training, validation = collect_cases(config)

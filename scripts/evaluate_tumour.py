@@ -81,10 +81,12 @@ def class_probabilities(result) -> sitk.Image:
 
 def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, device: str,
              refresh_tasks: bool = False, save_probabilities: bool = False, with_confusion: bool = True,
-             mirror: bool | None = None) -> list[dict]:
+             mirror: bool | None = None, working_spacing_mm: float | None = None) -> list[dict]:
     model = load_model(model_path)
     if refresh_tasks:
         model.label_space = refreshed(model.label_space)
+    if working_spacing_mm is not None:
+        model.label_space = model.label_space.with_working_spacing({task_name: working_spacing_mm})
     task = get_task(task_name)
     offset = model.label_space.offset(task_name)
     rows = []
@@ -176,6 +178,9 @@ def main() -> None:
                         help="also write OUT/CASE_probabilities.nii.gz (a one-class task's probability; else all classes)")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction,
                         help="test-time mirroring on or off (default: as the model card says)")
+    parser.add_argument("--working-spacing", type=float, metavar="MM",
+                        help="segment on this working grid instead of the model's (e.g. finer than it trained on; "
+                             "bundle_model.py --working-spacing makes a bundled model do so)")
     parser.add_argument("--card", type=Path, help="with --summarise: merge the pooled per-case figures into this card JSON")
     args = parser.parse_args()
     if args.summarise:
@@ -200,7 +205,7 @@ def main() -> None:
         parser.error("give --model, --cases and --task (or --summarise)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = evaluate(args.model, args.cases, args.task, args.out, args.device, args.refresh_tasks, args.save_probabilities,
-                    not args.no_confusion, args.mirror)
+                    not args.no_confusion, args.mirror, args.working_spacing)
     with open(args.out / "per_case.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
