@@ -157,6 +157,13 @@ class LabelEntry:
 BACKGROUND = ClassSpec("Background", (0.0, 0.0, 0.0), None)
 
 
+def working_spacing_problem(task_name: str, spacing) -> str | None:
+    """Why ``spacing`` cannot be a task's working grid, or None: one rule for a run's grid and a test-time one."""
+    if isinstance(spacing, (int, float)) and 0.1 <= spacing <= 10.0:
+        return None
+    return f"the working spacing of {task_name} must be 0.1-10 mm, got {spacing!r}"
+
+
 @dataclass(frozen=True)
 class LabelSpace:
     """The shared background plus the union of the tasks' classes, in task order."""
@@ -198,8 +205,9 @@ class LabelSpace:
             raise InputError(f"a working spacing is given for {', '.join(unknown)}, not among the tasks "
                              f"({', '.join(self.task_names)})")
         for name, spacing in spacings.items():
-            if not 0.1 <= float(spacing) <= 10.0:
-                raise InputError(f"the working spacing of {name} must be 0.1-10 mm, got {spacing!r}")
+            problem = working_spacing_problem(name, spacing)
+            if problem:
+                raise InputError(problem)
         return LabelSpace(tuple(replace(task, working_spacing_mm=float(spacings[task.name])) if task.name in spacings
                                 else task for task in self.tasks))
 

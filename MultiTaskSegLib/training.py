@@ -36,7 +36,7 @@ from .learning_curve import LearningCurve
 from .model_files import SegmentationModel, load_model, save_model
 from .plausibility import CARD_KEY, training_volume_ranges
 from .sampling import SAMPLING_CHOICES, BalancedVoxelSampler, PreparedCase
-from .tasks import LabelSpace, get_task
+from .tasks import LabelSpace, get_task, working_spacing_problem
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = "training_state.pt"
@@ -95,8 +95,8 @@ class TrainingConfig:
         for task, spacing in self.working_spacing_mm.items():
             if task not in self.tasks:
                 problems.append(f"a working spacing is given for {task}, which is not among the tasks trained ({', '.join(self.tasks)})")
-            elif not (isinstance(spacing, (int, float)) and 0.1 <= spacing <= 10.0):
-                problems.append(f"the working spacing of {task} must be 0.1-10 mm, got {spacing!r}")
+            elif problem := working_spacing_problem(task, spacing):
+                problems.append(problem)
         if self.working_spacing_mm and self.parent:
             problems.append("a fine-tuned model keeps its parent's working spacing; leave the working spacing out")
         if problems:
