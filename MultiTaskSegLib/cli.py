@@ -34,18 +34,6 @@ def _arguments(pairs: Sequence[str]) -> dict:
     return result
 
 
-def parse_working_spacings(pairs: Sequence[str]) -> dict[str, float]:
-    """``--working-spacing sarcoma_ct=1.0`` -> {"sarcoma_ct": 1.0}."""
-    result = {}
-    for pair in pairs:
-        task, _, value = pair.partition("=")
-        try:
-            result[task.strip()] = float(value)
-        except ValueError:
-            raise InputError(f"--working-spacing takes TASK=MM, got {pair!r}") from None
-    return result
-
-
 def _channel(text: str) -> int | None:
     """``--channel 2`` -> 2; ``--channel none`` -> None (an input holding a single volume)."""
     if text.strip().lower() == "none":
@@ -76,6 +64,7 @@ def command_phantoms(args) -> int:
 def command_train(args) -> int:
     from .datasets import parse_data_arguments
     from .distributed import is_main_process
+    from .tasks import parse_working_spacings
     from .training import TrainingConfig, train
 
     if args.checkpoint_minutes < 0:

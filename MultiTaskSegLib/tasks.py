@@ -157,11 +157,28 @@ class LabelEntry:
 BACKGROUND = ClassSpec("Background", (0.0, 0.0, 0.0), None)
 
 
-def working_spacing_problem(task_name: str, spacing) -> str | None:
-    """Why ``spacing`` cannot be a task's working grid, or None: one rule for a run's grid and a test-time one."""
-    if isinstance(spacing, (int, float)) and 0.1 <= spacing <= 10.0:
-        return None
-    return f"the working spacing of {task_name} must be 0.1-10 mm, got {spacing!r}"
+def working_spacing_problems(spacings: Mapping[str, float], task_names: Sequence[str]) -> list[str]:
+    """Why the working grids ``spacings`` (task name -> mm) cannot be used for ``task_names``, or an empty
+    list: one rule for a run's grid (``train --working-spacing``) and a test-time one."""
+    problems = []
+    for name, spacing in spacings.items():
+        if name not in task_names:
+            problems.append(f"a working spacing is given for {name}, which is not among the tasks ({', '.join(task_names)})")
+        elif not (isinstance(spacing, (int, float)) and 0.1 <= spacing <= 10.0):
+            problems.append(f"the working spacing of {name} must be 0.1-10 mm, got {spacing!r}")
+    return problems
+
+
+def parse_working_spacings(pairs: Sequence[str]) -> dict[str, float]:
+    """``--working-spacing sarcoma_ct=1.0`` (the CLI's and bundle_model.py's) -> {"sarcoma_ct": 1.0}."""
+    result = {}
+    for pair in pairs:
+        task, _, value = pair.partition("=")
+        try:
+            result[task.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"--working-spacing takes TASK=MM, got {pair!r}") from None
+    return result
 
 
 @dataclass(frozen=True)
@@ -200,14 +217,9 @@ class LabelSpace:
         """The same tasks on other working grids (task name -> mm): a run's own (``train
         --working-spacing``), or a finer grid at test time, where a network trained with scale
         augmentation sees small structures larger (``evaluate_tumour.py --working-spacing``)."""
-        unknown = sorted(set(spacings) - set(self.task_names))
-        if unknown:
-            raise InputError(f"a working spacing is given for {', '.join(unknown)}, not among the tasks "
-                             f"({', '.join(self.task_names)})")
-        for name, spacing in spacings.items():
-            problem = working_spacing_problem(name, spacing)
-            if problem:
-                raise InputError(problem)
+        problems = working_spacing_problems(spacings, self.task_names)
+        if problems:
+            raise InputError("; ".join(problems))
         return LabelSpace(tuple(replace(task, working_spacing_mm=float(spacings[task.name])) if task.name in spacings
                                 else task for task in self.tasks))
 

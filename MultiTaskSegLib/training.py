@@ -36,7 +36,7 @@ from .learning_curve import LearningCurve
 from .model_files import SegmentationModel, load_model, save_model
 from .plausibility import CARD_KEY, training_volume_ranges
 from .sampling import SAMPLING_CHOICES, BalancedVoxelSampler, PreparedCase
-from .tasks import LabelSpace, get_task, working_spacing_problem
+from .tasks import LabelSpace, get_task, working_spacing_problems
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = "training_state.pt"
@@ -92,11 +92,7 @@ class TrainingConfig:
             problems.append(f"the learning rate must be positive, got {self.learning_rate}")
         if self.sampling not in SAMPLING_CHOICES:
             problems.append(f"sampling must be one of {', '.join(SAMPLING_CHOICES)}, got {self.sampling!r}")
-        for task, spacing in self.working_spacing_mm.items():
-            if task not in self.tasks:
-                problems.append(f"a working spacing is given for {task}, which is not among the tasks trained ({', '.join(self.tasks)})")
-            elif problem := working_spacing_problem(task, spacing):
-                problems.append(problem)
+        problems += working_spacing_problems(self.working_spacing_mm, self.tasks)
         if self.working_spacing_mm and self.parent:
             problems.append("a fine-tuned model keeps its parent's working spacing; leave the working spacing out")
         if problems:

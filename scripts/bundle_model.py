@@ -22,14 +22,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from MultiTaskSegLib.cli import parse_working_spacings
 from MultiTaskSegLib.datasets import prepare_case
 from MultiTaskSegLib.ensembles import assemble_ensemble
 from MultiTaskSegLib.inference import choose_device
 from MultiTaskSegLib.model_catalog import BUNDLED_MODEL_DIR
 from MultiTaskSegLib.model_files import load_model, save_model
 from MultiTaskSegLib.plausibility import CARD_KEY, training_volume_ranges
-from MultiTaskSegLib.tasks import LabelSpace, get_task
+from MultiTaskSegLib.tasks import LabelSpace, get_task, parse_working_spacings
 from MultiTaskSegLib.training import TrainingConfig, collect_cases, validation_dice
 
 
