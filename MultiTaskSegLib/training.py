@@ -172,6 +172,19 @@ def validation_dice(model: SegmentationModel, cases: Sequence[PreparedCase],
     return rows, operating_points
 
 
+def operating_points_on_working_grid(model: SegmentationModel, run_config: Path, device: torch.device) -> dict[str, float]:
+    """The binary tasks' operating points chosen again on the run's own validation cases, on the grids the
+    model now segments on. A point chosen on one grid does not carry over to another: on a finer grid a
+    network trained with scale augmentation calls more voxels tumour (larger volumes, lower precision)."""
+    config = TrainingConfig(**json.loads(Path(run_config).read_text(encoding="utf-8")))
+    validation = collect_cases(config, model.label_space)[1]
+    if not validation:
+        raise InputError(f"the run of {run_config} kept no validation cases (validation fraction "
+                         f"{config.validation_fraction}): there is nothing to choose an operating point on")
+    cases = [prepare_case(files, model.label_space) for files in validation]
+    return validation_dice(model, cases, device)[1]
+
+
 def _save_checkpoint(run: Path, model: SegmentationModel, optimizer: torch.optim.Optimizer, step: int,
                      rng: np.random.Generator, config: TrainingConfig) -> None:
     """Write the checkpoint to a fresh folder, then swap it in: never a half-written checkpoint."""

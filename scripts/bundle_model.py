@@ -14,7 +14,8 @@ bundles the mean of the models' probabilities (``multitaskseg ensemble``); the f
 gives the training volume ranges, the operating points are the members' mean.
 ``--working-spacing TASK=MM`` makes the bundled model segment TASK on another grid than it trained
 on (a finer one where that was measured to find small structures better: ``evaluate_tumour.py
---working-spacing`` on the recipe's fold networks first).
+--working-spacing`` on the recipe's fold networks first); ``--rechoose-operating-points`` then chooses
+the operating points again on the run's validation cases on that grid.
 """
 
 import argparse
@@ -29,7 +30,7 @@ from MultiTaskSegLib.model_catalog import BUNDLED_MODEL_DIR
 from MultiTaskSegLib.model_files import load_model, save_model
 from MultiTaskSegLib.plausibility import CARD_KEY, training_volume_ranges
 from MultiTaskSegLib.tasks import LabelSpace, get_task, parse_working_spacings
-from MultiTaskSegLib.training import TrainingConfig, collect_cases, validation_dice
+from MultiTaskSegLib.training import TrainingConfig, collect_cases, operating_points_on_working_grid, validation_dice
 
 
 def main() -> None:
@@ -43,6 +44,9 @@ def main() -> None:
                         help="segment TASK on this working grid instead of the one it trained on (e.g. finer, "
                              "measured first with evaluate_tumour.py --working-spacing); the training grid stays in "
                              "the provenance")
+    parser.add_argument("--rechoose-operating-points", action="store_true",
+                        help="choose the operating points again on the run's validation cases, on the grids the model "
+                             "segments on (with --working-spacing: a point chosen on the training grid does not carry over)")
     parser.add_argument("--ensemble-with", nargs="+", type=Path, default=[], metavar="MODEL",
                         help="more trained models of the same recipe: bundle the ensemble of all")
     args = parser.parse_args()
@@ -60,7 +64,10 @@ def main() -> None:
         model.card[CARD_KEY] = training_volume_ranges(prepared, model.label_space)
     if args.card:
         model.card.update(json.loads(args.card.read_text(encoding="utf-8")))
-    if "operating_points" not in model.card:
+    if args.rechoose_operating_points:
+        model.card["operating_points"] = operating_points_on_working_grid(model, args.model.parent / "config.json",
+                                                                          choose_device("cpu"))
+    elif "operating_points" not in model.card:
         cases = [prepare_case(files, model.label_space) for files in validation]
         model.card["operating_points"] = validation_dice(model, cases, choose_device("cpu"))[1]
     model.name = args.name

@@ -34,10 +34,11 @@ from bundle_model import refreshed
 from MultiTaskSegLib.datasets import find_cases, read_label
 from MultiTaskSegLib.evaluation import dice, hausdorff95, task_confusion
 from MultiTaskSegLib.imageio import read_image
-from MultiTaskSegLib.inference import mirroring, segment_image
+from MultiTaskSegLib.inference import choose_device, mirroring, segment_image
 from MultiTaskSegLib.model_files import load_model
 from MultiTaskSegLib.overlay import class_colors, save_overlay_png
 from MultiTaskSegLib.tasks import get_task
+from MultiTaskSegLib.training import operating_points_on_working_grid
 
 BRATS_REGIONS = {
     "whole tumour": ("Necrosis", "Oedema", "Non-enhancing tumour", "Enhancing tumour"),
@@ -81,12 +82,18 @@ def class_probabilities(result) -> sitk.Image:
 
 def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, device: str,
              refresh_tasks: bool = False, save_probabilities: bool = False, with_confusion: bool = True,
-             mirror: bool | None = None, working_spacing_mm: float | None = None) -> list[dict]:
+             mirror: bool | None = None, working_spacing_mm: float | None = None,
+             rechoose_operating_point: bool = False) -> list[dict]:
     model = load_model(model_path)
     if refresh_tasks:
         model.label_space = refreshed(model.label_space)
     if working_spacing_mm is not None:
         model.label_space = model.label_space.with_working_spacing({task_name: working_spacing_mm})
+    if rechoose_operating_point:  # on the run's validation cases (RUN/model beside RUN/config.json)
+        points = operating_points_on_working_grid(model, Path(model_path).parent / "config.json", choose_device(device))
+        print(f"operating points chosen again on the run's validation cases: {points} "
+              f"(the card's: {model.card.get('operating_points')})", flush=True)
+        model.card["operating_points"] = {**model.card.get("operating_points", {}), **points}
     task = get_task(task_name)
     offset = model.label_space.offset(task_name)
     rows = []
@@ -181,6 +188,9 @@ def main() -> None:
     parser.add_argument("--working-spacing", type=float, metavar="MM",
                         help="segment on this working grid instead of the model's (e.g. finer than it trained on; "
                              "bundle_model.py --working-spacing makes a bundled model do so)")
+    parser.add_argument("--rechoose-operating-point", action="store_true",
+                        help="choose the binary task's operating point again on the run's validation cases (MODEL is "
+                             "RUN/model beside RUN/config.json), on the grid it segments on: with --working-spacing")
     parser.add_argument("--card", type=Path, help="with --summarise: merge the pooled per-case figures into this card JSON")
     args = parser.parse_args()
     if args.summarise:
@@ -205,7 +215,7 @@ def main() -> None:
         parser.error("give --model, --cases and --task (or --summarise)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = evaluate(args.model, args.cases, args.task, args.out, args.device, args.refresh_tasks, args.save_probabilities,
-                    not args.no_confusion, args.mirror, args.working_spacing)
+                    not args.no_confusion, args.mirror, args.working_spacing, args.rechoose_operating_point)
     with open(args.out / "per_case.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
