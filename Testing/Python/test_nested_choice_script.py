@@ -14,7 +14,8 @@ SCRIPT = PROJECT_ROOT / "scripts" / "nested_choice.py"
 def run(tmp_path, *arguments):
     out, table = tmp_path / "nested.md", tmp_path / "nested.csv"
     result = subprocess.run([sys.executable, str(SCRIPT), "--task", "sarcoma_t1_mri", *arguments,
-                             "--out", str(out), "--table", str(table)], capture_output=True, text=True, cwd=PROJECT_ROOT)
+                             "--out", str(out), "--table", str(table)], capture_output=True, text=True, encoding="utf-8",
+                            cwd=PROJECT_ROOT)
     return result, (out.read_text(encoding="utf-8") if out.exists() else ""), table
 
 
