@@ -172,14 +172,14 @@ def validation_dice(model: SegmentationModel, cases: Sequence[PreparedCase],
     return rows, operating_points
 
 
-def operating_points_on_working_grid(model: SegmentationModel, run_config: Path, device: torch.device) -> dict[str, float]:
-    """The binary tasks' operating points chosen again on the run's own validation cases, on the grids the
-    model now segments on. A point chosen on one grid does not carry over to another: on a finer grid a
-    network trained with scale augmentation calls more voxels tumour (larger volumes, lower precision)."""
-    config = TrainingConfig(**json.loads(Path(run_config).read_text(encoding="utf-8")))
+def operating_points_on_working_grid(model: SegmentationModel, config: TrainingConfig, device: torch.device) -> dict[str, float]:
+    """The binary tasks' operating points chosen again on the validation cases of the run ``config`` made,
+    on the grids the model now segments on. A point chosen on one grid does not carry over to another: on
+    a finer grid a network trained with scale augmentation calls more voxels tumour (larger volumes, lower
+    precision)."""
     validation = collect_cases(config, model.label_space)[1]
     if not validation:
-        raise InputError(f"the run of {run_config} kept no validation cases (validation fraction "
+        raise InputError(f"the run of {config.model_name} kept no validation cases (validation fraction "
                          f"{config.validation_fraction}): there is nothing to choose an operating point on")
     cases = [prepare_case(files, model.label_space) for files in validation]
     return validation_dice(model, cases, device)[1]

@@ -65,8 +65,7 @@ def main() -> None:
     if args.card:
         model.card.update(json.loads(args.card.read_text(encoding="utf-8")))
     if args.rechoose_operating_points:
-        model.card["operating_points"] = operating_points_on_working_grid(model, args.model.parent / "config.json",
-                                                                          choose_device("cpu"))
+        model.card["operating_points"] = operating_points_on_working_grid(model, config, choose_device("cpu"))
     elif "operating_points" not in model.card:
         cases = [prepare_case(files, model.label_space) for files in validation]
         model.card["operating_points"] = validation_dice(model, cases, choose_device("cpu"))[1]

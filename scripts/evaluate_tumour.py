@@ -38,7 +38,7 @@ from MultiTaskSegLib.inference import choose_device, mirroring, segment_image
 from MultiTaskSegLib.model_files import load_model
 from MultiTaskSegLib.overlay import class_colors, save_overlay_png
 from MultiTaskSegLib.tasks import get_task
-from MultiTaskSegLib.training import operating_points_on_working_grid
+from MultiTaskSegLib.training import TrainingConfig, operating_points_on_working_grid
 
 BRATS_REGIONS = {
     "whole tumour": ("Necrosis", "Oedema", "Non-enhancing tumour", "Enhancing tumour"),
@@ -90,7 +90,8 @@ def evaluate(model_path: str, cases_folder: Path, task_name: str, out: Path, dev
     if working_spacing_mm is not None:
         model.label_space = model.label_space.with_working_spacing({task_name: working_spacing_mm})
     if rechoose_operating_point:  # on the run's validation cases (RUN/model beside RUN/config.json)
-        points = operating_points_on_working_grid(model, Path(model_path).parent / "config.json", choose_device(device))
+        run_config = json.loads((Path(model_path).parent / "config.json").read_text(encoding="utf-8"))
+        points = operating_points_on_working_grid(model, TrainingConfig(**run_config), choose_device(device))
         print(f"operating points chosen again on the run's validation cases: {points} "
               f"(the card's: {model.card.get('operating_points')})", flush=True)
         model.card["operating_points"] = {**model.card.get("operating_points", {}), **points}

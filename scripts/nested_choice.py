@@ -63,7 +63,7 @@ def choose(tables: dict[str, list[list[dict]]]) -> list[FoldChoice]:
     for fold in range(folds):
         scores = {name: mean_dice([row for other in range(folds) if other != fold for row in per_fold[other]])
                   for name, per_fold in tables.items()}
-        chosen = max(scores, key=lambda name: (scores[name], -list(tables).index(name)))
+        chosen = max(scores, key=scores.get)  # the first listed of equals
         choices.append(FoldChoice(fold + 1, chosen, scores, tables[chosen][fold]))
     return choices
 
@@ -71,7 +71,7 @@ def choose(tables: dict[str, list[list[dict]]]) -> list[FoldChoice]:
 def overall_choice(tables: dict[str, list[list[dict]]]) -> tuple[str, dict[str, float]]:
     """The variant best over all folds' patients: what a model trained on all of them takes."""
     scores = {name: mean_dice([row for rows in per_fold for row in rows]) for name, per_fold in tables.items()}
-    return max(scores, key=lambda name: (scores[name], -list(tables).index(name))), scores
+    return max(scores, key=scores.get), scores
 
 
 def report(tables: dict[str, list[list[dict]]], reference: str) -> tuple[list[str], list[dict]]:

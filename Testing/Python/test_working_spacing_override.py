@@ -55,27 +55,25 @@ def test_operating_points_chosen_again_repeat_the_trainers_on_its_grid_and_move_
                     validation_fraction=0.34, seed=3, device="cpu", learning_rate=0.01,
                     arguments={"layers": 2, "channels": 4, "hidden_features": 8, "grid": 2},
                     data={"breast_mri": str(tiny_dataset / "breast_mri")})
-    model = train(TrainingConfig(**settings), tmp_path / "run", log=lambda message: None)
+    run_config = TrainingConfig(**settings)
+    model = train(run_config, tmp_path / "run", log=lambda message: None)
     cpu = torch.device("cpu")
 
-    again = operating_points_on_working_grid(model, tmp_path / "run" / "config.json", cpu)
+    again = operating_points_on_working_grid(model, run_config, cpu)
     assert again == pytest.approx(model.card["operating_points"])
 
     trained = model.label_space.task("breast_mri").working_spacing_mm
     model.label_space = model.label_space.with_working_spacing({"breast_mri": trained * 2})
-    coarser = operating_points_on_working_grid(model, tmp_path / "run" / "config.json", cpu)
+    coarser = operating_points_on_working_grid(model, run_config, cpu)
     assert set(coarser) == {"breast_mri"} and 0 < coarser["breast_mri"] < 1
 
 
-def test_a_run_without_validation_cases_has_no_operating_point_to_choose_again(tmp_path, tiny_dataset):
-    import json
-
-    from MultiTaskSegLib.training import operating_points_on_working_grid
+def test_a_run_without_validation_cases_has_no_operating_point_to_choose_again(tiny_dataset):
+    from MultiTaskSegLib.training import TrainingConfig, operating_points_on_working_grid
 
     model = load_model(BUNDLED_MODEL_DIR / "triplanar-phantoms")
-    run_config = tmp_path / "config.json"
-    run_config.write_text(json.dumps({"tasks": ["breast_mri"], "architecture": "triplanar", "validation_fraction": 0.0,
-                                      "data": {"breast_mri": str(tiny_dataset / "breast_mri")}}), encoding="utf-8")
+    run_config = TrainingConfig(tasks=["breast_mri"], architecture="triplanar", validation_fraction=0.0,
+                                data={"breast_mri": str(tiny_dataset / "breast_mri")})
 
     with pytest.raises(InputError, match="kept no validation cases.*nothing to choose an operating point on"):
         operating_points_on_working_grid(model, run_config, torch.device("cpu"))
